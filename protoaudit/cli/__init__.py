@@ -1,0 +1,70 @@
+"""The ``protoaudit`` command line: thin commands that parse, call one library function, and render.
+
+stdout carries data (a table, or one JSON document with ``--json``); stderr carries logs and progress.
+Known problems print one line and exit with the code documented in :mod:`protoaudit.errors`; set
+``PROTOAUDIT_DEBUG=1`` for a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import typer
+
+from protoaudit import __version__
+from protoaudit.cli.common import err_console
+
+app = typer.Typer(
+    name="protoaudit",
+    help="Train, ensemble, prune and audit ProtoPNets ('This Looks Like That', Chen et al. 2019).",
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"protoaudit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version and exit."),
+) -> None:
+    """Train, ensemble, prune and audit ProtoPNets ('This Looks Like That', Chen et al. 2019).
+
+    Example: [bold]protoaudit train-ensemble recipes/quickstart.toml[/bold]
+    """
+
+
+from protoaudit.cli import train as _train  # noqa: E402  (registers its commands)
+
+_train.register(app)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Console-script entry point: run the app, map known exceptions to one line and an exit code."""
+    from protoaudit.errors import ProtoauditError
+
+    debug = os.environ.get("PROTOAUDIT_DEBUG", "") not in ("", "0")
+    try:
+        app(args=argv)  # standalone: usage errors exit 2, Ctrl-C exits 130
+    except ProtoauditError as exc:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True, markup=True)
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if debug:
+            raise
+        err_console.print(
+            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (PROTOAUDIT_DEBUG=1 shows the traceback)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(1)

@@ -1,0 +1,50 @@
+"""Options shared by every command, and the consoles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+out_console = Console(soft_wrap=True)
+err_console = Console(stderr=True)
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="No progress or log lines on stderr.")]
+RunArg = Annotated[
+    Path | None,
+    typer.Argument(help="Run directory (default: the most recent run under reports/).", show_default=False),
+]
+RootOpt = Annotated[Path, typer.Option("--root", help="Output root searched for the most recent run.")]
+
+
+def print_json(document: Any) -> None:
+    typer.echo(json.dumps(document, indent=2, default=_default))
+
+
+def _default(obj: Any) -> Any:
+    if hasattr(obj, "item"):
+        return obj.item()
+    return str(obj)
+
+
+def frame_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in frame.columns:
+        table.add_column(str(column), justify="right" if frame[column].dtype.kind in "fiu" else "left")
+    for row in frame.itertuples(index=False):
+        table.add_row(*[floats.format(v) if isinstance(v, float) else str(v) for v in row])
+    return table
+
+
+def resolve_run(run: Path | None, root: Path) -> Any:
+    from protoaudit.run import load_run
+
+    loaded = load_run(run, root=root)
+    if run is None:
+        err_console.print(f"using the most recent run: {loaded.path}", highlight=False)
+    return loaded

@@ -1,0 +1,166 @@
+"""Datasets as the engine sees them: splits of images in [0, 1] with labels and stable image ids.
+
+``build_dataset(config, seed)`` turns a recipe's ``[data]`` table into a :class:`DatasetBundle` with four
+splits: ``train`` (augmented when the recipe asks), ``push`` (the same training images, never augmented),
+``val`` (carved from train for model selection, never the test split) and ``test``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+
+class ImageSplit(Protocol):
+    """What training, push and evaluation need of a split."""
+
+    labels: np.ndarray  # (N,) int64
+    image_ids: list[str]  # stable, human-readable ids (a file path, or "test/000012")
+
+    def __len__(self) -> int: ...
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        """(B, 3, S, S) float32 in [0, 1] for the given indices (augmented if the split augments)."""
+        ...
+
+    def part_mask(self, index: int) -> np.ndarray | None:
+        """(S, S) uint8 ground-truth part id per pixel (0 = background), or None when unknown."""
+        ...
+
+
+@dataclass
+class TensorSplit:
+    """A split held in memory: images (N, S, S, 3) uint8, labels (N,) int64, optional masks (N, S, S) uint8."""
+
+    images: np.ndarray
+    labels: np.ndarray
+    image_ids: list[str]
+    masks: np.ndarray | None = None
+    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    _tensor: torch.Tensor | None = field(default=None, repr=False)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _all(self) -> torch.Tensor:
+        if self._tensor is None:
+            self._tensor = torch.from_numpy(np.ascontiguousarray(self.images)).permute(0, 3, 1, 2).contiguous()
+        return self._tensor
+
+    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        x = self._all()[torch.as_tensor(list(indices), dtype=torch.long)].float().div_(255.0)
+        return self.augment(x) if self.augment is not None else x
+
+    def part_mask(self, index: int) -> np.ndarray | None:
+        return None if self.masks is None else self.masks[index]
+
+    def subset(self, indices: np.ndarray, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TensorSplit:
+        return TensorSplit(
+            self.images[indices],
+            self.labels[indices],
+            [self.image_ids[i] for i in indices],
+            None if self.masks is None else self.masks[indices],
+            augment,
+        )
+
+
+@dataclass
+class DatasetBundle:
+    train: ImageSplit
+    push: ImageSplit
+    val: ImageSplit
+    test: ImageSplit
+    class_names: list[str]
+    image_size: int
+    fingerprint: str
+    summary: dict[str, Any]
+    part_names: list[str] | None = None  # index = part id; [0] = background
+    part_kinds: list[str] | None = None  # "background" | "discriminative" | "shared"
+
+    @property
+    def n_classes(self) -> int:
+        return len(self.class_names)
+
+
+def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Split indices into (keep, held_out), taking round(fraction · n_k) of each class k (at least one
+    image stays in keep). Deterministic for a seed."""
+    rng = np.random.default_rng(seed)
+    keep: list[int] = []
+    held: list[int] = []
+    for k in np.unique(labels):
+        idx = np.flatnonzero(labels == k)
+        rng.shuffle(idx)
+        n_held = min(int(round(fraction * len(idx))), len(idx) - 1)
+        held += idx[:n_held].tolist()
+        keep += idx[n_held:].tolist()
+    return np.sort(np.array(keep, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
+
+
+def build_dataset(config: Any, seed: int) -> DatasetBundle:
+    """Build the splits the recipe's ``[data]`` table describes."""
+    if config.kind == "parts":
+        return _build_parts(config, seed)
+    raise ValueError(f"unknown data kind {config.kind!r}")
+
+
+def _build_parts(config: Any, seed: int) -> DatasetBundle:
+    from protoaudit.data.parts import PartsSpec, load_parts
+
+    fields = {
+        k: getattr(config, k)
+        for k in (
+            "n_classes",
+            "image_size",
+            "train_per_class",
+            "test_per_class",
+            "parts_per_class",
+            "shared_parts",
+            "clutter",
+            "part_min",
+            "part_max",
+            "drop_prob",
+        )
+    }
+    spec = PartsSpec(**fields, seed=seed if config.seed is None else config.seed)
+    try:
+        spec.validate()
+    except ValueError as exc:
+        from protoaudit.errors import RecipeError
+
+        raise RecipeError(f"data: {exc}") from None
+    data = load_parts(spec)
+    ids = [f"{'train' if t else 'test'}/{i:06d}" for i, t in enumerate(data.is_train)]
+    everything = TensorSplit(data.images, data.labels, ids, data.masks)
+    train_idx = np.flatnonzero(data.is_train)
+    test_idx = np.flatnonzero(~data.is_train)
+    keep, val = stratified_holdout(data.labels[train_idx], config.val_fraction, seed)
+    augment = _flip_augment(seed) if config.augment else None
+    return DatasetBundle(
+        train=everything.subset(train_idx[keep], augment),
+        push=everything.subset(train_idx[keep]),
+        val=everything.subset(train_idx[val]),
+        test=everything.subset(test_idx),
+        class_names=list(data.class_names),
+        image_size=spec.image_size,
+        fingerprint=data.fingerprint,
+        summary=data.summary(),
+        part_names=list(data.part_names),
+        part_kinds=list(data.part_kinds),
+    )
+
+
+def _flip_augment(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+
+    def flip(x: torch.Tensor) -> torch.Tensor:
+        flip_mask = torch.rand(x.shape[0], generator=generator) < 0.5
+        x = x.clone()
+        x[flip_mask] = x[flip_mask].flip(-1)
+        return x
+
+    return flip

@@ -1,0 +1,159 @@
+"""Prototype projection ("push", paper §2.2) and the paper's 95th-percentile visualisation box (§2.3).
+
+Push is class-specific: prototype j of class k moves to the nearest latent patch among training images of
+class k. It is one forward pass over the un-augmented push set; within a batch all prototypes are handled
+at once (no Python loop over prototypes). The pass can hand every batch's latent patches to a consumer
+(the patch index keeps them, and the last-layer stage reuses them instead of another pass).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protoaudit.data import ImageSplit
+from protoaudit.model import ProtoPNet, similarity
+
+BatchConsumer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
+
+
+def index_batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
+    for start in range(0, n, batch_size):
+        yield torch.arange(start, min(start + batch_size, n))
+
+
+@dataclass
+class PushResult:
+    """Where each prototype came from. m = number of prototypes; H × W the latent grid."""
+
+    image_index: torch.Tensor  # (m,) int64 index into the push split
+    h: torch.Tensor  # (m,) int64
+    w: torch.Tensor  # (m,) int64
+    distance: torch.Tensor  # (m,) float32 distance before projection (how far the prototype moved, squared)
+    activation_maps: torch.Tensor  # (m, H, W) float32 similarity map on the source image, after projection
+    boxes: torch.Tensor  # (m, 4) int64 (y0, y1, x0, x1), end-exclusive, in input pixels
+
+    def rows(self, split: ImageSplit, prototype_class: list[int], class_names: list[str]) -> list[dict[str, object]]:
+        """One row per prototype for ``prototypes.csv``."""
+        out = []
+        for j in range(len(self.image_index)):
+            i = int(self.image_index[j])
+            k = prototype_class[j]
+            y0, y1, x0, x1 = (int(v) for v in self.boxes[j])
+            out.append(
+                {
+                    "prototype": j,
+                    "class": k,
+                    "class_name": class_names[k],
+                    "source_image": split.image_ids[i],
+                    "source_index": i,
+                    "label": int(split.labels[i]),
+                    "h": int(self.h[j]),
+                    "w": int(self.w[j]),
+                    "distance": float(self.distance[j]),
+                    "box_y0": y0,
+                    "box_y1": y1,
+                    "box_x0": x0,
+                    "box_x1": x1,
+                }
+            )
+        return out
+
+
+@torch.no_grad()
+def push_prototypes(
+    model: ProtoPNet,
+    split: ImageSplit,
+    batch_size: int,
+    device: torch.device,
+    image_size: int,
+    consumer: BatchConsumer | None = None,
+    advance: Callable[[int], None] | None = None,
+) -> PushResult:
+    """Project every prototype onto its nearest same-class latent training patch, in place.
+
+    ``consumer(z, indices, distances)`` receives each batch's latents (B, D, H, W), split indices (B,) and
+    squared distances to the *pre-push* prototypes (B, m, H, W).
+    """
+    model.eval()
+    labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
+    protos = model.prototype_vectors
+    m, dim = protos.shape
+    proto_class = model.prototype_class.to(device)
+    best = torch.full((m,), float("inf"), device=device)
+    best_vec = protos.detach().clone()
+    best_img = torch.full((m,), -1, dtype=torch.long, device=device)
+    best_h = torch.zeros(m, dtype=torch.long, device=device)
+    best_w = torch.zeros(m, dtype=torch.long, device=device)
+    best_latent: torch.Tensor | None = None  # (m, D, H, W): the source image's latent, for its map
+    for indices in index_batches(len(split), batch_size):
+        x = split.batch(indices.tolist()).to(device, non_blocking=True)
+        y = labels[indices].to(device)
+        z = model.latent(x)
+        d = model.distances(z)  # (B, m, H, W)
+        if consumer is not None:
+            consumer(z, indices, d)
+        b, _, hh, ww = d.shape
+        if best_latent is None:
+            best_latent = torch.zeros(m, dim, hh, ww, device=device)
+        own = y[:, None] == proto_class[None, :]  # (B, m)
+        flat = d.masked_fill(~own[:, :, None, None], float("inf")).permute(1, 0, 2, 3).reshape(m, -1)
+        value, arg = flat.min(dim=1)
+        better = value < best
+        if bool(better.any()):
+            bi = arg // (hh * ww)
+            hw = arg % (hh * ww)
+            hi, wi = hw // ww, hw % ww
+            sel = better.nonzero().flatten()
+            best[sel] = value[sel]
+            best_vec[sel] = z[bi[sel], :, hi[sel], wi[sel]]
+            best_img[sel] = indices.to(device)[bi[sel]]
+            best_h[sel], best_w[sel] = hi[sel], wi[sel]
+            best_latent[sel] = z[bi[sel]]
+        if advance is not None:
+            advance(len(indices))
+    missing = (best_img < 0).nonzero().flatten().tolist()
+    if missing:
+        classes = sorted({int(proto_class[j]) for j in missing})
+        raise ValueError(f"push: no training image of class(es) {classes} to project prototypes {missing[:5]} onto")
+    assert best_latent is not None
+    model.prototype_vectors.data.copy_(best_vec)
+    # each projected prototype's similarity map over its own source image
+    diff = best_latent - best_vec[:, :, None, None]
+    maps = similarity((diff * diff).sum(dim=1))
+    return PushResult(
+        image_index=best_img.cpu(),
+        h=best_h.cpu(),
+        w=best_w.cpu(),
+        distance=best.cpu(),
+        activation_maps=maps.cpu(),
+        boxes=percentile_boxes(maps.cpu(), image_size),
+    )
+
+
+
+def percentile_boxes(maps: torch.Tensor, image_size: int, percentile: float = 95.0, chunk: int = 256) -> torch.Tensor:
+    """The paper's visualisation box: upsample each (H, W) map to the image (bicubic), keep pixels at or
+    above the map's 95th percentile, return the smallest enclosing rectangle (y0, y1, x0, x1), end-exclusive.
+
+    maps: (m, H, W) float → (m, 4) int64. Not a faithful attribution (Xu-Darme et al. 2023): it shows where
+    the upsampled map is high, not which pixels caused the similarity.
+    """
+    out = []
+    for start in range(0, maps.shape[0], chunk):
+        up = F.interpolate(maps[start : start + chunk, None], size=(image_size, image_size), mode="bicubic", align_corners=False)[
+            :, 0
+        ]
+        threshold = torch.quantile(up.flatten(1), percentile / 100.0, dim=1)
+        mask = up >= threshold[:, None, None]
+        rows, cols = mask.any(dim=2), mask.any(dim=1)  # (c, S)
+        y0 = rows.float().argmax(dim=1)
+        y1 = image_size - rows.flip(1).float().argmax(dim=1)
+        x0 = cols.float().argmax(dim=1)
+        x1 = image_size - cols.flip(1).float().argmax(dim=1)
+        out.append(torch.stack([y0, y1, x0, x1], dim=1).long())
+    return torch.cat(out) if out else torch.zeros(0, 4, dtype=torch.long)

@@ -1,0 +1,243 @@
+"""Recipes: one TOML file names the dataset, the schedule and every member of the ensemble.
+
+A recipe is validated completely before any work starts (pydantic, unknown keys forbidden). Every error
+names the key path, the bad value and what was expected. Each key is documented in ``docs/recipes.md``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from protoaudit.errors import RecipeError
+
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class PartsDataConfig(_Strict):
+    """The embedded dataset with known parts (generated, no download)."""
+
+    kind: Literal["parts"] = "parts"
+    n_classes: int = Field(6, ge=2, le=64)
+    image_size: int = Field(64, ge=16, le=512)
+    train_per_class: int = Field(60, ge=2)
+    test_per_class: int = Field(30, ge=1)
+    parts_per_class: int = Field(2, ge=1, le=4)
+    shared_parts: int = Field(2, ge=0, le=4)
+    clutter: int = Field(8, ge=0)
+    part_min: int = Field(10, ge=3)
+    part_max: int = Field(16, ge=3)
+    drop_prob: float = Field(0.1, ge=0.0, lt=1.0)
+    seed: int | None = None  # None: the recipe's seed
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    augment: bool = False
+
+    @model_validator(mode="after")
+    def _part_sizes(self) -> PartsDataConfig:
+        if self.part_max < self.part_min:
+            raise ValueError(f"part_max ({self.part_max}) must be >= part_min ({self.part_min})")
+        return self
+
+
+DataConfig = Annotated[PartsDataConfig, Field(discriminator="kind")]
+
+
+class LearningRates(_Strict):
+    """Adam learning rates; the defaults are the original code's."""
+
+    warm_add_on: float = Field(3e-3, gt=0)
+    warm_prototypes: float = Field(3e-3, gt=0)
+    trunk: float = Field(1e-4, gt=0)
+    add_on: float = Field(3e-3, gt=0)
+    prototypes: float = Field(3e-3, gt=0)
+    last_layer: float = Field(1e-4, gt=0)
+    joint_step_size: int = Field(5, ge=1)  # StepLR step, in joint epochs
+    joint_gamma: float = Field(0.1, gt=0, le=1)
+    weight_decay: float = Field(1e-3, ge=0)  # on trunk and add-on, as in the original
+
+
+class LossCoefficients(_Strict):
+    """loss = cross_entropy·CE + cluster·Clst + separation·Sep + l1·L1 (Sep: distance to other classes)."""
+
+    cross_entropy: float = 1.0
+    cluster: float = 0.8
+    separation: float = -0.08
+    l1: float = Field(1e-4, ge=0)
+
+
+class Schedule(_Strict):
+    """Epoch counts. Push happens after epoch e when e >= push_start and (e - push_start) % push_every == 0,
+    and always after the last epoch; each push is followed by the last-layer stage."""
+
+    epochs: int = Field(10, ge=1)  # warm + joint epochs
+    warm_epochs: int = Field(5, ge=0)
+    push_start: int = Field(10, ge=1)
+    push_every: int = Field(10, ge=1)
+    last_layer_epochs: int = Field(20, ge=0)
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+    workers: int = Field(0, ge=0)  # DataLoader workers for file-backed datasets
+
+    @model_validator(mode="after")
+    def _warm_fits(self) -> Schedule:
+        if self.warm_epochs > self.epochs:
+            raise ValueError(f"warm_epochs ({self.warm_epochs}) must be <= epochs ({self.epochs})")
+        return self
+
+
+class MemberRecipe(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    trunk: str
+    weights: str = "none"  # "none", "imagenet", or a path to a torchvision state dict
+    prototypes_per_class: int = Field(10, ge=1, le=1000)
+    prototype_dim: int = Field(128, ge=1, le=4096)
+    add_on: Literal["bottleneck", "regular"] = "bottleneck"
+
+    @field_validator("trunk")
+    @classmethod
+    def _known_trunk(cls, value: str) -> str:
+        from protoaudit.trunks import list_trunks
+
+        if value not in list_trunks():
+            raise ValueError(f"unknown trunk {value!r}; known: {', '.join(list_trunks())}")
+        return value
+
+
+class Recipe(_Strict):
+    name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    description: str = ""
+    seed: int = Field(0, ge=0)
+    device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
+    threads: int | None = Field(None, ge=1)
+    out: str = "reports"
+    data: DataConfig = Field(default_factory=PartsDataConfig)
+    schedule: Schedule = Field(default_factory=Schedule)
+    lr: LearningRates = Field(default_factory=LearningRates)
+    loss: LossCoefficients = Field(default_factory=LossCoefficients)
+    members: list[MemberRecipe] = Field(min_length=1)
+
+    @field_validator("members")
+    @classmethod
+    def _unique_names(cls, members: list[MemberRecipe]) -> list[MemberRecipe]:
+        names = [m.name for m in members]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"member names must be unique; repeated: {', '.join(dupes)}")
+        return members
+
+    # -- serialisation ---------------------------------------------------------------------------------
+    def to_toml(self) -> str:
+        return tomli_w.dumps(self.model_dump(mode="json", exclude_none=True))
+
+    def sha256(self) -> str:
+        return hashlib.sha256(self.to_toml().encode()).hexdigest()
+
+    def run_dir(self) -> Path:
+        return Path(self.out) / self.name
+
+
+def _key_path(loc: tuple[int | str, ...]) -> str:
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        elif part in {"parts"} and path.endswith("data"):
+            continue  # the discriminated-union tag pydantic inserts
+        else:
+            path += ("." if path else "") + str(part)
+    return path or "(top level)"
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line: ``source: key.path: what was wrong (got VALUE)``, plus a count of further errors."""
+    errors = exc.errors()
+    first = errors[0]
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key (check the spelling; see docs/recipes.md)"
+    elif first["type"] == "missing":
+        msg = "required key is missing"
+    got = first.get("input")
+    shown = "" if first["type"] in {"missing", "extra_forbidden"} or isinstance(got, dict | list) else f" (got {got!r})"
+    more = f" [and {len(errors) - 1} more problem(s)]" if len(errors) > 1 else ""
+    return f"{source}: {_key_path(tuple(first['loc']))}: {msg}{shown}{more}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"schedule.epochs=3"`` → (["schedule", "epochs"], 3). The value is read as TOML, else as a string."""
+    if "=" not in text:
+        raise RecipeError(f"override {text!r}: expected KEY.PATH=VALUE, e.g. schedule.epochs=3")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path or not all(re.fullmatch(r"[A-Za-z0-9_]+", p) for p in path):
+        raise RecipeError(f"override {text!r}: bad key path {key!r}")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return path, value
+
+
+def _apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    node: Any = data
+    for i, part in enumerate(path[:-1]):
+        if isinstance(node, list):
+            node = _member_by_name(node, part, path[: i + 1])
+            continue
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict | list):
+            raise RecipeError(f"override {'.'.join(path)}: {'.'.join(path[: i + 1])} is not a table")
+    if isinstance(node, list):
+        raise RecipeError(f"override {'.'.join(path)}: name a member, e.g. members.NAME.prototype_dim=64")
+    node[path[-1]] = value
+
+
+def _member_by_name(members: list[Any], key: str, where: list[str]) -> dict[str, Any]:
+    for member in members:
+        if isinstance(member, dict) and member.get("name") == key:
+            return member
+    if key.isdigit() and int(key) < len(members):
+        return members[int(key)]
+    names = ", ".join(str(m.get("name")) for m in members if isinstance(m, dict))
+    raise RecipeError(f"override {'.'.join(where)}: no member named {key!r} (members: {names})")
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None, **top: Any) -> Recipe:
+    """Read, override and validate a recipe. ``top`` sets top-level keys (seed, device, out) when not None."""
+    p = Path(path)
+    if p.is_dir():
+        raise RecipeError(f"recipe {p} is a directory, expected a .toml file")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise RecipeError(f"recipe {p} does not exist") from None
+    except UnicodeDecodeError:
+        raise RecipeError(f"recipe {p} is not UTF-8 text") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise RecipeError(f"{p}: invalid TOML: {exc}") from None
+    return recipe_from_dict(data, source=str(p), overrides=overrides, **top)
+
+
+def recipe_from_dict(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None, **top: Any) -> Recipe:
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        _apply_override(data, key_path, value)
+    for key, value in top.items():
+        if value is not None:
+            data[key] = value
+    try:
+        return Recipe.model_validate(data)
+    except ValidationError as exc:
+        raise RecipeError(format_validation_error(exc, source)) from None

@@ -1,0 +1,209 @@
+"""A run directory and its contracts (DESIGN.md "Contracts"), and the Python API to load one.
+
+::
+
+    reports/<name>/recipe.toml                    the recipe exactly as run
+    reports/<name>/run.json                       versions, seed, device, fingerprints, timings, status
+    reports/<name>/accuracy.csv                   one row per model: top-1 on the test split
+    reports/<name>/members/<m>/model.safetensors  weights (never pickle)
+    reports/<name>/members/<m>/model.json         architecture, class names, stage history, metrics
+    reports/<name>/members/<m>/prototypes.csv     one row per prototype after push
+
+Every file is written atomically.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from protoaudit.errors import CheckpointError, InputError
+from protoaudit.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
+from protoaudit.model import MemberConfig, ProtoPNet
+
+FORMAT_VERSION = 1
+ACCURACY_COLUMNS = ["model", "kind", "backbone", "pruned", "top1", "n_prototypes", "n_test"]
+
+
+def versions() -> dict[str, str]:
+    from protoaudit import __version__
+
+    out = {"protoaudit": __version__, "python": platform.python_version(), "torch": torch.__version__}
+    try:
+        import faiss
+
+        out["faiss"] = faiss.__version__
+    except ImportError:  # pragma: no cover - faiss is a dependency
+        out["faiss"] = "not installed"
+    return out
+
+
+def write_csv(path: str | os.PathLike[str], frame: pd.DataFrame) -> None:
+    buffer = io.StringIO()
+    frame.to_csv(buffer, index=False, lineterminator="\n")
+    write_text(path, buffer.getvalue())
+
+
+def check_format(meta: dict[str, Any], where: Path) -> None:
+    version = meta.get("format_version")
+    if not isinstance(version, int):
+        raise CheckpointError(f"{where}: no format_version; not written by protoaudit")
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{where}: format version {version} is newer than this protoaudit reads ({FORMAT_VERSION}); upgrade protoaudit"
+        )
+
+
+# -- members -------------------------------------------------------------------------------------------
+
+
+def save_member(member_dir: Path, model: ProtoPNet, meta: dict[str, Any], prototypes: pd.DataFrame | None = None) -> None:
+    """Write ``model.safetensors`` then ``model.json`` (which records the weights' sha256) and prototypes.csv."""
+    member_dir.mkdir(parents=True, exist_ok=True)
+    weights = member_dir / "model.safetensors"
+    state = {k: v for k, v in model.state_dict().items()}
+    # one metadata key only: safetensors does not keep the order of several, and files must be reproducible
+    save_tensors(weights, state, metadata={"format": f"protoaudit-member/{FORMAT_VERSION}"})
+    if prototypes is not None:
+        write_csv(member_dir / "prototypes.csv", prototypes)
+    document = {
+        "format_version": FORMAT_VERSION,
+        "kind": "protopnet",
+        **meta,
+        "config": model.config.to_dict(),
+        "weights_sha256": sha256_file(weights),
+    }
+    write_json(member_dir / "model.json", document)
+
+
+def load_member(member_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[ProtoPNet, dict[str, Any]]:
+    """Rebuild a member from ``model.json`` + ``model.safetensors``; raises CheckpointError on any mismatch."""
+    d = Path(member_dir)
+    meta = read_json(d / "model.json")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{d / 'model.json'}: expected a JSON object")
+    check_format(meta, d / "model.json")
+    try:
+        config = MemberConfig.from_dict(meta["config"])
+    except (KeyError, TypeError) as exc:
+        raise CheckpointError(f"{d / 'model.json'}: bad or missing architecture ({exc})") from None
+    state = load_tensors(d / "model.safetensors")
+    model = ProtoPNet(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        detail = first[1].strip() if len(first) > 1 else first[0]
+        raise CheckpointError(f"{d / 'model.safetensors'} does not fit the architecture in model.json ({detail})") from None
+    return model.to(device).eval(), meta
+
+
+# -- runs ----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Run:
+    """A finished (or interrupted) run directory, loaded lazily. ``load_run(path)`` makes one."""
+
+    path: Path
+    meta: dict[str, Any]
+    _members: dict[str, tuple[ProtoPNet, dict[str, Any]]] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return str(self.meta.get("name", self.path.name))
+
+    @property
+    def member_names(self) -> list[str]:
+        return list(self.meta.get("members", []))
+
+    def recipe(self) -> Any:
+        from protoaudit.recipe import load_recipe
+
+        return load_recipe(self.path / "recipe.toml")
+
+    def member(self, name: str, device: str | torch.device = "cpu") -> ProtoPNet:
+        if name not in self._members:
+            if name not in self.member_names and not (self.path / "members" / name).is_dir():
+                raise InputError(f"run {self.path} has no member {name!r} (members: {', '.join(self.member_names)})")
+            self._members[name] = load_member(self.path / "members" / name, device)
+        return self._members[name][0]
+
+    def member_meta(self, name: str) -> dict[str, Any]:
+        self.member(name)
+        return self._members[name][1]
+
+    def members(self, device: str | torch.device = "cpu") -> dict[str, ProtoPNet]:
+        return {name: self.member(name, device) for name in self.member_names}
+
+    def accuracy(self) -> pd.DataFrame:
+        return pd.read_csv(self.path / "accuracy.csv")
+
+    def prototypes(self, name: str) -> pd.DataFrame:
+        return pd.read_csv(self.path / "members" / name / "prototypes.csv")
+
+    def dataset(self) -> Any:
+        """Rebuild the run's dataset from its recipe (deterministic) and check its fingerprint."""
+        from protoaudit.data import build_dataset
+
+        recipe = self.recipe()
+        bundle = build_dataset(recipe.data, recipe.seed)
+        recorded = self.meta.get("dataset", {}).get("fingerprint")
+        if recorded and recorded != bundle.fingerprint:
+            raise InputError(f"the dataset of run {self.path} changed since training (fingerprint {bundle.fingerprint[:12]} != {recorded[:12]})")
+        return bundle
+
+
+def load_run(path: str | os.PathLike[str] | None = None, root: str | os.PathLike[str] = "reports") -> Run:
+    """Open a run directory; with no path, the most recent run under ``root``."""
+    run_dir = Path(path) if path is not None else latest_run(root)
+    if not run_dir.is_dir():
+        raise InputError(f"run directory {run_dir} does not exist")
+    meta = read_json(run_dir / "run.json")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{run_dir / 'run.json'}: expected a JSON object")
+    check_format(meta, run_dir / "run.json")
+    return Run(run_dir, meta)
+
+
+def latest_run(root: str | os.PathLike[str] = "reports") -> Path:
+    candidates = [p.parent for p in Path(root).glob("*/run.json")]
+    if not candidates:
+        raise InputError(f"no run found under {root}/ (train one with: protoaudit train-ensemble RECIPE)")
+    return max(candidates, key=lambda p: (p / "run.json").stat().st_mtime)
+
+
+class RunWriter:
+    """Keeps ``run.json`` up to date while a run is in progress (status running → complete/interrupted/failed)."""
+
+    def __init__(self, path: Path, document: dict[str, Any]) -> None:
+        self.path = path
+        self.document = {"format_version": FORMAT_VERSION, **document, "status": "running", "started": _now()}
+        self.flush()
+
+    def update(self, **changes: Any) -> None:
+        self.document.update(changes)
+        self.flush()
+
+    def finish(self, status: str, **changes: Any) -> None:
+        self.update(status=status, finished=_now(), **changes)
+
+    def flush(self) -> None:
+        write_json(self.path / "run.json", self.document)
+
+
+def _now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(obj, indent=2)

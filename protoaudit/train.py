@@ -1,0 +1,309 @@
+"""The four training stages of a member (paper §2.2): warm, joint, push, last layer.
+
+Stage 1 *warm*: add-on layers and prototypes learn while the trunk is frozen (its batch-norm statistics too).
+Stage 2 *joint*: trunk, add-on and prototypes learn with CE + cluster + separation; the last layer is fixed.
+Stage 3 *push*: every prototype is projected onto its nearest same-class latent training patch.
+Stage 4 *last layer*: only h learns, CE + λ·L1 on off-class weights, on the frozen latent space. The push
+pass keeps the latent patches, so this stage needs no further forward pass over the images.
+Push (followed by the last-layer stage) happens every ``push_every`` epochs and after the last epoch; the
+member kept is the pushed state with the best accuracy on the validation split (never the test split).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from protoaudit.data import DatasetBundle, ImageSplit
+from protoaudit.errors import ProtoauditError
+from protoaudit.losses import off_class_l1, protopnet_loss
+from protoaudit.model import MemberConfig, ProtoPNet, squared_distances
+from protoaudit.progress import NULL_REPORTER, Reporter
+from protoaudit.push import PushResult, index_batches, push_prototypes
+from protoaudit.recipe import MemberRecipe, Recipe
+
+LATENT_CACHE_BYTES = 2 << 30  # keep the push pass's latents for the last-layer stage up to this size
+
+
+class TrainingDivergedError(ProtoauditError):
+    exit_code = 1
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        from protoaudit.errors import InputError
+
+        raise InputError(f"device {name!r} requested but CUDA is not available here (use device = \"cpu\" or \"auto\")")
+    return torch.device(name)
+
+
+def set_stage(model: ProtoPNet, stage: str) -> None:
+    """Which parameters learn in each stage, and which modules run in train mode."""
+    trainable = {
+        "warm": {"add_on", "prototype_vectors"},
+        "joint": {"trunk", "add_on", "prototype_vectors"},
+        "last_layer": {"last_layer"},
+    }[stage]
+    for name, param in model.named_parameters():
+        param.requires_grad_(name.split(".")[0] in trainable)
+    model.train(stage != "last_layer")
+    if stage == "warm":
+        model.trunk.eval()
+
+
+def _optimizers(model: ProtoPNet, recipe: Recipe) -> dict[str, torch.optim.Optimizer]:
+    lr = recipe.lr
+    warm = torch.optim.Adam(
+        [
+            {"params": model.add_on.parameters(), "lr": lr.warm_add_on, "weight_decay": lr.weight_decay},
+            {"params": [model.prototype_vectors], "lr": lr.warm_prototypes},
+        ]
+    )
+    joint = torch.optim.Adam(
+        [
+            {"params": model.trunk.parameters(), "lr": lr.trunk, "weight_decay": lr.weight_decay},
+            {"params": model.add_on.parameters(), "lr": lr.add_on, "weight_decay": lr.weight_decay},
+            {"params": [model.prototype_vectors], "lr": lr.prototypes},
+        ]
+    )
+    last = torch.optim.Adam([{"params": model.last_layer.parameters(), "lr": lr.last_layer}])
+    return {"warm": warm, "joint": joint, "last_layer": last}
+
+
+def _sgd_epoch(
+    model: ProtoPNet,
+    split: ImageSplit,
+    optimizer: torch.optim.Optimizer,
+    coefs: dict[str, float],
+    batch_size: int,
+    generator: torch.Generator,
+    device: torch.device,
+    advance: Callable[[int], None],
+) -> dict[str, float]:
+    labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
+    identity = model.class_identity()
+    order = torch.randperm(len(split), generator=generator)
+    sums = {"loss": 0.0, "cross_entropy": 0.0, "cluster": 0.0, "separation": 0.0, "l1": 0.0}
+    correct = seen = 0
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        if len(idx) < 2:  # batch norm cannot learn from one image
+            continue
+        x = split.batch(idx.tolist()).to(device, non_blocking=True)
+        y = labels[idx].to(device)
+        logits, min_distances = model(x)
+        terms = protopnet_loss(logits, min_distances, y, identity, model.last_layer.weight, coefs)
+        if not torch.isfinite(terms.total):
+            raise TrainingDivergedError(f"loss became {terms.total.item()} (try lower learning rates in [lr])")
+        optimizer.zero_grad(set_to_none=True)
+        terms.total.backward()
+        optimizer.step()
+        n = len(idx)
+        sums["loss"] += terms.total.item() * n
+        for key in ("cross_entropy", "cluster", "separation", "l1"):
+            sums[key] += getattr(terms, key).item() * n
+        correct += int((logits.argmax(1) == y).sum())
+        seen += n
+        advance(n)
+    out = {k: v / max(seen, 1) for k, v in sums.items()}
+    out["train_top1"] = correct / max(seen, 1)
+    return out
+
+
+def min_distances_from_latents(latents: torch.Tensor, prototypes: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """(N, D, H, W) latents, (m, D) prototypes → (N, m) smallest squared distance per image."""
+    parts = [squared_distances(latents[s : s + chunk], prototypes).flatten(2).amin(2) for s in range(0, len(latents), chunk)]
+    return torch.cat(parts)
+
+
+@torch.no_grad()
+def predict(model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device) -> torch.Tensor:
+    """(N, K) float32 logits of the member on every image of the split (eval mode)."""
+    model.eval()
+    out = [model(split.batch(idx.tolist()).to(device))[0].cpu() for idx in index_batches(len(split), batch_size)]
+    return torch.cat(out) if out else torch.zeros(0, model.n_classes)
+
+
+def top1(logits: torch.Tensor, labels: np.ndarray) -> float:
+    if len(labels) == 0:
+        return float("nan")
+    return float((logits.argmax(1).numpy() == np.asarray(labels)).mean())
+
+
+def last_layer_stage(
+    model: ProtoPNet,
+    min_distances: torch.Tensor,
+    labels: torch.Tensor,
+    optimizer: torch.optim.Optimizer,
+    epochs: int,
+    l1: float,
+    batch_size: int,
+    generator: torch.Generator,
+) -> dict[str, float]:
+    """Train only h on fixed similarities: CE + l1·Σ|off-class weights| (convex). Returns final metrics."""
+    set_stage(model, "last_layer")
+    from protoaudit.model import similarity
+
+    sims = similarity(min_distances).detach()
+    identity = model.class_identity()
+    loss = ce = torch.tensor(float("nan"))
+    for _ in range(epochs):
+        order = torch.randperm(len(sims), generator=generator)
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size].to(sims.device)
+            logits = model.last_layer(sims[idx])
+            ce = F.cross_entropy(logits, labels[idx])
+            loss = ce + l1 * off_class_l1(model.last_layer.weight, identity)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    with torch.no_grad():
+        logits = model.last_layer(sims)
+        acc = float((logits.argmax(1) == labels).float().mean())
+    return {"loss": loss.detach().item(), "cross_entropy": ce.detach().item(), "train_top1": acc}
+
+
+@dataclass
+class TrainedMember:
+    name: str
+    recipe: MemberRecipe
+    model: ProtoPNet
+    push: PushResult
+    history: list[dict[str, Any]]
+    val_top1: float
+    selected_epoch: int
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def push_epochs(schedule: Any) -> list[int]:
+    """The epochs (1-based, after which) push and the last-layer stage run."""
+    due = [e for e in range(1, schedule.epochs + 1) if e >= schedule.push_start and (e - schedule.push_start) % schedule.push_every == 0]
+    if schedule.epochs not in due:
+        due.append(schedule.epochs)
+    return due
+
+
+def build_member(member: MemberRecipe, bundle: DatasetBundle) -> ProtoPNet:
+    config = MemberConfig(
+        trunk=member.trunk,
+        n_classes=bundle.n_classes,
+        prototypes_per_class=member.prototypes_per_class,
+        prototype_dim=member.prototype_dim,
+        add_on=member.add_on,
+        image_size=bundle.image_size,
+        class_names=list(bundle.class_names),
+    )
+    return ProtoPNet(config, weights=member.weights)
+
+
+def train_member(
+    member: MemberRecipe,
+    recipe: Recipe,
+    bundle: DatasetBundle,
+    device: torch.device,
+    seed: int,
+    reporter: Reporter = NULL_REPORTER,
+    latent_consumer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+) -> TrainedMember:
+    """Train one member through all stages; returns the selected (pushed) state."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    model = build_member(member, bundle).to(device)
+    optimizers = _optimizers(model, recipe)
+    sched = recipe.schedule
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizers["joint"], step_size=recipe.lr.joint_step_size, gamma=recipe.lr.joint_gamma)
+    coefs = recipe.loss.model_dump()
+    pushes = set(push_epochs(sched))
+    push_labels = torch.as_tensor(np.asarray(bundle.push.labels), dtype=torch.long, device=device)
+    history: list[dict[str, Any]] = []
+    seconds = {"warm": 0.0, "joint": 0.0, "push": 0.0, "last_layer": 0.0, "eval": 0.0}
+    best: tuple[float, int, dict[str, torch.Tensor], PushResult] | None = None
+    tag = f"[bold]{member.name}[/bold]"
+
+    for epoch in range(1, sched.epochs + 1):
+        stage = "warm" if epoch <= sched.warm_epochs else "joint"
+        set_stage(model, stage)
+        t0 = time.perf_counter()
+        with reporter.task(f"{member.name} {stage} {epoch}/{sched.epochs}", len(bundle.train)) as advance:
+            metrics = _sgd_epoch(model, bundle.train, optimizers[stage], coefs, sched.batch_size, generator, device, advance)
+        if stage == "joint":
+            scheduler.step()
+        seconds[stage] += time.perf_counter() - t0
+        history.append({"stage": stage, "epoch": epoch, "seconds": time.perf_counter() - t0, **metrics})
+        reporter.log(
+            f"{tag} {stage:<5} {epoch:>3}/{sched.epochs}  loss {metrics['loss']:.3f}  ce {metrics['cross_entropy']:.3f}  "
+            f"clst {metrics['cluster']:.3f}  sep {metrics['separation']:.3f}  train top-1 {metrics['train_top1']:.3f}"
+        )
+        if epoch not in pushes:
+            continue
+
+        t0 = time.perf_counter()
+        latents: list[torch.Tensor] = []
+        budget = [LATENT_CACHE_BYTES]
+
+        def keep(z: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> None:
+            if latent_consumer is not None:
+                latent_consumer(z, idx, d)
+            if budget[0] >= 0:
+                budget[0] -= z.numel() * z.element_size()
+                if budget[0] >= 0:
+                    latents.append(z)
+                else:
+                    latents.clear()
+
+        with reporter.task(f"{member.name} push", len(bundle.push)) as advance:
+            pushed = push_prototypes(model, bundle.push, sched.eval_batch_size, device, bundle.image_size, keep, advance)
+        seconds["push"] += time.perf_counter() - t0
+        history.append(
+            {"stage": "push", "epoch": epoch, "seconds": time.perf_counter() - t0, "mean_distance": float(pushed.distance.mean())}
+        )
+
+        t0 = time.perf_counter()
+        if latents and budget[0] >= 0:
+            min_d = min_distances_from_latents(torch.cat(latents), model.prototype_vectors.detach())
+        else:  # too large to keep: one more forward pass over the push set
+            min_d = _min_distances_pass(model, bundle.push, sched.eval_batch_size, device)
+        latents.clear()
+        last = last_layer_stage(
+            model, min_d, push_labels, optimizers["last_layer"], sched.last_layer_epochs, coefs["l1"], sched.batch_size, generator
+        )
+        seconds["last_layer"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        val = top1(predict(model, bundle.val, sched.eval_batch_size, device), bundle.val.labels) if len(bundle.val) else float("nan")
+        seconds["eval"] += time.perf_counter() - t0
+        history.append({"stage": "last_layer", "epoch": epoch, "seconds": time.perf_counter() - t0, **last, "val_top1": val})
+        reporter.log(
+            f"{tag} push + last layer after epoch {epoch}: mean push distance {float(pushed.distance.mean()):.4f}  "
+            f"train top-1 {last['train_top1']:.3f}  val top-1 {val:.3f}"
+        )
+        score = -1.0 if math.isnan(val) else val
+        if best is None or score >= best[0]:
+            state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            best = (score, epoch, state, pushed)
+
+    assert best is not None  # the last epoch always pushes
+    score, selected_epoch, state, pushed = best
+    model.load_state_dict(state)
+    model.eval()
+    return TrainedMember(member.name, member, model, pushed, history, score, selected_epoch, seconds)
+
+
+@torch.no_grad()
+def _min_distances_pass(model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device) -> torch.Tensor:
+    model.eval()
+    return torch.cat([model(split.batch(idx.tolist()).to(device))[1] for idx in index_batches(len(split), batch_size)])
+
+
+def clone_model(model: ProtoPNet) -> ProtoPNet:
+    return copy.deepcopy(model)

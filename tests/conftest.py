@@ -1,0 +1,28 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_RECIPE = ROOT / "recipes" / "tiny.toml"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _dataset_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Generated datasets go to a per-session cache, never the user's."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("PROTOAUDIT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory: pytest.TempPathFactory, _dataset_cache: None) -> Path:
+    """One trained tiny run (two members and their ensemble), shared by the tests that only read it."""
+    from protoaudit.ensemble import train_ensemble
+    from protoaudit.recipe import load_recipe
+
+    out = tmp_path_factory.mktemp("runs")
+    recipe = load_recipe(TINY_RECIPE, out=str(out))
+    return train_ensemble(recipe).run_dir

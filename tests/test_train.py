@@ -1,0 +1,96 @@
+"""Training stages: which parameters move in each stage, push, model selection."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from protoaudit.data import build_dataset
+from protoaudit.model import ProtoPNet
+from protoaudit.push import percentile_boxes, push_prototypes
+from protoaudit.recipe import load_recipe
+from protoaudit.train import _optimizers, _sgd_epoch, build_member, last_layer_stage, push_epochs, set_stage
+
+from .conftest import TINY_RECIPE
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple:
+    recipe = load_recipe(TINY_RECIPE)
+    bundle = build_dataset(recipe.data, recipe.seed)
+    torch.manual_seed(0)
+    model = build_member(recipe.members[0], bundle)
+    return recipe, bundle, model
+
+
+def _snapshot(model: ProtoPNet) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _changed(before: dict[str, torch.Tensor], model: ProtoPNet, prefix: str) -> bool:
+    return any(not torch.equal(before[k], v) for k, v in model.state_dict().items() if k.startswith(prefix))
+
+
+@pytest.mark.parametrize("stage", ["warm", "joint"])
+def test_last_layer_fixed_during_warm_and_joint(setup: tuple, stage: str) -> None:
+    recipe, bundle, model = setup
+    before = _snapshot(model)
+    set_stage(model, stage)
+    opt = _optimizers(model, recipe)[stage]
+    _sgd_epoch(model, bundle.train, opt, recipe.loss.model_dump(), 8, torch.Generator().manual_seed(0), torch.device("cpu"), lambda n: None)
+    assert not _changed(before, model, "last_layer")
+    assert _changed(before, model, "prototype_vectors")
+    assert _changed(before, model, "add_on")
+    # warm freezes the trunk, including its batch-norm statistics; joint trains it
+    assert _changed(before, model, "trunk") == (stage == "joint")
+
+
+def test_only_last_layer_changes_in_last_layer_stage(setup: tuple) -> None:
+    recipe, bundle, model = setup
+    before = _snapshot(model)
+    labels = torch.as_tensor(bundle.push.labels)
+    min_d = torch.rand(len(labels), model.n_prototypes) * 3
+    opt = _optimizers(model, recipe)["last_layer"]
+    last_layer_stage(model, min_d, labels, opt, 2, 1e-4, 8, torch.Generator().manual_seed(0))
+    assert _changed(before, model, "last_layer")
+    for prefix in ("trunk", "add_on", "prototype_vectors"):
+        assert not _changed(before, model, prefix), prefix
+
+
+def test_push_moves_each_prototype_onto_a_same_class_patch(setup: tuple) -> None:
+    _, bundle, model = setup
+    seen: list[torch.Tensor] = []
+    result = push_prototypes(model, bundle.push, 16, torch.device("cpu"), bundle.image_size, lambda z, i, d: seen.append(z))
+    latents = torch.cat(seen)
+    assert latents.shape[0] == len(bundle.push)
+    for j in range(model.n_prototypes):
+        i, h, w = int(result.image_index[j]), int(result.h[j]), int(result.w[j])
+        assert int(bundle.push.labels[i]) == model.config.prototype_class[j]
+        torch.testing.assert_close(model.prototype_vectors[j].detach(), latents[i, :, h, w], rtol=0, atol=1e-6)
+        # it is the nearest same-class patch: no other patch of the class is closer to the pushed vector
+        own = np.flatnonzero(bundle.push.labels == model.config.prototype_class[j])
+        d = ((latents[own] - model.prototype_vectors[j].detach()[None, :, None, None]) ** 2).sum(1)
+        assert float(d.min()) <= 1e-10
+    assert result.boxes.shape == (model.n_prototypes, 4)
+    assert bool((result.boxes[:, 0] < result.boxes[:, 1]).all() and (result.boxes[:, 2] < result.boxes[:, 3]).all())
+
+
+def test_percentile_box_surrounds_the_hot_region() -> None:
+    maps = torch.zeros(2, 4, 4)
+    maps[0, 0, 0] = 5.0  # hot top-left cell
+    maps[1, 2:4, 1:3] = 3.0  # hot bottom-middle block
+    boxes = percentile_boxes(maps, 32)
+    y0, y1, x0, x1 = boxes[0].tolist()
+    assert y0 == 0 and x0 == 0 and y1 <= 12 and x1 <= 12
+    y0, y1, x0, x1 = boxes[1].tolist()
+    assert 14 <= y0 and y1 == 32 and 6 <= x0 and x1 <= 26
+
+
+def test_push_schedule() -> None:
+    class S:
+        epochs, push_start, push_every = 10, 4, 3
+
+    assert push_epochs(S) == [4, 7, 10]
+    S.epochs = 11
+    assert push_epochs(S) == [4, 7, 10, 11]
