@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pandas as pd
 import torch
 
@@ -40,9 +38,13 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
         raise InputError(f"output {run_dir} exists and is not a directory")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         if not (run_dir / "run.json").is_file():
-            raise InputError(f"output {run_dir} is a non-empty folder that is not a protoaudit run; choose another --out")
+            raise InputError(
+                f"output {run_dir} is a non-empty folder that is not a protoaudit run; choose another --out"
+            )
         if not force:
-            raise InputError(f"run directory {run_dir} already exists; pass --force to replace it or --out to write elsewhere")
+            raise InputError(
+                f"run directory {run_dir} already exists; pass --force to replace it or --out to write elsewhere"
+            )
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
 
@@ -76,8 +78,12 @@ def train_ensemble(recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bo
             "threads": threads,
             "device": str(device),
             "recipe_sha256": recipe.sha256(),
-            "dataset": {"fingerprint": bundle.fingerprint, "summary": bundle.summary, "n_classes": bundle.n_classes,
-                        "splits": {s: len(getattr(bundle, s)) for s in ("train", "push", "val", "test")}},
+            "dataset": {
+                "fingerprint": bundle.fingerprint,
+                "summary": bundle.summary,
+                "n_classes": bundle.n_classes,
+                "splits": {s: len(getattr(bundle, s)) for s in ("train", "push", "val", "test")},
+            },
             "members": [m.name for m in recipe.members],
             "timings": {"dataset": data_seconds},
         },
@@ -86,9 +92,15 @@ def train_ensemble(recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bo
         rows, logits = _train_members(recipe, bundle, device, reporter, run_dir, writer)
         combined = ensemble_logits(logits)
         rows.append(
-            {"model": "ensemble", "kind": "ensemble", "backbone": "+".join(m.trunk for m in recipe.members), "pruned": False,
-             "top1": top1(combined, bundle.test.labels), "n_prototypes": sum(int(r["n_prototypes"]) for r in rows),
-             "n_test": len(bundle.test)}
+            {
+                "model": "ensemble",
+                "kind": "ensemble",
+                "backbone": "+".join(m.trunk for m in recipe.members),
+                "pruned": False,
+                "top1": top1(combined, bundle.test.labels),
+                "n_prototypes": sum(int(r["n_prototypes"]) for r in rows),
+                "n_test": len(bundle.test),
+            }
         )
         accuracy = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
         write_csv(run_dir / "accuracy.csv", accuracy)
@@ -110,19 +122,30 @@ def write_text_recipe(run_dir: Path, recipe: Recipe) -> None:
 
 
 def _train_members(
-    recipe: Recipe, bundle: DatasetBundle, device: torch.device, reporter: Reporter, run_dir: Path, writer: RunWriter
+    recipe: Recipe,
+    bundle: DatasetBundle,
+    device: torch.device,
+    reporter: Reporter,
+    run_dir: Path,
+    writer: RunWriter,
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     rows: list[dict[str, Any]] = []
     logits: list[torch.Tensor] = []
     timings: dict[str, Any] = dict(writer.document["timings"])
     for i, member in enumerate(recipe.members):
-        reporter.log(f"[bold]{member.name}[/bold]: {member.trunk} trunk, {member.prototypes_per_class} prototypes per class, D = {member.prototype_dim}")
+        reporter.log(
+            f"[bold]{member.name}[/bold]: {member.trunk} trunk, {member.prototypes_per_class} prototypes per class, D = {member.prototype_dim}"
+        )
         trained = train_member(member, recipe, bundle, device, seed=recipe.seed + i, reporter=reporter)
         t0 = time.perf_counter()
-        test_logits = predict(trained.model, bundle.test, recipe.schedule.eval_batch_size, device)
+        test_logits = predict(
+            trained.model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
+        )
         test_top1 = top1(test_logits, bundle.test.labels)
         trained.stage_seconds["eval"] += time.perf_counter() - t0
-        prototypes = pd.DataFrame(trained.push.rows(bundle.push, trained.model.config.prototype_class, bundle.class_names))
+        prototypes = pd.DataFrame(
+            trained.push.rows(bundle.push, trained.model.config.prototype_class, bundle.class_names)
+        )
         save_member(
             run_dir / "members" / member.name,
             trained.model.cpu(),
@@ -140,11 +163,19 @@ def _train_members(
         trained.model.to(device)
         logits.append(test_logits)
         rows.append(
-            {"model": member.name, "kind": "member", "backbone": member.trunk, "pruned": False, "top1": test_top1,
-             "n_prototypes": trained.model.n_prototypes, "n_test": len(bundle.test)}
+            {
+                "model": member.name,
+                "kind": "member",
+                "backbone": member.trunk,
+                "pruned": False,
+                "top1": test_top1,
+                "n_prototypes": trained.model.n_prototypes,
+                "n_test": len(bundle.test),
+            }
         )
         timings[member.name] = trained.stage_seconds
         writer.update(timings=timings)
-        reporter.log(f"[bold]{member.name}[/bold]: test top-1 {test_top1:.4f} (selected after epoch {trained.selected_epoch}, val top-1 {trained.val_top1:.4f})")
+        reporter.log(
+            f"[bold]{member.name}[/bold]: test top-1 {test_top1:.4f} (selected after epoch {trained.selected_epoch}, val top-1 {trained.val_top1:.4f})"
+        )
     return rows, logits
-

@@ -83,7 +83,9 @@ def read_json(path: str | os.PathLike[str]) -> Any:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from exc
 
 
-def save_tensors(path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: dict[str, str] | None = None) -> None:
+def save_tensors(
+    path: str | os.PathLike[str], tensors: Mapping[str, Any], metadata: dict[str, str] | None = None
+) -> None:
     """Write a safetensors file atomically. ``tensors`` maps names to torch tensors."""
     from safetensors.torch import save
 

@@ -12,13 +12,17 @@ import torch
 import torch.nn.functional as F
 
 
-def cluster_cost(min_distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor) -> torch.Tensor:
+def cluster_cost(
+    min_distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor
+) -> torch.Tensor:
     """Clst = mean over images of the smallest distance to a prototype of the image's own class. Scalar."""
     own = class_identity[:, labels].t().bool()  # (N, m)
     return min_distances.masked_fill(~own, float("inf")).amin(dim=1).mean()
 
 
-def separation_cost(min_distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor) -> torch.Tensor:
+def separation_cost(
+    min_distances: torch.Tensor, labels: torch.Tensor, class_identity: torch.Tensor
+) -> torch.Tensor:
     """Mean over images of the smallest distance to a prototype of another class. Scalar.
 
     This is the original code's ``separation_cost`` (a positive distance); the paper's Sep is its negative,
@@ -55,5 +59,7 @@ def protopnet_loss(
     clst = cluster_cost(min_distances, labels, class_identity)
     sep = separation_cost(min_distances, labels, class_identity)
     l1 = off_class_l1(last_layer_weight, class_identity)
-    total = coefs["cross_entropy"] * ce + coefs["cluster"] * clst + coefs["separation"] * sep + coefs["l1"] * l1
+    total = (
+        coefs["cross_entropy"] * ce + coefs["cluster"] * clst + coefs["separation"] * sep + coefs["l1"] * l1
+    )
     return LossTerms(total, ce, clst, sep, l1)

@@ -59,7 +59,12 @@ def build_add_on(kind: AddOnKind, in_channels: int, prototype_dim: int) -> nn.Se
     """
     layers: list[nn.Module] = []
     if kind == "regular":
-        layers = [nn.Conv2d(in_channels, prototype_dim, 1), nn.ReLU(), nn.Conv2d(prototype_dim, prototype_dim, 1), nn.Sigmoid()]
+        layers = [
+            nn.Conv2d(in_channels, prototype_dim, 1),
+            nn.ReLU(),
+            nn.Conv2d(prototype_dim, prototype_dim, 1),
+            nn.Sigmoid(),
+        ]
     elif kind == "bottleneck":
         cin = in_channels
         while True:
@@ -76,7 +81,8 @@ def build_add_on(kind: AddOnKind, in_channels: int, prototype_dim: int) -> nn.Se
     for m in layers:
         if isinstance(m, nn.Conv2d):
             nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            nn.init.zeros_(m.bias)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
     return nn.Sequential(*layers)
 
 
@@ -99,6 +105,10 @@ def similarity(distances: torch.Tensor) -> torch.Tensor:
 class ProtoPNet(nn.Module):
     """One member. ``forward(x)`` maps (N, 3, S, S) images in [0, 1] to (logits (N, K), min_distances (N, m))."""
 
+    mean: torch.Tensor
+    std: torch.Tensor
+    prototype_class: torch.Tensor
+
     def __init__(self, config: MemberConfig, weights: str | None = None) -> None:
         super().__init__()
         self.config = config
@@ -110,7 +120,9 @@ class ProtoPNet(nn.Module):
         self.last_layer = nn.Linear(m, config.n_classes, bias=False)
         self.register_buffer("mean", torch.tensor(info.mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(info.std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("prototype_class", torch.tensor(config.prototype_class, dtype=torch.long), persistent=False)
+        self.register_buffer(
+            "prototype_class", torch.tensor(config.prototype_class, dtype=torch.long), persistent=False
+        )
         self.set_last_layer_incorrect_connection(-0.5)
 
     # -- structure -------------------------------------------------------------------------------------
@@ -124,7 +136,9 @@ class ProtoPNet(nn.Module):
 
     def class_identity(self) -> torch.Tensor:
         """(m, K) float one-hot: entry (j, k) is 1 when prototype j belongs to class k."""
-        return torch.nn.functional.one_hot(self.prototype_class, self.n_classes).to(self.prototype_vectors.dtype)
+        return torch.nn.functional.one_hot(self.prototype_class, self.n_classes).to(
+            self.prototype_vectors.dtype
+        )
 
     def set_last_layer_incorrect_connection(self, incorrect_strength: float) -> None:
         """w_h(k, j) = 1 for own-class prototypes and ``incorrect_strength`` otherwise (paper §2.2)."""
@@ -164,7 +178,9 @@ class ProtoPNet(nn.Module):
             self.last_layer = nn.Linear(len(index), self.n_classes, bias=False).to(weight.device)
             self.last_layer.weight.copy_(weight)
         self.config.prototype_class = [self.config.prototype_class[i] for i in index.tolist()]
-        self.prototype_class = torch.tensor(self.config.prototype_class, dtype=torch.long, device=weight.device)
+        self.prototype_class = torch.tensor(
+            self.config.prototype_class, dtype=torch.long, device=weight.device
+        )
 
 
 def log_similarity_of_identical_patch() -> float:

@@ -8,22 +8,17 @@ at once (no Python loop over prototypes). The pass can hand every batch's latent
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protoaudit.data import ImageSplit
+from protoaudit.data import ImageSplit, iter_batches
 from protoaudit.model import ProtoPNet, similarity
 
 BatchConsumer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
-
-
-def index_batches(n: int, batch_size: int) -> Iterator[torch.Tensor]:
-    for start in range(0, n, batch_size):
-        yield torch.arange(start, min(start + batch_size, n))
 
 
 @dataclass
@@ -37,7 +32,9 @@ class PushResult:
     activation_maps: torch.Tensor  # (m, H, W) float32 similarity map on the source image, after projection
     boxes: torch.Tensor  # (m, 4) int64 (y0, y1, x0, x1), end-exclusive, in input pixels
 
-    def rows(self, split: ImageSplit, prototype_class: list[int], class_names: list[str]) -> list[dict[str, object]]:
+    def rows(
+        self, split: ImageSplit, prototype_class: list[int], class_names: list[str]
+    ) -> list[dict[str, object]]:
         """One row per prototype for ``prototypes.csv``."""
         out = []
         for j in range(len(self.image_index)):
@@ -73,6 +70,7 @@ def push_prototypes(
     image_size: int,
     consumer: BatchConsumer | None = None,
     advance: Callable[[int], None] | None = None,
+    workers: int = 0,
 ) -> PushResult:
     """Project every prototype onto its nearest same-class latent training patch, in place.
 
@@ -90,14 +88,16 @@ def push_prototypes(
     best_h = torch.zeros(m, dtype=torch.long, device=device)
     best_w = torch.zeros(m, dtype=torch.long, device=device)
     best_latent: torch.Tensor | None = None  # (m, D, H, W): the source image's latent, for its map
-    for indices in index_batches(len(split), batch_size):
-        x = split.batch(indices.tolist()).to(device, non_blocking=True)
+    for indices, images in iter_batches(
+        split, torch.arange(len(split)), batch_size, workers, device.type == "cuda"
+    ):
+        x = images.to(device, non_blocking=True)
         y = labels[indices].to(device)
         z = model.latent(x)
         d = model.distances(z)  # (B, m, H, W)
         if consumer is not None:
             consumer(z, indices, d)
-        b, _, hh, ww = d.shape
+        _b, _, hh, ww = d.shape
         if best_latent is None:
             best_latent = torch.zeros(m, dim, hh, ww, device=device)
         own = y[:, None] == proto_class[None, :]  # (B, m)
@@ -119,7 +119,9 @@ def push_prototypes(
     missing = (best_img < 0).nonzero().flatten().tolist()
     if missing:
         classes = sorted({int(proto_class[j]) for j in missing})
-        raise ValueError(f"push: no training image of class(es) {classes} to project prototypes {missing[:5]} onto")
+        raise ValueError(
+            f"push: no training image of class(es) {classes} to project prototypes {missing[:5]} onto"
+        )
     assert best_latent is not None
     model.prototype_vectors.data.copy_(best_vec)
     # each projected prototype's similarity map over its own source image
@@ -135,8 +137,9 @@ def push_prototypes(
     )
 
 
-
-def percentile_boxes(maps: torch.Tensor, image_size: int, percentile: float = 95.0, chunk: int = 256) -> torch.Tensor:
+def percentile_boxes(
+    maps: torch.Tensor, image_size: int, percentile: float = 95.0, chunk: int = 256
+) -> torch.Tensor:
     """The paper's visualisation box: upsample each (H, W) map to the image (bicubic), keep pixels at or
     above the map's 95th percentile, return the smallest enclosing rectangle (y0, y1, x0, x1), end-exclusive.
 
@@ -145,9 +148,12 @@ def percentile_boxes(maps: torch.Tensor, image_size: int, percentile: float = 95
     """
     out = []
     for start in range(0, maps.shape[0], chunk):
-        up = F.interpolate(maps[start : start + chunk, None], size=(image_size, image_size), mode="bicubic", align_corners=False)[
-            :, 0
-        ]
+        up = F.interpolate(
+            maps[start : start + chunk, None],
+            size=(image_size, image_size),
+            mode="bicubic",
+            align_corners=False,
+        )[:, 0]
         threshold = torch.quantile(up.flatten(1), percentile / 100.0, dim=1)
         mask = up >= threshold[:, None, None]
         rows, cols = mask.any(dim=2), mask.any(dim=1)  # (c, S)

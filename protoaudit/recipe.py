@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import hashlib
 import re
-import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import tomli_w
+import tomllib
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from protoaudit.errors import RecipeError
@@ -168,7 +168,11 @@ def format_validation_error(exc: ValidationError, source: str) -> str:
     elif first["type"] == "missing":
         msg = "required key is missing"
     got = first.get("input")
-    shown = "" if first["type"] in {"missing", "extra_forbidden"} or isinstance(got, dict | list) else f" (got {got!r})"
+    shown = (
+        ""
+        if first["type"] in {"missing", "extra_forbidden"} or isinstance(got, dict | list)
+        else f" (got {got!r})"
+    )
     more = f" [and {len(errors) - 1} more problem(s)]" if len(errors) > 1 else ""
     return f"{source}: {_key_path(tuple(first['loc']))}: {msg}{shown}{more}"
 
@@ -230,7 +234,9 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None, **top: Any
     return recipe_from_dict(data, source=str(p), overrides=overrides, **top)
 
 
-def recipe_from_dict(data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None, **top: Any) -> Recipe:
+def recipe_from_dict(
+    data: dict[str, Any], source: str = "recipe", overrides: list[str] | None = None, **top: Any
+) -> Recipe:
     for text in overrides or []:
         key_path, value = parse_override(text)
         _apply_override(data, key_path, value)

@@ -66,7 +66,9 @@ def check_format(meta: dict[str, Any], where: Path) -> None:
 # -- members -------------------------------------------------------------------------------------------
 
 
-def save_member(member_dir: Path, model: ProtoPNet, meta: dict[str, Any], prototypes: pd.DataFrame | None = None) -> None:
+def save_member(
+    member_dir: Path, model: ProtoPNet, meta: dict[str, Any], prototypes: pd.DataFrame | None = None
+) -> None:
     """Write ``model.safetensors`` then ``model.json`` (which records the weights' sha256) and prototypes.csv."""
     member_dir.mkdir(parents=True, exist_ok=True)
     weights = member_dir / "model.safetensors"
@@ -85,7 +87,9 @@ def save_member(member_dir: Path, model: ProtoPNet, meta: dict[str, Any], protot
     write_json(member_dir / "model.json", document)
 
 
-def load_member(member_dir: str | os.PathLike[str], device: str | torch.device = "cpu") -> tuple[ProtoPNet, dict[str, Any]]:
+def load_member(
+    member_dir: str | os.PathLike[str], device: str | torch.device = "cpu"
+) -> tuple[ProtoPNet, dict[str, Any]]:
     """Rebuild a member from ``model.json`` + ``model.safetensors``; raises CheckpointError on any mismatch."""
     d = Path(member_dir)
     meta = read_json(d / "model.json")
@@ -103,7 +107,9 @@ def load_member(member_dir: str | os.PathLike[str], device: str | torch.device =
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()
         detail = first[1].strip() if len(first) > 1 else first[0]
-        raise CheckpointError(f"{d / 'model.safetensors'} does not fit the architecture in model.json ({detail})") from None
+        raise CheckpointError(
+            f"{d / 'model.safetensors'} does not fit the architecture in model.json ({detail})"
+        ) from None
     return model.to(device).eval(), meta
 
 
@@ -134,7 +140,9 @@ class Run:
     def member(self, name: str, device: str | torch.device = "cpu") -> ProtoPNet:
         if name not in self._members:
             if name not in self.member_names and not (self.path / "members" / name).is_dir():
-                raise InputError(f"run {self.path} has no member {name!r} (members: {', '.join(self.member_names)})")
+                raise InputError(
+                    f"run {self.path} has no member {name!r} (members: {', '.join(self.member_names)})"
+                )
             self._members[name] = load_member(self.path / "members" / name, device)
         return self._members[name][0]
 
@@ -159,7 +167,9 @@ class Run:
         bundle = build_dataset(recipe.data, recipe.seed)
         recorded = self.meta.get("dataset", {}).get("fingerprint")
         if recorded and recorded != bundle.fingerprint:
-            raise InputError(f"the dataset of run {self.path} changed since training (fingerprint {bundle.fingerprint[:12]} != {recorded[:12]})")
+            raise InputError(
+                f"the dataset of run {self.path} changed since training (fingerprint {bundle.fingerprint[:12]} != {recorded[:12]})"
+            )
         return bundle
 
 

@@ -1,6 +1,6 @@
 """The four training stages of a member (paper §2.2): warm, joint, push, last layer.
 
-Stage 1 *warm*: add-on layers and prototypes learn while the trunk is frozen (its batch-norm statistics too).
+Stage 1 *warm*: add-on layers and prototypes learn while the trunk's weights are frozen.
 Stage 2 *joint*: trunk, add-on and prototypes learn with CE + cluster + separation; the last layer is fixed.
 Stage 3 *push*: every prototype is projected onto its nearest same-class latent training patch.
 Stage 4 *last layer*: only h learns, CE + λ·L1 on off-class weights, on the frozen latent space. The push
@@ -22,12 +22,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protoaudit.data import DatasetBundle, ImageSplit
+from protoaudit.data import DatasetBundle, ImageSplit, iter_batches
 from protoaudit.errors import ProtoauditError
 from protoaudit.losses import off_class_l1, protopnet_loss
 from protoaudit.model import MemberConfig, ProtoPNet, squared_distances
 from protoaudit.progress import NULL_REPORTER, Reporter
-from protoaudit.push import PushResult, index_batches, push_prototypes
+from protoaudit.push import PushResult, push_prototypes
 from protoaudit.recipe import MemberRecipe, Recipe
 
 LATENT_CACHE_BYTES = 2 << 30  # keep the push pass's latents for the last-layer stage up to this size
@@ -43,7 +43,9 @@ def resolve_device(name: str) -> torch.device:
     if name.startswith("cuda") and not torch.cuda.is_available():
         from protoaudit.errors import InputError
 
-        raise InputError(f"device {name!r} requested but CUDA is not available here (use device = \"cpu\" or \"auto\")")
+        raise InputError(
+            f'device {name!r} requested but CUDA is not available here (use device = "cpu" or "auto")'
+        )
     return torch.device(name)
 
 
@@ -56,9 +58,9 @@ def set_stage(model: ProtoPNet, stage: str) -> None:
     }[stage]
     for name, param in model.named_parameters():
         param.requires_grad_(name.split(".")[0] in trainable)
+    # As in the original code, warm runs the trunk in train mode: its weights are frozen but batch norm uses
+    # batch statistics. The last-layer stage runs everything else in eval mode: the latent space must not move.
     model.train(stage != "last_layer")
-    if stage == "warm":
-        model.trunk.eval()
 
 
 def _optimizers(model: ProtoPNet, recipe: Recipe) -> dict[str, torch.optim.Optimizer]:
@@ -89,22 +91,24 @@ def _sgd_epoch(
     generator: torch.Generator,
     device: torch.device,
     advance: Callable[[int], None],
+    workers: int = 0,
 ) -> dict[str, float]:
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
     identity = model.class_identity()
     order = torch.randperm(len(split), generator=generator)
+    if len(order) % batch_size == 1:  # batch norm cannot learn from a batch of one image
+        order = order[:-1]
     sums = {"loss": 0.0, "cross_entropy": 0.0, "cluster": 0.0, "separation": 0.0, "l1": 0.0}
     correct = seen = 0
-    for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
-        if len(idx) < 2:  # batch norm cannot learn from one image
-            continue
-        x = split.batch(idx.tolist()).to(device, non_blocking=True)
+    for idx, images in iter_batches(split, order, batch_size, workers, device.type == "cuda"):
+        x = images.to(device, non_blocking=True)
         y = labels[idx].to(device)
         logits, min_distances = model(x)
         terms = protopnet_loss(logits, min_distances, y, identity, model.last_layer.weight, coefs)
         if not torch.isfinite(terms.total):
-            raise TrainingDivergedError(f"loss became {terms.total.item()} (try lower learning rates in [lr])")
+            raise TrainingDivergedError(
+                f"loss became {terms.total.item()} (try lower learning rates in [lr])"
+            )
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
         optimizer.step()
@@ -120,17 +124,25 @@ def _sgd_epoch(
     return out
 
 
-def min_distances_from_latents(latents: torch.Tensor, prototypes: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+def min_distances_from_latents(
+    latents: torch.Tensor, prototypes: torch.Tensor, chunk: int = 256
+) -> torch.Tensor:
     """(N, D, H, W) latents, (m, D) prototypes → (N, m) smallest squared distance per image."""
-    parts = [squared_distances(latents[s : s + chunk], prototypes).flatten(2).amin(2) for s in range(0, len(latents), chunk)]
+    parts = [
+        squared_distances(latents[s : s + chunk], prototypes).flatten(2).amin(2)
+        for s in range(0, len(latents), chunk)
+    ]
     return torch.cat(parts)
 
 
 @torch.no_grad()
-def predict(model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device) -> torch.Tensor:
+def predict(
+    model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device, workers: int = 0
+) -> torch.Tensor:
     """(N, K) float32 logits of the member on every image of the split (eval mode)."""
     model.eval()
-    out = [model(split.batch(idx.tolist()).to(device))[0].cpu() for idx in index_batches(len(split), batch_size)]
+    batches = iter_batches(split, torch.arange(len(split)), batch_size, workers, device.type == "cuda")
+    out = [model(x.to(device))[0].cpu() for _, x in batches]
     return torch.cat(out) if out else torch.zeros(0, model.n_classes)
 
 
@@ -173,6 +185,31 @@ def last_layer_stage(
     return {"loss": loss.detach().item(), "cross_entropy": ce.detach().item(), "train_top1": acc}
 
 
+class _LatentKeeper:
+    """Push-pass consumer: keeps every batch's latents (up to ``budget`` bytes) for the last-layer stage,
+    and forwards each batch to another consumer (the patch index) when given one."""
+
+    def __init__(
+        self, budget: int, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None
+    ) -> None:
+        self.parts: list[torch.Tensor] | None = []
+        self.left = budget
+        self.forward = forward
+
+    def __call__(self, z: torch.Tensor, indices: torch.Tensor, distances: torch.Tensor) -> None:
+        if self.forward is not None:
+            self.forward(z, indices, distances)
+        if self.parts is None:
+            return
+        self.left -= z.numel() * z.element_size()
+        self.parts = None if self.left < 0 else [*self.parts, z]
+
+    def take(self) -> torch.Tensor | None:
+        """(N, D, H, W) latents of the whole push set, or None when they did not fit the budget."""
+        parts, self.parts = self.parts, []
+        return torch.cat(parts) if parts else None
+
+
 @dataclass
 class TrainedMember:
     name: str
@@ -187,7 +224,11 @@ class TrainedMember:
 
 def push_epochs(schedule: Any) -> list[int]:
     """The epochs (1-based, after which) push and the last-layer stage run."""
-    due = [e for e in range(1, schedule.epochs + 1) if e >= schedule.push_start and (e - schedule.push_start) % schedule.push_every == 0]
+    due = [
+        e
+        for e in range(1, schedule.epochs + 1)
+        if e >= schedule.push_start and (e - schedule.push_start) % schedule.push_every == 0
+    ]
     if schedule.epochs not in due:
         due.append(schedule.epochs)
     return due
@@ -221,7 +262,9 @@ def train_member(
     model = build_member(member, bundle).to(device)
     optimizers = _optimizers(model, recipe)
     sched = recipe.schedule
-    scheduler = torch.optim.lr_scheduler.StepLR(optimizers["joint"], step_size=recipe.lr.joint_step_size, gamma=recipe.lr.joint_gamma)
+    scheduler = torch.optim.lr_scheduler.StepLR(
+        optimizers["joint"], step_size=recipe.lr.joint_step_size, gamma=recipe.lr.joint_gamma
+    )
     coefs = recipe.loss.model_dump()
     pushes = set(push_epochs(sched))
     push_labels = torch.as_tensor(np.asarray(bundle.push.labels), dtype=torch.long, device=device)
@@ -235,7 +278,17 @@ def train_member(
         set_stage(model, stage)
         t0 = time.perf_counter()
         with reporter.task(f"{member.name} {stage} {epoch}/{sched.epochs}", len(bundle.train)) as advance:
-            metrics = _sgd_epoch(model, bundle.train, optimizers[stage], coefs, sched.batch_size, generator, device, advance)
+            metrics = _sgd_epoch(
+                model,
+                bundle.train,
+                optimizers[stage],
+                coefs,
+                sched.batch_size,
+                generator,
+                device,
+                advance,
+                sched.workers,
+            )
         if stage == "joint":
             scheduler.step()
         seconds[stage] += time.perf_counter() - t0
@@ -248,41 +301,63 @@ def train_member(
             continue
 
         t0 = time.perf_counter()
-        latents: list[torch.Tensor] = []
-        budget = [LATENT_CACHE_BYTES]
-
-        def keep(z: torch.Tensor, idx: torch.Tensor, d: torch.Tensor) -> None:
-            if latent_consumer is not None:
-                latent_consumer(z, idx, d)
-            if budget[0] >= 0:
-                budget[0] -= z.numel() * z.element_size()
-                if budget[0] >= 0:
-                    latents.append(z)
-                else:
-                    latents.clear()
-
+        keeper = _LatentKeeper(LATENT_CACHE_BYTES, latent_consumer)
         with reporter.task(f"{member.name} push", len(bundle.push)) as advance:
-            pushed = push_prototypes(model, bundle.push, sched.eval_batch_size, device, bundle.image_size, keep, advance)
+            pushed = push_prototypes(
+                model,
+                bundle.push,
+                sched.eval_batch_size,
+                device,
+                bundle.image_size,
+                keeper,
+                advance,
+                sched.workers,
+            )
         seconds["push"] += time.perf_counter() - t0
         history.append(
-            {"stage": "push", "epoch": epoch, "seconds": time.perf_counter() - t0, "mean_distance": float(pushed.distance.mean())}
+            {
+                "stage": "push",
+                "epoch": epoch,
+                "seconds": time.perf_counter() - t0,
+                "mean_distance": float(pushed.distance.mean()),
+            }
         )
 
         t0 = time.perf_counter()
-        if latents and budget[0] >= 0:
-            min_d = min_distances_from_latents(torch.cat(latents), model.prototype_vectors.detach())
+        latents = keeper.take()
+        if latents is not None:
+            min_d = min_distances_from_latents(latents, model.prototype_vectors.detach())
         else:  # too large to keep: one more forward pass over the push set
-            min_d = _min_distances_pass(model, bundle.push, sched.eval_batch_size, device)
-        latents.clear()
+            min_d = _min_distances_pass(model, bundle.push, sched.eval_batch_size, device, sched.workers)
+        del latents
         last = last_layer_stage(
-            model, min_d, push_labels, optimizers["last_layer"], sched.last_layer_epochs, coefs["l1"], sched.batch_size, generator
+            model,
+            min_d,
+            push_labels,
+            optimizers["last_layer"],
+            sched.last_layer_epochs,
+            coefs["l1"],
+            sched.batch_size,
+            generator,
         )
         seconds["last_layer"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        val = top1(predict(model, bundle.val, sched.eval_batch_size, device), bundle.val.labels) if len(bundle.val) else float("nan")
+        val = (
+            top1(predict(model, bundle.val, sched.eval_batch_size, device, sched.workers), bundle.val.labels)
+            if len(bundle.val)
+            else float("nan")
+        )
         seconds["eval"] += time.perf_counter() - t0
-        history.append({"stage": "last_layer", "epoch": epoch, "seconds": time.perf_counter() - t0, **last, "val_top1": val})
+        history.append(
+            {
+                "stage": "last_layer",
+                "epoch": epoch,
+                "seconds": time.perf_counter() - t0,
+                **last,
+                "val_top1": val,
+            }
+        )
         reporter.log(
             f"{tag} push + last layer after epoch {epoch}: mean push distance {float(pushed.distance.mean()):.4f}  "
             f"train top-1 {last['train_top1']:.3f}  val top-1 {val:.3f}"
@@ -300,9 +375,12 @@ def train_member(
 
 
 @torch.no_grad()
-def _min_distances_pass(model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device) -> torch.Tensor:
+def _min_distances_pass(
+    model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device, workers: int = 0
+) -> torch.Tensor:
     model.eval()
-    return torch.cat([model(split.batch(idx.tolist()).to(device))[1] for idx in index_batches(len(split), batch_size)])
+    batches = iter_batches(split, torch.arange(len(split)), batch_size, workers, device.type == "cuda")
+    return torch.cat([model(x.to(device))[1] for _, x in batches])
 
 
 def clone_model(model: ProtoPNet) -> ProtoPNet:

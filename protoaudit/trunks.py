@@ -15,6 +15,7 @@ import fnmatch
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -47,7 +48,9 @@ class _Entry:
 _REGISTRY: dict[str, _Entry] = {}
 
 
-def register_trunk(info: TrunkInfo) -> Callable[[Callable[[str | None], nn.Module]], Callable[[str | None], nn.Module]]:
+def register_trunk(
+    info: TrunkInfo,
+) -> Callable[[Callable[[str | None], nn.Module]], Callable[[str | None], nn.Module]]:
     """Decorator: register ``build(weights) -> nn.Module`` under ``info.name``."""
 
     def decorate(build: Callable[[str | None], nn.Module]) -> Callable[[str | None], nn.Module]:
@@ -112,7 +115,9 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.shortcut: nn.Module = nn.Identity()
         if stride != 1 or cin != cout:
-            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+            self.shortcut = nn.Sequential(
+                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
+            )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = torch.relu(self.bn1(self.conv1(x)))
@@ -137,7 +142,9 @@ class TinyResNet(nn.Module):
 class _DenseLayer(nn.Module):
     def __init__(self, cin: int, growth: int) -> None:
         super().__init__()
-        self.body = nn.Sequential(nn.BatchNorm2d(cin), nn.ReLU(inplace=False), nn.Conv2d(cin, growth, 3, padding=1, bias=False))
+        self.body = nn.Sequential(
+            nn.BatchNorm2d(cin), nn.ReLU(inplace=False), nn.Conv2d(cin, growth, 3, padding=1, bias=False)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([x, self.body(x)], dim=1)
@@ -173,7 +180,9 @@ def _tiny(cls: type[nn.Module], **kwargs: object) -> Callable[[str | None], nn.M
     def build(weights: str | None) -> nn.Module:
         model = cls(**kwargs)
         if weights == "imagenet":
-            raise WeightsUnavailableError(f"no ImageNet weights exist for {cls.__name__}; use weights = \"none\" or a file")
+            raise WeightsUnavailableError(
+                f'no ImageNet weights exist for {cls.__name__}; use weights = "none" or a file'
+            )
         if weights is not None:
             _load_local_state_dict(model, weights)
         return model
@@ -195,9 +204,11 @@ register_trunk(TrunkInfo("tiny_densenet", "densenet", TinyDenseNet().out_channel
 class _ResNetConv(nn.Module):
     """ResNet conv1..layer4 without the pooling and classifier."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: Any) -> None:
         super().__init__()
-        self.body = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4)
+        self.body = nn.Sequential(
+            net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.body(x)
@@ -206,7 +217,7 @@ class _ResNetConv(nn.Module):
 class _DenseNetConv(nn.Module):
     """DenseNet ``features`` (ending in norm5) followed by the ReLU torchvision applies in ``forward``."""
 
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: Any) -> None:
         super().__init__()
         self.features = net.features
 
@@ -215,7 +226,7 @@ class _DenseNetConv(nn.Module):
 
 
 class _VGGConv(nn.Module):
-    def __init__(self, net: nn.Module) -> None:
+    def __init__(self, net: Any) -> None:
         super().__init__()
         self.features = net.features
 
@@ -223,7 +234,9 @@ class _VGGConv(nn.Module):
         return self.features(x)
 
 
-def _torchvision_builder(name: str, wrap: Callable[[nn.Module], nn.Module]) -> Callable[[str | None], nn.Module]:
+def _torchvision_builder(
+    name: str, wrap: Callable[[nn.Module], nn.Module]
+) -> Callable[[str | None], nn.Module]:
     def build(weights: str | None) -> nn.Module:
         import torchvision
 
@@ -248,7 +261,7 @@ def _download_imagenet(name: str) -> nn.Module:
         cache = Path(torch.hub.get_dir()) / "checkpoints"
         raise WeightsUnavailableError(
             f"cannot obtain ImageNet weights for {name} ({enum}): {_reason(exc)}; without a network, put "
-            f"{Path(enum.url).name} in {cache} or set weights = \"/path/to/{name}.pth\" (a torchvision state dict)"
+            f'{Path(enum.url).name} in {cache} or set weights = "/path/to/{name}.pth" (a torchvision state dict)'
         ) from exc
 
 
@@ -261,7 +274,9 @@ def _load_local_state_dict(model: nn.Module, path: str) -> None:
     """Load a local torchvision state dict (``.pth``/``.pt`` with weights_only, or ``.safetensors``)."""
     p = Path(path).expanduser()
     if not p.is_file():
-        raise WeightsUnavailableError(f"weights file {p} does not exist (weights = \"none\", \"imagenet\" or a file path)")
+        raise WeightsUnavailableError(
+            f'weights file {p} does not exist (weights = "none", "imagenet" or a file path)'
+        )
     try:
         if p.suffix == ".safetensors":
             from protoaudit.io import load_tensors
@@ -270,11 +285,15 @@ def _load_local_state_dict(model: nn.Module, path: str) -> None:
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as exc:
-        raise WeightsUnavailableError(f"weights file {p} is not a readable state dict: {_reason(exc)}") from exc
+        raise WeightsUnavailableError(
+            f"weights file {p} is not a readable state dict: {_reason(exc)}"
+        ) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
-        raise WeightsUnavailableError(f"weights file {p} holds a {type(state).__name__}, expected a state dict")
+        raise WeightsUnavailableError(
+            f"weights file {p} holds a {type(state).__name__}, expected a state dict"
+        )
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
@@ -286,10 +305,14 @@ def _register_torchvision() -> None:
     for depth in (11, 13, 16, 19):
         for suffix in ("", "_bn"):
             name = f"vgg{depth}{suffix}"
-            register_trunk(TrunkInfo(name, "vgg", vgg_channels, 32, pretrained=True))(_torchvision_builder(name, _VGGConv))
+            register_trunk(TrunkInfo(name, "vgg", vgg_channels, 32, pretrained=True))(
+                _torchvision_builder(name, _VGGConv)
+            )
     for depth, channels in ((18, 512), (34, 512), (50, 2048), (101, 2048), (152, 2048)):
         name = f"resnet{depth}"
-        register_trunk(TrunkInfo(name, "resnet", channels, 32, pretrained=True))(_torchvision_builder(name, _ResNetConv))
+        register_trunk(TrunkInfo(name, "resnet", channels, 32, pretrained=True))(
+            _torchvision_builder(name, _ResNetConv)
+        )
     for depth, channels in ((121, 1024), (161, 2208), (169, 1664), (201, 1920)):
         name = f"densenet{depth}"
         register_trunk(TrunkInfo(name, "densenet", channels, 32, pretrained=True))(

@@ -29,26 +29,54 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
 
 BAD_RECIPES = [
     ("unknown top-level key", VALID + "\nbogus = 1\n", "bogus: unknown key"),
-    ("unknown nested key", VALID.replace("batch_size = 8", "batch_sise = 8"), "schedule.batch_sise: unknown key"),
+    (
+        "unknown nested key",
+        VALID.replace("batch_size = 8", "batch_sise = 8"),
+        "schedule.batch_sise: unknown key",
+    ),
     ("wrong type", VALID.replace("epochs = 3", 'epochs = "three"'), "schedule.epochs:"),
-    ("negative epochs", VALID.replace("epochs = 3", "epochs = -1"), "schedule.epochs: Input should be greater than or equal to 1"),
-    ("zero prototypes", VALID.replace("prototypes_per_class = 4", "prototypes_per_class = 0", 1), "members[0].prototypes_per_class:"),
+    (
+        "negative epochs",
+        VALID.replace("epochs = 3", "epochs = -1"),
+        "schedule.epochs: Input should be greater than or equal to 1",
+    ),
+    (
+        "zero prototypes",
+        VALID.replace("prototypes_per_class = 4", "prototypes_per_class = 0", 1),
+        "members[0].prototypes_per_class:",
+    ),
     ("unknown trunk", VALID.replace('"tiny_vgg"', '"vgg20"'), "members[0].trunk: unknown trunk 'vgg20'"),
-    ("duplicate member", VALID.replace('name = "resnet"', 'name = "vgg"'), "members: member names must be unique"),
+    (
+        "duplicate member",
+        VALID.replace('name = "resnet"', 'name = "vgg"'),
+        "members: member names must be unique",
+    ),
     ("bad device", VALID.replace('device = "cpu"', 'device = "tpu"'), "device:"),
     ("missing members", VALID.split("[[members]]")[0], "members: required key is missing"),
-    ("warm longer than training", VALID.replace("warm_epochs = 1", "warm_epochs = 9"), "schedule: warm_epochs (9) must be <= epochs (3)"),
+    (
+        "warm longer than training",
+        VALID.replace("warm_epochs = 1", "warm_epochs = 9"),
+        "schedule: warm_epochs (9) must be <= epochs (3)",
+    ),
     ("malformed TOML", VALID.replace("epochs = 3", "epochs = = 3"), "invalid TOML"),
     ("unknown data kind", VALID.replace('kind = "parts"', 'kind = "mnist"'), "data:"),
-    ("missing weights file", VALID.replace('trunk = "tiny_vgg"', 'trunk = "tiny_vgg"\nweights = "/nonexistent/w.pth"'), "members.vgg.weights: file /nonexistent/w.pth does not exist"),
+    (
+        "missing weights file",
+        VALID.replace('trunk = "tiny_vgg"', 'trunk = "tiny_vgg"\nweights = "/nonexistent/w.pth"'),
+        "members.vgg.weights: file /nonexistent/w.pth does not exist",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("case", "text", "expected"), BAD_RECIPES, ids=[c[0] for c in BAD_RECIPES])
-def test_bad_recipe_exits_2_naming_the_key(case: str, text: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_recipe_exits_2_naming_the_key(
+    case: str, text: str, expected: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     recipe = tmp_path / "bad.toml"
     recipe.write_text(text)
-    code, out, err = run_cli(["train-ensemble", str(recipe), "--out", str(tmp_path / "runs"), "--quiet"], capsys)
+    code, out, err = run_cli(
+        ["train-ensemble", str(recipe), "--out", str(tmp_path / "runs"), "--quiet"], capsys
+    )
     assert code == 2
     assert expected in err
     assert out == ""
@@ -58,32 +86,52 @@ def test_bad_recipe_exits_2_naming_the_key(case: str, text: str, expected: str, 
 
 def test_missing_recipe_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["train-ensemble", str(tmp_path / "nope.toml")], capsys)
-    assert code == 2 and "does not exist" in err
+    assert code == 2
+    assert "does not exist" in err
 
 
 def test_bad_override(capsys: pytest.CaptureFixture[str]) -> None:
     code, _, err = run_cli(["train-ensemble", str(TINY_RECIPE), "--set", "schedule.epochs"], capsys)
-    assert code == 2 and "KEY.PATH=VALUE" in err
-    code, _, err = run_cli(["train-ensemble", str(TINY_RECIPE), "--set", "members.nobody.prototype_dim=4"], capsys)
-    assert code == 2 and "no member named 'nobody'" in err
+    assert code == 2
+    assert "KEY.PATH=VALUE" in err
+    code, _, err = run_cli(
+        ["train-ensemble", str(TINY_RECIPE), "--set", "members.nobody.prototype_dim=4"], capsys
+    )
+    assert code == 2
+    assert "no member named 'nobody'" in err
 
 
 def test_version_and_help(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run_cli(["--version"], capsys)
-    assert code == 0 and out.startswith("protoaudit ")
+    assert code == 0
+    assert out.startswith("protoaudit ")
     code, out, _ = run_cli(["train-ensemble", "--help"], capsys)
-    assert code == 0 and "protoaudit train-ensemble recipes/quickstart.toml" in out
+    assert code == 0
+    assert "protoaudit train-ensemble recipes/quickstart.toml" in out
 
 
 def test_train_json_and_refusal_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    args = ["train-ensemble", str(TINY_RECIPE), "--out", str(tmp_path), "--set", "schedule.epochs=2", "--set", "schedule.push_start=2", "--json", "--quiet"]
+    args = [
+        "train-ensemble",
+        str(TINY_RECIPE),
+        "--out",
+        str(tmp_path),
+        "--set",
+        "schedule.epochs=2",
+        "--set",
+        "schedule.push_start=2",
+        "--json",
+        "--quiet",
+    ]
     code, out, _ = run_cli(args, capsys)
     assert code == 0
     doc = json.loads(out)
     assert Path(doc["run_dir"]) == tmp_path / "tiny"
     assert [r["model"] for r in doc["accuracy"]] == ["vgg", "resnet", "ensemble"]
     code, out, err = run_cli(args, capsys)
-    assert code == 2 and "already exists" in err and "--force" in err
+    assert code == 2
+    assert "already exists" in err
+    assert "--force" in err
     code, _, _ = run_cli([*args, "--force"], capsys)
     assert code == 0
 
@@ -92,7 +140,17 @@ def test_ctrl_c_leaves_no_half_written_file(tmp_path: Path) -> None:
     """SIGINT in the middle of training: exit 130, run.json says interrupted, every file present is whole."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "protoaudit", "train-ensemble", str(TINY_RECIPE), "--out", str(tmp_path), "--set", "schedule.epochs=40"],
+        [
+            sys.executable,
+            "-m",
+            "protoaudit",
+            "train-ensemble",
+            str(TINY_RECIPE),
+            "--out",
+            str(tmp_path),
+            "--set",
+            "schedule.epochs=40",
+        ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         env=env,

@@ -36,7 +36,15 @@ def test_distances_are_clamped_at_zero() -> None:
 
 def test_identical_patch_gets_log_one_over_epsilon() -> None:
     torch.manual_seed(0)
-    model = ProtoPNet(MemberConfig(trunk="tiny_vgg", n_classes=2, prototypes_per_class=2, prototype_dim=8, image_size=32)).double().eval()
+    model = (
+        ProtoPNet(
+            MemberConfig(
+                trunk="tiny_vgg", n_classes=2, prototypes_per_class=2, prototype_dim=8, image_size=32
+            )
+        )
+        .double()
+        .eval()
+    )
     x = torch.rand(1, 3, 32, 32, dtype=torch.float64)
     with torch.no_grad():
         z = model.latent(x)
@@ -49,7 +57,9 @@ def test_identical_patch_gets_log_one_over_epsilon() -> None:
 
 def test_forward_is_max_similarity_then_last_layer() -> None:
     torch.manual_seed(1)
-    model = ProtoPNet(MemberConfig(trunk="tiny_resnet", n_classes=3, prototypes_per_class=2, prototype_dim=6, image_size=32)).eval()
+    model = ProtoPNet(
+        MemberConfig(trunk="tiny_resnet", n_classes=3, prototypes_per_class=2, prototype_dim=6, image_size=32)
+    ).eval()
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         logits, min_d = model(x)
@@ -61,7 +71,9 @@ def test_forward_is_max_similarity_then_last_layer() -> None:
 
 
 def test_last_layer_initialised_one_and_minus_half() -> None:
-    model = ProtoPNet(MemberConfig(trunk="tiny_vgg", n_classes=3, prototypes_per_class=2, prototype_dim=4, image_size=32))
+    model = ProtoPNet(
+        MemberConfig(trunk="tiny_vgg", n_classes=3, prototypes_per_class=2, prototype_dim=4, image_size=32)
+    )
     w = model.last_layer.weight.detach()
     assert model.last_layer.bias is None
     for k in range(3):
@@ -69,23 +81,31 @@ def test_last_layer_initialised_one_and_minus_half() -> None:
             assert float(w[k, j]) == (1.0 if j // 2 == k else -0.5)
 
 
-@pytest.mark.parametrize(("kind", "cin", "dim", "convs"), [("regular", 96, 32, 2), ("bottleneck", 512, 128, 4), ("bottleneck", 96, 32, 4)])
+@pytest.mark.parametrize(
+    ("kind", "cin", "dim", "convs"),
+    [("regular", 96, 32, 2), ("bottleneck", 512, 128, 4), ("bottleneck", 96, 32, 4)],
+)
 def test_add_on_ends_in_sigmoid(kind: str, cin: int, dim: int, convs: int) -> None:
     layers = build_add_on(kind, cin, dim)  # type: ignore[arg-type]
     assert isinstance(layers[-1], torch.nn.Sigmoid)
     conv = [m for m in layers if isinstance(m, torch.nn.Conv2d)]
     assert len(conv) == convs
-    assert conv[0].in_channels == cin and conv[-1].out_channels == dim
+    assert conv[0].in_channels == cin
+    assert conv[-1].out_channels == dim
     assert all(c.kernel_size == (1, 1) for c in conv)
 
 
 def test_keep_prototypes_removes_columns() -> None:
-    model = ProtoPNet(MemberConfig(trunk="tiny_vgg", n_classes=2, prototypes_per_class=3, prototype_dim=4, image_size=32))
+    model = ProtoPNet(
+        MemberConfig(trunk="tiny_vgg", n_classes=2, prototypes_per_class=3, prototype_dim=4, image_size=32)
+    )
     with torch.no_grad():
         model.last_layer.weight.copy_(torch.arange(12, dtype=torch.float32).view(2, 6))
     vectors = model.prototype_vectors.detach().clone()
     model.keep_prototypes(torch.tensor([True, False, True, True, False, True]))
     assert model.n_prototypes == 4
     torch.testing.assert_close(model.prototype_vectors.detach(), vectors[[0, 2, 3, 5]])
-    torch.testing.assert_close(model.last_layer.weight.detach(), torch.tensor([[0.0, 2, 3, 5], [6, 8, 9, 11]]))
+    torch.testing.assert_close(
+        model.last_layer.weight.detach(), torch.tensor([[0.0, 2, 3, 5], [6, 8, 9, 11]])
+    )
     assert model.config.prototype_class == [0, 0, 1, 1]

@@ -27,7 +27,9 @@ def test_run_directory_contract(tiny_run: Path) -> None:
             assert (tiny_run / "members" / member / name).is_file()
     meta = json.loads((tiny_run / "run.json").read_text())
     assert meta["status"] == "complete"
-    assert meta["format_version"] == 1 and meta["seed"] == 0 and meta["threads"] == 1
+    assert meta["format_version"] == 1
+    assert meta["seed"] == 0
+    assert meta["threads"] == 1
     assert set(meta["versions"]) >= {"protoaudit", "torch", "faiss"}
     assert len(meta["dataset"]["fingerprint"]) == 64
     assert set(meta["timings"]["vgg"]) >= {"warm", "joint", "push", "last_layer"}
@@ -64,9 +66,13 @@ def test_prototypes_equal_the_patches_prototypes_csv_names(tiny_run: Path) -> No
             z = model.latent(bundle.push.batch(table["source_index"].tolist()))
         for row in table.itertuples():
             assert bundle.push.image_ids[row.source_index] == row.source_image
-            assert row.label == row._2 == model.config.prototype_class[row.prototype]  # _2: the "class" column
+            assert (
+                row.label == row._2 == model.config.prototype_class[row.prototype]
+            )  # _2: the "class" column
             patch = z[row.Index, :, row.h, row.w]
-            torch.testing.assert_close(model.prototype_vectors[row.prototype].detach(), patch, rtol=0, atol=1e-6)
+            torch.testing.assert_close(
+                model.prototype_vectors[row.prototype].detach(), patch, rtol=0, atol=1e-6
+            )
 
 
 def test_same_seed_and_threads_give_identical_files(tiny_run: Path, tmp_path: Path) -> None:
@@ -81,7 +87,8 @@ def test_same_seed_and_threads_give_identical_files(tiny_run: Path, tmp_path: Pa
 
 def test_member_round_trip_and_corrupt_files(tiny_run: Path, tmp_path: Path) -> None:
     model, meta = load_member(tiny_run / "members" / "vgg")
-    assert meta["name"] == "vgg" and meta["kind"] == "protopnet"
+    assert meta["name"] == "vgg"
+    assert meta["kind"] == "protopnet"
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         first = model(x)[0]

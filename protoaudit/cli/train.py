@@ -19,16 +19,28 @@ EXAMPLES = """
 
 
 def train_ensemble_command(
-    recipe: Annotated[Path, typer.Argument(help="Recipe TOML file (see docs/recipes.md).", show_default=False)],
+    recipe: Annotated[
+        Path, typer.Argument(help="Recipe TOML file (see docs/recipes.md).", show_default=False)
+    ],
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed.")] = None,
     device: Annotated[str | None, typer.Option(help="Override the device: auto, cpu, cuda, cuda:N.")] = None,
-    out: Annotated[Path | None, typer.Option(help="Override the output root; the run goes to OUT/<recipe name>/.")] = None,
-    threads: Annotated[int | None, typer.Option(help="Override the number of CPU threads torch uses.")] = None,
+    out: Annotated[
+        Path | None, typer.Option(help="Override the output root; the run goes to OUT/<recipe name>/.")
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="Override the number of CPU threads torch uses.")
+    ] = None,
     set_: Annotated[
         list[str] | None,
-        typer.Option("--set", help="Override any recipe key, e.g. --set schedule.epochs=3 (repeatable).", metavar="KEY=VALUE"),
+        typer.Option(
+            "--set",
+            help="Override any recipe key, e.g. --set schedule.epochs=3 (repeatable).",
+            metavar="KEY=VALUE",
+        ),
     ] = None,
-    force: Annotated[bool, typer.Option("--force", help="Replace an existing run directory of the same name.")] = False,
+    force: Annotated[
+        bool, typer.Option("--force", help="Replace an existing run directory of the same name.")
+    ] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -37,12 +49,25 @@ def train_ensemble_command(
     from protoaudit.progress import Reporter
     from protoaudit.recipe import load_recipe
 
-    loaded = load_recipe(recipe, overrides=set_, seed=seed, device=device, out=str(out) if out is not None else None, threads=threads)
+    loaded = load_recipe(
+        recipe,
+        overrides=set_,
+        seed=seed,
+        device=device,
+        out=str(out) if out is not None else None,
+        threads=threads,
+    )
     with Reporter(err_console, quiet=quiet) as reporter:
         reporter.log(f"run directory: {loaded.run_dir()}")
         result = train_ensemble(loaded, reporter=reporter, force=force)
     if json_:
-        print_json({"run_dir": str(result.run_dir), "seconds": result.seconds, "accuracy": result.accuracy.to_dict(orient="records")})
+        print_json(
+            {
+                "run_dir": str(result.run_dir),
+                "seconds": result.seconds,
+                "accuracy": result.accuracy.to_dict(orient="records"),
+            }
+        )
     else:
         out_console.print(frame_table(result.accuracy, title=f"test top-1 — {result.run_dir}"))
         err_console.print(f"done in {result.seconds:.1f} s", highlight=False)

@@ -7,7 +7,7 @@ splits: ``train`` (augmented when the recipe asks), ``push`` (the same training 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -32,6 +32,40 @@ class ImageSplit(Protocol):
         ...
 
 
+def iter_batches(
+    split: ImageSplit, order: torch.Tensor, batch_size: int, workers: int = 0, pin_memory: bool = False
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Yield ``(indices (B,) int64, images (B, 3, S, S) float32)`` over ``order`` in chunks of ``batch_size``.
+
+    With ``workers > 0`` and a split that can load one image at a time (``item(i)``), a DataLoader decodes
+    images in worker processes; otherwise batches come straight from ``split.batch``.
+    """
+    chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    if workers > 0 and hasattr(split, "item"):
+        loader = torch.utils.data.DataLoader(
+            _ItemView(split),
+            batch_sampler=[c.tolist() for c in chunks],
+            num_workers=workers,
+            pin_memory=pin_memory,
+        )
+        for chunk, images in zip(chunks, loader, strict=True):
+            yield chunk, images
+        return
+    for chunk in chunks:
+        yield chunk, split.batch(chunk.tolist())
+
+
+class _ItemView(torch.utils.data.Dataset[torch.Tensor]):
+    def __init__(self, split: Any) -> None:
+        self.split = split
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.split.item(index)
+
+
 @dataclass
 class TensorSplit:
     """A split held in memory: images (N, S, S, 3) uint8, labels (N,) int64, optional masks (N, S, S) uint8."""
@@ -48,7 +82,9 @@ class TensorSplit:
 
     def _all(self) -> torch.Tensor:
         if self._tensor is None:
-            self._tensor = torch.from_numpy(np.ascontiguousarray(self.images)).permute(0, 3, 1, 2).contiguous()
+            self._tensor = (
+                torch.from_numpy(np.ascontiguousarray(self.images)).permute(0, 3, 1, 2).contiguous()
+            )
         return self._tensor
 
     def batch(self, indices: Sequence[int]) -> torch.Tensor:
@@ -58,7 +94,9 @@ class TensorSplit:
     def part_mask(self, index: int) -> np.ndarray | None:
         return None if self.masks is None else self.masks[index]
 
-    def subset(self, indices: np.ndarray, augment: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TensorSplit:
+    def subset(
+        self, indices: np.ndarray, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> TensorSplit:
         return TensorSplit(
             self.images[indices],
             self.labels[indices],
@@ -95,7 +133,7 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     for k in np.unique(labels):
         idx = np.flatnonzero(labels == k)
         rng.shuffle(idx)
-        n_held = min(int(round(fraction * len(idx))), len(idx) - 1)
+        n_held = min(round(fraction * len(idx)), len(idx) - 1)
         held += idx[:n_held].tolist()
         keep += idx[n_held:].tolist()
     return np.sort(np.array(keep, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))

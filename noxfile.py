@@ -1,0 +1,37 @@
+"""Developer tasks. ``nox -s tests`` runs the suite; ``nox -s quickstart`` the main job on the embedded dataset.
+
+nox's default virtualenv backend uses pip, which finds the torch build that lies on this project's machines.
+"""
+
+from __future__ import annotations
+
+import nox
+
+nox.options.sessions = ["lint", "tests"]
+nox.options.reuse_existing_virtualenvs = True
+
+PYTHON = "3.11"
+
+
+@nox.session(python=PYTHON)
+def tests(session: nox.Session) -> None:
+    """Run the test suite (pass pytest arguments after --)."""
+    session.install("-e", ".[test]")
+    args = session.posargs or ["-n", "2"]
+    session.run("pytest", *args)
+
+
+@nox.session(python=PYTHON)
+def lint(session: nox.Session) -> None:
+    """ruff (lint and format check) and mypy."""
+    session.install("-e", ".[lint]")
+    session.run("ruff", "check", "protoaudit", "tests", "noxfile.py", "bench")
+    session.run("ruff", "format", "--check", "protoaudit", "tests", "noxfile.py", "bench")
+    session.run("mypy")
+
+
+@nox.session(python=PYTHON)
+def quickstart(session: nox.Session) -> None:
+    """Train the quick-start ensemble on the embedded dataset (reports/quickstart/)."""
+    session.install("-e", ".")
+    session.run("protoaudit", "train-ensemble", "recipes/quickstart.toml", "--force", *session.posargs)
