@@ -16,7 +16,7 @@ from protoaudit.errors import InputError
 from protoaudit.progress import NULL_REPORTER, Reporter
 from protoaudit.recipe import Recipe
 from protoaudit.run import ACCURACY_COLUMNS, RunWriter, save_member, versions, write_csv
-from protoaudit.train import predict, resolve_device, top1, train_member
+from protoaudit.train import predict, predict_with_latents, resolve_device, top1, train_member
 from protoaudit.trunks import trunk_info
 
 
@@ -136,11 +136,25 @@ def _train_members(
         reporter.log(
             f"[bold]{member.name}[/bold]: {member.trunk} trunk, {member.prototypes_per_class} prototypes per class, D = {member.prototype_dim}"
         )
-        trained = train_member(member, recipe, bundle, device, seed=recipe.seed + i, reporter=reporter)
-        t0 = time.perf_counter()
-        test_logits = predict(
-            trained.model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
+        trained = train_member(
+            member,
+            recipe,
+            bundle,
+            device,
+            seed=recipe.seed + i,
+            reporter=reporter,
+            keep_push_latents=recipe.index.build,
         )
+        t0 = time.perf_counter()
+        test_latents = None  # kept for the test split's patch index: no second pass over the test images
+        if recipe.index.build:
+            test_logits, test_latents = predict_with_latents(
+                trained.model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
+            )
+        else:
+            test_logits = predict(
+                trained.model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
+            )
         test_top1 = top1(test_logits, bundle.test.labels)
         trained.stage_seconds["eval"] += time.perf_counter() - t0
         prototypes = pd.DataFrame(
@@ -161,6 +175,23 @@ def _train_members(
             prototypes,
         )
         trained.model.to(device)
+        if recipe.index.build:  # from the selected push pass's and the test pass's latents
+            from protoaudit.index import build_member_indexes
+
+            t0 = time.perf_counter()
+            build_member_indexes(
+                run_dir / "members" / member.name,
+                trained.model,
+                bundle,
+                recipe.index,
+                device,
+                recipe.schedule.eval_batch_size,
+                recipe.schedule.workers,
+                latents={"train": trained.push_latents, "test": test_latents},
+                reporter=reporter,
+            )
+            trained.stage_seconds["index"] = time.perf_counter() - t0
+            trained.push_latents = test_latents = None
         logits.append(test_logits)
         rows.append(
             {

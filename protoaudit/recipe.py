@@ -95,6 +95,19 @@ class Schedule(_Strict):
         return self
 
 
+class IndexConfig(_Strict):
+    """The patch index over every latent patch (push and test splits), built at the end of training.
+
+    ``flat`` is exact (faiss IndexFlatL2). ``ivf`` (faiss IndexIVFFlat) is approximate and faster for very
+    large sets: ``nlist`` clusters (at most one per 39 patches), ``nprobe`` of them visited per query.
+    """
+
+    build: bool = True
+    kind: Literal["flat", "ivf"] = "flat"
+    nlist: int = Field(1024, ge=1)
+    nprobe: int = Field(16, ge=1)
+
+
 class MemberRecipe(_Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
     trunk: str
@@ -124,6 +137,7 @@ class Recipe(_Strict):
     schedule: Schedule = Field(default_factory=Schedule)
     lr: LearningRates = Field(default_factory=LearningRates)
     loss: LossCoefficients = Field(default_factory=LossCoefficients)
+    index: IndexConfig = Field(default_factory=IndexConfig)
     members: list[MemberRecipe] = Field(min_length=1)
 
     @field_validator("members")

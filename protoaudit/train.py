@@ -146,6 +146,24 @@ def predict(
     return torch.cat(out) if out else torch.zeros(0, model.n_classes)
 
 
+@torch.no_grad()
+def predict_with_latents(
+    model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device, workers: int = 0
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pass: (N, K) float32 logits and (N, D, H, W) float32 latents (on the CPU) of every image of the
+    split; the test split's patch index reuses the latents instead of another pass."""
+    model.eval()
+    batches = iter_batches(split, torch.arange(len(split)), batch_size, workers, device.type == "cuda")
+    logits, latents = [], []
+    for _, x in batches:
+        z = model.latent(x.to(device))
+        logits.append(model.head(model.distances(z).flatten(2).amin(dim=2)).cpu())
+        latents.append(z.cpu())
+    if not logits:
+        return torch.zeros(0, model.n_classes), torch.zeros(0)
+    return torch.cat(logits), torch.cat(latents)
+
+
 def top1(logits: torch.Tensor, labels: np.ndarray) -> float:
     if len(labels) == 0:
         return float("nan")
@@ -220,6 +238,7 @@ class TrainedMember:
     val_top1: float
     selected_epoch: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    push_latents: torch.Tensor | None = None  # (N, D, H, W) of the selected push pass (for the patch index)
 
 
 def push_epochs(schedule: Any) -> list[int]:
@@ -255,6 +274,7 @@ def train_member(
     seed: int,
     reporter: Reporter = NULL_REPORTER,
     latent_consumer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    keep_push_latents: bool = False,
 ) -> TrainedMember:
     """Train one member through all stages; returns the selected (pushed) state."""
     torch.manual_seed(seed)
@@ -271,6 +291,7 @@ def train_member(
     history: list[dict[str, Any]] = []
     seconds = {"warm": 0.0, "joint": 0.0, "push": 0.0, "last_layer": 0.0, "eval": 0.0}
     best: tuple[float, int, dict[str, torch.Tensor], PushResult] | None = None
+    best_latents: torch.Tensor | None = None  # the selected push pass's latents, when kept (patch index)
     tag = f"[bold]{member.name}[/bold]"
 
     for epoch in range(1, sched.epochs + 1):
@@ -329,6 +350,7 @@ def train_member(
             min_d = min_distances_from_latents(latents, model.prototype_vectors.detach())
         else:  # too large to keep: one more forward pass over the push set
             min_d = _min_distances_pass(model, bundle.push, sched.eval_batch_size, device, sched.workers)
+        kept = latents if keep_push_latents else None
         del latents
         last = last_layer_stage(
             model,
@@ -366,12 +388,15 @@ def train_member(
         if best is None or score >= best[0]:
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best = (score, epoch, state, pushed)
+            best_latents = kept.cpu() if kept is not None else None
 
     assert best is not None  # the last epoch always pushes
     score, selected_epoch, state, pushed = best
     model.load_state_dict(state)
     model.eval()
-    return TrainedMember(member.name, member, model, pushed, history, score, selected_epoch, seconds)
+    return TrainedMember(
+        member.name, member, model, pushed, history, score, selected_epoch, seconds, best_latents
+    )
 
 
 @torch.no_grad()
