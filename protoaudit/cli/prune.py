@@ -1,0 +1,158 @@
+"""``protoaudit prune`` and ``protoaudit audit``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from protoaudit.cli.common import (
+    JsonOpt,
+    QuietOpt,
+    RootOpt,
+    RunArg,
+    err_console,
+    frame_table,
+    out_console,
+    print_json,
+)
+
+PRUNE_EXAMPLES = """
+[bold]Examples[/bold]
+
+  protoaudit prune                                   # the most recent run, k = 6, τ = 3 (the paper's)
+  protoaudit prune reports/quickstart --k 6 --threshold 3 --finetune-epochs 20
+  protoaudit prune reports/quickstart --json
+"""
+
+AUDIT_EXAMPLES = """
+[bold]Examples[/bold]
+
+  protoaudit audit reports/quickstart
+  protoaudit audit --fail-under pruning_precision=0.9 --fail-under ensemble.top1_pruned=0.95
+  protoaudit audit --json
+"""
+
+
+def prune_command(
+    run: RunArg = None,
+    k: Annotated[
+        int, typer.Option("--k", help="Nearest training images per prototype (one patch per image).")
+    ] = 6,
+    threshold: Annotated[
+        int,
+        typer.Option(
+            "--threshold", help="Prune a prototype when fewer than this many of its k are of its class."
+        ),
+    ] = 3,
+    finetune_epochs: Annotated[
+        int | None,
+        typer.Option(
+            "--finetune-epochs",
+            help="Last-layer epochs after pruning (default: the recipe's last_layer_epochs).",
+        ),
+    ] = None,
+    device: Annotated[str, typer.Option(help="Device for the evaluation passes.")] = "cpu",
+    root: RootOpt = Path("reports"),
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Prune background prototypes by k-NN class purity (paper §2.6), retrain the last layer, evaluate again."""
+    from protoaudit.cli.common import resolve_run
+    from protoaudit.progress import Reporter
+    from protoaudit.prune import prune_run
+
+    loaded = resolve_run(run, root)
+    with Reporter(err_console, quiet=quiet) as reporter:
+        result = prune_run(
+            loaded,
+            k=k,
+            threshold=threshold,
+            finetune_epochs=finetune_epochs,
+            device=device,
+            reporter=reporter,
+        )
+    summary = result.purity.groupby("member").agg(
+        prototypes=("prototype", "size"), pruned=("pruned", "sum"), mean_purity=("purity", "mean")
+    )
+    if json_:
+        print_json(
+            {
+                "run_dir": str(loaded.path),
+                "seconds": result.seconds,
+                "accuracy": result.accuracy.to_dict(orient="records"),
+                "pruned": summary.reset_index().to_dict(orient="records"),
+                "audit": result.audit,
+            }
+        )
+        return
+    out_console.print(frame_table(summary.reset_index(), title="pruning (k-NN class purity)"))
+    out_console.print(
+        frame_table(result.accuracy, title=f"test top-1 before and after pruning — {loaded.path}")
+    )
+    err_console.print(
+        f"wrote purity.csv, audit.json, duplicates.csv and members/*-pruned/ in {result.seconds:.1f} s",
+        highlight=False,
+    )
+
+
+def audit_command(
+    run: RunArg = None,
+    fail_under: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--fail-under",
+            help="KEY=VALUE: exit 3 when metric KEY is below VALUE (repeatable).",
+            metavar="KEY=VALUE",
+        ),
+    ] = None,
+    root: RootOpt = Path("reports"),
+    json_: JsonOpt = False,
+) -> None:
+    """Print the audit metrics of a pruned run; with --fail-under, exit 3 when one falls short."""
+    import pandas as pd
+
+    from protoaudit.cli.common import resolve_run
+    from protoaudit.errors import AuditFailedError, InputError
+    from protoaudit.prune import flat_metrics, load_audit
+
+    loaded = resolve_run(run, root)
+    metrics = flat_metrics(load_audit(loaded))
+    thresholds: dict[str, float] = {}
+    for text in fail_under or []:
+        key, sep, value = text.partition("=")
+        if not sep:
+            raise InputError(f"--fail-under {text!r}: expected KEY=VALUE, e.g. pruning_precision=0.9")
+        if key not in metrics:
+            raise InputError(f"--fail-under: unknown metric {key!r}; known: {', '.join(sorted(metrics))}")
+        try:
+            thresholds[key] = float(value)
+        except ValueError:
+            raise InputError(f"--fail-under {text!r}: {value!r} is not a number") from None
+    failed = {k: (metrics[k], v) for k, v in thresholds.items() if metrics[k] < v}
+    if json_:
+        print_json(
+            {
+                "run_dir": str(loaded.path),
+                "metrics": metrics,
+                "fail_under": thresholds,
+                "failed": sorted(failed),
+            }
+        )
+    else:
+        frame = pd.DataFrame(
+            [
+                {"metric": k, "value": v, "fail_under": thresholds.get(k), "ok": k not in failed}
+                for k, v in sorted(metrics.items())
+            ]
+        )
+        out_console.print(frame_table(frame, title=f"audit — {loaded.path}"))
+    if failed:
+        detail = ", ".join(f"{k} = {v:.4f} < {t}" for k, (v, t) in sorted(failed.items()))
+        raise AuditFailedError(f"audit failed: {detail}")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("prune", epilog=PRUNE_EXAMPLES)(prune_command)
+    app.command("audit", epilog=AUDIT_EXAMPLES)(audit_command)

@@ -1,0 +1,544 @@
+"""Prune background prototypes by k-NN class purity (paper §2.6, original prune.py), and audit prototypes
+against ground-truth parts where the dataset has them.
+
+For each prototype: its k nearest *training images* by latent distance, over all classes, each image counting
+once through its closest patch — searched in the member's patch index, so no pass over the images is needed.
+A prototype is pruned when fewer than τ of those images are of its class; then the last layer is retrained on
+the remaining prototypes (CE + L1, as the last-layer stage) from the indexed training patches, and the pruned
+member is saved as a new checkpoint ``members/<m>-pruned/`` — the unpruned one is never touched.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from protoaudit.ensemble import ensemble_logits
+from protoaudit.errors import InputError
+from protoaudit.io import read_json, write_json
+from protoaudit.model import ProtoPNet
+from protoaudit.progress import NULL_REPORTER, Reporter
+from protoaudit.purity import (
+    activated_parts,
+    consistency,
+    duplicate_pairs,
+    knn_class_purity,
+    part_purity,
+    perturb,
+    precision_recall,
+    prune_decision,
+    stability,
+)
+from protoaudit.run import ACCURACY_COLUMNS, Run, save_member, write_csv
+from protoaudit.train import last_layer_stage, predict, top1
+
+PRUNED_SUFFIX = "-pruned"
+PART_PURITY_TOP = 10  # PIP-Net's top-10 patches
+CONSISTENCY_THRESHOLD = 0.8  # Huang et al.'s μ
+BAD_PART_KINDS = ("background", "shared")  # what pruning should remove, where parts are known
+
+
+@dataclass
+class MemberPruning:
+    name: str
+    purity: pd.DataFrame
+    pruned_model: ProtoPNet
+    test_logits: torch.Tensor
+    audit: dict[str, Any] = field(default_factory=dict)
+    duplicates: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class PruneResult:
+    run: Run
+    purity: pd.DataFrame
+    accuracy: pd.DataFrame
+    audit: dict[str, Any]
+    duplicates: pd.DataFrame
+    seconds: float
+
+
+def min_distances_by_image(
+    vectors: torch.Tensor,
+    image_index: torch.Tensor,
+    n_images: int,
+    prototypes: torch.Tensor,
+    chunk: int = 65536,
+) -> torch.Tensor:
+    """Smallest squared distance from each prototype to any patch of each image, from stored patches.
+
+    vectors: (P, D) float32 patches; image_index: (P,) int64 their image; prototypes: (m, D) → (n_images, m).
+    """
+    m = prototypes.shape[0]
+    out = torch.full((n_images, m), float("inf"))
+    p2 = (prototypes * prototypes).sum(1)
+    for start in range(0, len(vectors), chunk):
+        v = vectors[start : start + chunk]
+        d = torch.clamp((v * v).sum(1, keepdim=True) - 2 * v @ prototypes.t() + p2, min=0.0)
+        idx = image_index[start : start + chunk, None].expand(-1, m)
+        out.scatter_reduce_(0, idx, d, reduce="amin")
+    return out
+
+
+def prune_member(
+    run: Run,
+    name: str,
+    bundle: Any,
+    k: int,
+    threshold: int,
+    finetune_epochs: int,
+    recipe: Any,
+    device: torch.device,
+    reporter: Reporter = NULL_REPORTER,
+) -> MemberPruning:
+    """k-NN class purity of every prototype of member ``name``, the pruned member, and its test logits."""
+    from protoaudit.index import load_index
+
+    model = run.member(name)
+    index = load_index(run.path, name, "train")
+    meta = index.meta
+    prototypes = model.prototype_vectors.detach().float()
+    distances, rows = index.search(prototypes.numpy(), k, per_image=True)
+    valid = rows >= 0
+    labels = np.where(valid, meta["label"].to_numpy()[np.maximum(rows, 0)], -1)
+    image_ids = meta["image_id"].to_numpy()[np.maximum(rows, 0)]
+    proto_class = np.asarray(model.config.prototype_class)
+    purity = knn_class_purity(labels, proto_class)
+    pruned = prune_decision(purity, threshold)
+
+    table = pd.DataFrame(
+        {
+            "member": name,
+            "prototype": np.arange(len(proto_class)),
+            "class": proto_class,
+            "class_name": [model.config.class_names[c] for c in proto_class],
+            "purity": purity,
+            "k": k,
+            "nearest_image_ids": [
+                ";".join(str(i) for i, ok in zip(ids, v, strict=True) if ok)
+                for ids, v in zip(image_ids, valid, strict=True)
+            ],
+            "nearest_classes": [";".join(str(c) for c in row[row >= 0]) for row in labels],
+            "nearest_distance": np.where(valid[:, 0], distances[:, 0], np.nan),
+            "pruned": pruned,
+        }
+    )
+    _add_ground_truth(table, run, name, meta, rows, bundle)
+
+    # the pruned member: drop the prototypes and their last-layer columns, retrain h from the indexed patches
+    pruned_model = copy.deepcopy(model)
+    pruned_model.keep_prototypes(torch.as_tensor(~pruned))
+    if pruned_model.n_prototypes:
+        vectors = torch.as_tensor(index.vectors())
+        image_index = torch.tensor(meta["image_index"].to_numpy(), dtype=torch.long)
+        min_d = min_distances_by_image(
+            vectors, image_index, len(bundle.push), pruned_model.prototype_vectors.detach()
+        )
+        optimizer = torch.optim.Adam(pruned_model.last_layer.parameters(), lr=recipe.lr.last_layer)
+        last_layer_stage(
+            pruned_model,
+            min_d,
+            torch.tensor(np.asarray(bundle.push.labels), dtype=torch.long),
+            optimizer,
+            finetune_epochs,
+            recipe.loss.l1,
+            recipe.schedule.batch_size,
+            torch.Generator().manual_seed(recipe.seed),
+        )
+    pruned_model.eval()
+    test_logits = predict(pruned_model.to(device), bundle.test, recipe.schedule.eval_batch_size, device).cpu()
+    pruned_model.cpu()
+    reporter.log(
+        f"[bold]{name}[/bold]: pruned {int(pruned.sum())} of {len(pruned)} prototypes (purity < {threshold} of k = {k})"
+    )
+    return MemberPruning(name, table, pruned_model, test_logits)
+
+
+def _add_ground_truth(
+    table: pd.DataFrame, run: Run, name: str, meta: pd.DataFrame, rows: np.ndarray, bundle: Any
+) -> None:
+    """Source-patch part and the parts of the k nearest patches, where the index knows parts."""
+    kinds = getattr(bundle, "part_kinds", None)
+    part_col = meta["part"].to_numpy() if "part" in meta else None
+    if part_col is None or (part_col < 0).all():
+        table["source_part"] = -1
+        table["source_part_kind"] = "unknown"
+        table["nearest_parts"] = ""
+        return
+    prototypes = run.prototypes(name)
+    key = pd.MultiIndex.from_arrays([meta["image_index"], meta["h"], meta["w"]])
+    lookup = pd.Series(np.arange(len(meta)), index=key)
+    src_rows = lookup.reindex(
+        pd.MultiIndex.from_arrays([prototypes["source_index"], prototypes["h"], prototypes["w"]])
+    )
+    source_part = np.where(src_rows.notna(), part_col[src_rows.fillna(0).astype(int).to_numpy()], -1)
+    table["source_part"] = source_part
+    table["source_part_kind"] = [
+        (kinds[p] if kinds is not None and 0 <= p < len(kinds) else ("background" if p == 0 else "unknown"))
+        for p in source_part
+    ]
+    table["nearest_parts"] = [";".join(str(part_col[r]) for r in row if r >= 0) for row in rows]
+
+
+def ground_truth_audit(
+    run: Run, name: str, model: ProtoPNet, table: pd.DataFrame, bundle: Any, recipe: Any, device: torch.device
+) -> dict[str, Any]:
+    """Precision/recall of pruning against background/shared-part prototypes, PIP-Net part purity, and
+    Huang et al.'s consistency and stability — only where ground-truth parts are known."""
+    from protoaudit.index import load_index
+
+    audit: dict[str, Any] = {}
+    known = table["source_part_kind"] != "unknown"
+    if known.any():
+        bad = table["source_part_kind"].isin(BAD_PART_KINDS).to_numpy()
+        precision, recall = precision_recall(table["pruned"].to_numpy(), bad)
+        audit.update(
+            {
+                "prototypes_on_background": int((table["source_part_kind"] == "background").sum()),
+                "prototypes_on_shared_parts": int((table["source_part_kind"] == "shared").sum()),
+                "prototypes_on_discriminative_parts": int(
+                    (table["source_part_kind"] == "discriminative").sum()
+                ),
+                "pruning_precision": precision,
+                "pruning_recall": recall,
+            }
+        )
+        index = load_index(run.path, name, "train")
+        _, rows = index.search(
+            model.prototype_vectors.detach().float().numpy(), PART_PURITY_TOP, per_image=True
+        )
+        parts = np.where(rows >= 0, index.meta["part"].to_numpy()[np.maximum(rows, 0)], -1)
+        purity = part_purity(parts)
+        table["part_purity"] = purity
+        audit["part_purity"] = float(purity.mean())
+        audit["part_purity_kept"] = (
+            float(purity[~table["pruned"].to_numpy()].mean()) if (~table["pruned"]).any() else None
+        )
+    scores = _consistency_stability(model, bundle, recipe, device)
+    if scores is not None:
+        consistent, stable = scores
+        table["consistent"] = consistent
+        table["stability"] = stable
+        kept = ~table["pruned"].to_numpy()
+        audit["consistency"] = float(np.mean(consistent))
+        audit["stability"] = float(np.nanmean(stable))
+        audit["consistency_kept"] = float(np.mean(consistent[kept])) if kept.any() else None
+        audit["stability_kept"] = float(np.nanmean(stable[kept])) if kept.any() else None
+    return audit
+
+
+def _keypoints(split: Any, i: int) -> np.ndarray | None:
+    """(q, 3) int (part id, y, x) of the visible ground-truth parts of image i: the split's annotated part
+    locations where it has them, else the centroid of each part's pixels in its mask."""
+    if hasattr(split, "part_keypoints"):
+        points = split.part_keypoints(i)
+        return None if points is None else np.asarray(points, dtype=np.int64).reshape(-1, 3)
+    mask = split.part_mask(i)
+    if mask is None:
+        return None
+    out = []
+    for p in np.unique(mask):
+        if p == 0:
+            continue
+        ys, xs = np.nonzero(mask == p)
+        out.append((int(p), round(ys.mean()), round(xs.mean())))
+    return np.asarray(out, dtype=np.int64).reshape(-1, 3)
+
+
+@torch.no_grad()
+def _consistency_stability(
+    model: ProtoPNet, bundle: Any, recipe: Any, device: torch.device
+) -> tuple[np.ndarray, np.ndarray] | None:
+    test = bundle.test
+    if len(test) == 0:
+        return None
+    keypoints = [_keypoints(test, i) for i in range(len(test))]
+    if any(k is None for k in keypoints):
+        return None
+    n_parts = max(
+        len(bundle.part_names or []) - 1, max((int(k[:, 0].max()) for k in keypoints if len(k)), default=0)
+    )
+    if n_parts == 0:
+        return None
+    size = bundle.image_size
+    half = max(1, round(36 / 224 * size))
+    generator = torch.Generator().manual_seed(recipe.seed)
+    model = model.to(device).eval()
+    maps_clean, maps_noisy = [], []
+    batch = recipe.schedule.eval_batch_size
+    for start in range(0, len(test), batch):
+        idx = list(range(start, min(start + batch, len(test))))
+        x = test.batch(idx)
+        noisy = perturb(x, model.std.cpu(), generator)
+        maps_clean.append(model.distances(model.latent(x.to(device))).cpu())
+        maps_noisy.append(model.distances(model.latent(noisy.to(device))).cpu())
+    from protoaudit.model import similarity
+
+    sim_clean, sim_noisy = similarity(torch.cat(maps_clean)), similarity(torch.cat(maps_noisy))
+    labels = np.asarray(test.labels)
+    visible = np.zeros((len(test), n_parts), dtype=np.uint8)
+    for i, points in enumerate(keypoints):
+        visible[i, points[:, 0] - 1] = 1
+    m = model.n_prototypes
+    consistent = np.zeros(m, dtype=bool)
+    stable = np.full(m, np.nan)
+    for j, k in enumerate(model.config.prototype_class):
+        own = np.flatnonzero(labels == k)
+        if len(own) == 0:
+            continue
+        pts = [keypoints[i] for i in own]
+        clean = activated_parts(sim_clean[own, j], pts, size, half, n_parts)
+        noisy = activated_parts(sim_noisy[own, j], pts, size, half, n_parts)
+        consistent[j] = consistency(clean, visible[own], CONSISTENCY_THRESHOLD)
+        stable[j] = stability(clean, noisy)
+    return consistent, stable
+
+
+def find_duplicates(run: Run, names: list[str], tolerance: float = 1e-4) -> pd.DataFrame:
+    """Duplicate prototypes: within a member, a shared source patch or squared distance ≤ tolerance; across
+    members (different latent spaces), the same source image with overlapping boxes (IoU ≥ 0.5)."""
+    rows: list[dict[str, Any]] = []
+    tables = {n: run.prototypes(n) for n in names}
+    for n in names:
+        model = run.member(n)
+        t = tables[n]
+        sources = t[["source_index", "h", "w"]].to_numpy()
+        for i, j, reason, d in duplicate_pairs(model.prototype_vectors.detach().numpy(), sources, tolerance):
+            rows.append(
+                {
+                    "member_a": n,
+                    "prototype_a": i,
+                    "member_b": n,
+                    "prototype_b": j,
+                    "reason": reason,
+                    "distance": d,
+                }
+            )
+    for a_pos, a in enumerate(names):
+        for b in names[a_pos + 1 :]:
+            ta, tb = tables[a], tables[b]
+            merged = ta.merge(tb, on="source_index", suffixes=("_a", "_b"))
+            for r in merged.itertuples(index=False):
+                iou = _iou(
+                    (r.box_y0_a, r.box_y1_a, r.box_x0_a, r.box_x1_a),
+                    (r.box_y0_b, r.box_y1_b, r.box_x0_b, r.box_x1_b),
+                )
+                if iou >= 0.5:
+                    rows.append(
+                        {
+                            "member_a": a,
+                            "prototype_a": r.prototype_a,
+                            "member_b": b,
+                            "prototype_b": r.prototype_b,
+                            "reason": f"same source image, box IoU {iou:.2f}",
+                            "distance": float("nan"),
+                        }
+                    )
+    return pd.DataFrame(
+        rows, columns=["member_a", "prototype_a", "member_b", "prototype_b", "reason", "distance"]
+    )
+
+
+def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
+    inter = max(0, min(a[1], b[1]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[2], b[2]))
+    area = (a[1] - a[0]) * (a[3] - a[2]) + (b[1] - b[0]) * (b[3] - b[2]) - inter
+    return inter / area if area > 0 else 0.0
+
+
+def prunable_members(run: Run) -> list[str]:
+    """The run's ProtoPNet members (baselines and pruned copies excluded)."""
+    out = []
+    for name in run.member_names:
+        if name.endswith(PRUNED_SUFFIX):
+            continue
+        if run.member_meta(name).get("kind", "protopnet") != "protopnet":
+            continue
+        out.append(name)
+    return out
+
+
+def prune_run(
+    run: Run,
+    k: int = 6,
+    threshold: int = 3,
+    finetune_epochs: int | None = None,
+    device: str | torch.device = "cpu",
+    reporter: Reporter = NULL_REPORTER,
+) -> PruneResult:
+    """Prune every member of ``run``, write purity.csv, pruned checkpoints, accuracy rows, audit.json and
+    duplicates.csv, and return them."""
+    if k < 1:
+        raise InputError(f"--k must be >= 1, got {k}")
+    if not 1 <= threshold <= k:
+        raise InputError(f"--threshold must be between 1 and k = {k}, got {threshold}")
+    started = time.perf_counter()
+    device = torch.device(device)
+    recipe = run.recipe()
+    bundle = run.dataset()
+    epochs = recipe.schedule.last_layer_epochs if finetune_epochs is None else finetune_epochs
+    if epochs < 0:
+        raise InputError(f"--finetune-epochs must be >= 0, got {epochs}")
+    names = prunable_members(run)
+    if not names:
+        raise InputError(f"run {run.path} has no ProtoPNet member to prune")
+    results = []
+    audit: dict[str, Any] = {"k": k, "threshold": threshold, "finetune_epochs": epochs, "members": {}}
+    for name in names:
+        result = prune_member(run, name, bundle, k, threshold, epochs, recipe, device, reporter)
+        result.audit = ground_truth_audit(run, name, run.member(name), result.purity, bundle, recipe, device)
+        results.append(result)
+
+    # write: pruned checkpoints first, then the tables that refer to them
+    accuracy = run.accuracy()
+    accuracy = accuracy[~accuracy["pruned"].astype(bool)].copy()
+    new_rows = []
+    for result in results:
+        parent_meta = run.member_meta(result.name)
+        parent_protos = run.prototypes(result.name)
+        kept = ~result.purity["pruned"].to_numpy()
+        protos = parent_protos[kept].copy()
+        protos.insert(1, "parent_prototype", protos["prototype"].to_numpy())
+        protos["prototype"] = np.arange(len(protos))
+        test_top1 = top1(result.test_logits, bundle.test.labels)
+        save_member(
+            run.path / "members" / f"{result.name}{PRUNED_SUFFIX}",
+            result.pruned_model,
+            {
+                "name": f"{result.name}{PRUNED_SUFFIX}",
+                "parent": result.name,
+                "pruning": {
+                    "k": k,
+                    "threshold": threshold,
+                    "finetune_epochs": epochs,
+                    "pruned_prototypes": result.purity.loc[result.purity["pruned"], "prototype"]
+                    .astype(int)
+                    .tolist(),
+                },
+                "recipe": parent_meta.get("recipe"),
+                "trunk_family": parent_meta.get("trunk_family"),
+                "metrics": {"test_top1": test_top1},
+            },
+            protos,
+        )
+        new_rows.append(
+            {
+                "model": result.name,
+                "kind": "member",
+                "backbone": result.pruned_model.config.trunk,
+                "pruned": True,
+                "top1": test_top1,
+                "n_prototypes": result.pruned_model.n_prototypes,
+                "n_test": len(bundle.test),
+            }
+        )
+        audit["members"][result.name] = {
+            "n_prototypes": len(kept),
+            "n_pruned": int((~kept).sum()),
+            "mean_purity": float(result.purity["purity"].mean()),
+            "top1": float(accuracy.loc[(accuracy["model"] == result.name), "top1"].iloc[0])
+            if (accuracy["model"] == result.name).any()
+            else None,
+            "top1_pruned": test_top1,
+            **result.audit,
+        }
+    combined = ensemble_logits([r.test_logits for r in results])
+    new_rows.append(
+        {
+            "model": "ensemble",
+            "kind": "ensemble",
+            "backbone": "+".join(r.pruned_model.config.trunk for r in results),
+            "pruned": True,
+            "top1": top1(combined, bundle.test.labels),
+            "n_prototypes": sum(r.pruned_model.n_prototypes for r in results),
+            "n_test": len(bundle.test),
+        }
+    )
+    accuracy = pd.concat([accuracy, pd.DataFrame(new_rows)], ignore_index=True)[ACCURACY_COLUMNS]
+    audit["ensemble"] = {
+        "top1": float(
+            accuracy.loc[(accuracy["model"] == "ensemble") & ~accuracy["pruned"].astype(bool), "top1"].iloc[0]
+        )
+        if ((accuracy["model"] == "ensemble") & ~accuracy["pruned"].astype(bool)).any()
+        else None,
+        "top1_pruned": float(new_rows[-1]["top1"]),
+    }
+    audit.update(_pooled(results))
+    purity = pd.concat([r.purity for r in results], ignore_index=True)
+    duplicates = find_duplicates(run, names)
+    audit["duplicates"] = len(duplicates)
+    write_csv(run.path / "purity.csv", purity)
+    write_csv(run.path / "duplicates.csv", duplicates)
+    write_json(run.path / "audit.json", _clean(audit))
+    write_csv(run.path / "accuracy.csv", accuracy)
+    meta = read_json(run.path / "run.json")
+    meta["pruning"] = {
+        "k": k,
+        "threshold": threshold,
+        "finetune_epochs": epochs,
+        "members": [f"{n}{PRUNED_SUFFIX}" for n in names],
+    }
+    write_json(run.path / "run.json", meta)
+    return PruneResult(run, purity, accuracy, audit, duplicates, time.perf_counter() - started)
+
+
+def _pooled(results: list[MemberPruning]) -> dict[str, Any]:
+    """Pruning precision and recall over all members' prototypes together."""
+    tables = [r.purity for r in results if (r.purity["source_part_kind"] != "unknown").any()]
+    if not tables:
+        return {}
+    t = pd.concat(tables)
+    precision, recall = precision_recall(
+        t["pruned"].to_numpy(), t["source_part_kind"].isin(BAD_PART_KINDS).to_numpy()
+    )
+    return {"pruning_precision": precision, "pruning_recall": recall}
+
+
+def _clean(obj: Any) -> Any:
+    """NaN → None so audit.json is strict JSON."""
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    return obj
+
+
+def flat_metrics(audit: dict[str, Any]) -> dict[str, float]:
+    """The audit as ``key → number`` for ``--fail-under``: ``<member>.<metric>``, ``ensemble.<metric>`` and the
+    pooled ``pruning_precision`` / ``pruning_recall``."""
+    out: dict[str, float] = {}
+    for member, values in audit.get("members", {}).items():
+        for key, value in values.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                out[f"{member}.{key}"] = float(value)
+    for key, value in audit.get("ensemble", {}).items():
+        if isinstance(value, int | float):
+            out[f"ensemble.{key}"] = float(value)
+    for key in ("pruning_precision", "pruning_recall"):
+        if isinstance(audit.get(key), int | float):
+            out[key] = float(audit[key])
+    return out
+
+
+def load_audit(run: Run) -> dict[str, Any]:
+    path = run.path / "audit.json"
+    if not path.is_file():
+        raise InputError(f"run {run.path} has no audit.json yet: run `protoaudit prune {run.path}` first")
+    data = read_json(path)
+    if not isinstance(data, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    return data
+
+
+def dumps(obj: Any) -> str:
+    return json.dumps(_clean(obj), indent=2)

@@ -1,0 +1,142 @@
+"""Pruning by k-NN class purity, the pruned checkpoints, and audit --fail-under, on a copy of the tiny run."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from protoaudit.cli import main
+from protoaudit.prune import min_distances_by_image, prune_run
+from protoaudit.run import load_run
+from protoaudit.train import predict, top1
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, str]]:
+    run_dir = tmp_path_factory.mktemp("prune") / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    before = {str(p.relative_to(run_dir)): _sha(p) for p in (run_dir / "members").rglob("*") if p.is_file()}
+    prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0)
+    return run_dir, before
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_unpruned_checkpoints_are_untouched(pruned_run: tuple[Path, dict[str, str]]) -> None:
+    run_dir, before = pruned_run
+    for rel, digest in before.items():
+        assert _sha(run_dir / rel) == digest, rel
+    assert (run_dir / "members" / "vgg-pruned" / "model.safetensors").is_file()
+
+
+def test_purity_table_matches_a_brute_force_count(pruned_run: tuple[Path, dict[str, str]]) -> None:
+    """Purity recomputed here from the member's own latents: the 6 nearest training images, each through its
+    closest patch, over all classes."""
+    run_dir, _ = pruned_run
+    run = load_run(run_dir)
+    bundle = run.dataset()
+    purity = pd.read_csv(run_dir / "purity.csv")
+    for name in ("vgg", "resnet"):
+        model = run.member(name)
+        with torch.no_grad():
+            z = model.latent(bundle.push.batch(list(range(len(bundle.push)))))  # (N, D, H, W)
+        per_image = z.flatten(2).transpose(1, 2)  # (N, HW, D)
+        d = ((per_image[:, :, None, :] - model.prototype_vectors.detach()[None, None]) ** 2).sum(-1)  # (N, HW, m)
+        nearest = d.amin(dim=1).t()  # (m, N): each image once, through its closest patch
+        table = purity[purity["member"] == name].sort_values("prototype")
+        for j, row in enumerate(table.itertuples()):
+            order = torch.argsort(nearest[j])[:6].numpy()
+            hand = int((bundle.push.labels[order] == model.config.prototype_class[j]).sum())
+            assert row.purity == hand, (name, j)
+            assert row.pruned == (hand < 3)
+            assert [int(c) for c in str(row.nearest_classes).split(";")] == bundle.push.labels[order].tolist()
+
+
+def test_pruning_removes_exactly_the_listed_prototypes(pruned_run: tuple[Path, dict[str, str]]) -> None:
+    run_dir, _ = pruned_run
+    run = load_run(run_dir)
+    purity = pd.read_csv(run_dir / "purity.csv")
+    for name in ("vgg", "resnet"):
+        parent = run.member(name)
+        pruned = run.member(f"{name}-pruned")
+        listed = purity[(purity["member"] == name) & purity["pruned"]]["prototype"].tolist()
+        kept = [j for j in range(parent.n_prototypes) if j not in listed]
+        assert run.member_meta(f"{name}-pruned")["pruning"]["pruned_prototypes"] == listed
+        assert pruned.n_prototypes == len(kept)
+        torch.testing.assert_close(pruned.prototype_vectors, parent.prototype_vectors[kept])
+        # with no fine-tuning the remaining last-layer columns are the parent's, unchanged
+        torch.testing.assert_close(pruned.last_layer.weight, parent.last_layer.weight[:, kept])
+        assert pruned.config.prototype_class == [parent.config.prototype_class[j] for j in kept]
+        protos = run.prototypes(f"{name}-pruned")
+        assert protos["parent_prototype"].tolist() == kept
+
+
+def test_pruned_checkpoint_reloads_with_the_reported_accuracy(pruned_run: tuple[Path, dict[str, str]]) -> None:
+    run_dir, _ = pruned_run
+    run = load_run(run_dir)
+    bundle = run.dataset()
+    acc = run.accuracy()
+    logits = []
+    for name in ("vgg", "resnet"):
+        member_logits = predict(run.member(f"{name}-pruned"), bundle.test, 64, torch.device("cpu"))
+        row = acc[(acc["model"] == name) & acc["pruned"]]
+        assert len(row) == 1
+        assert top1(member_logits, bundle.test.labels) == pytest.approx(float(row["top1"].iloc[0]), abs=1e-12)
+        logits.append(member_logits)
+    ens = acc[(acc["model"] == "ensemble") & acc["pruned"]]
+    assert top1(logits[0] + logits[1], bundle.test.labels) == pytest.approx(float(ens["top1"].iloc[0]), abs=1e-12)
+    assert len(acc[~acc["pruned"]]) == 3  # the rows before pruning are kept
+
+
+def test_min_distances_by_image_equals_brute_force() -> None:
+    gen = torch.Generator().manual_seed(0)
+    vectors = torch.rand(11, 4, generator=gen)
+    image_index = torch.tensor([0, 0, 1, 1, 1, 2, 2, 0, 1, 2, 2])
+    prototypes = torch.rand(3, 4, generator=gen)
+    got = min_distances_by_image(vectors, image_index, 3, prototypes, chunk=4)
+    for i in range(3):
+        for j in range(3):
+            expected = ((vectors[image_index == i] - prototypes[j]) ** 2).sum(1).min()
+            assert float(got[i, j]) == pytest.approx(float(expected), abs=1e-6)
+
+
+def test_audit_fail_under_exit_codes(pruned_run: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]) -> None:
+    run_dir, _ = pruned_run
+    value = json.loads((run_dir / "audit.json").read_text())["members"]["vgg"]["mean_purity"]
+    for threshold, expected in ((value, 0), (value + 1e-6, 3), (value - 0.5, 0)):
+        with pytest.raises(SystemExit) as exc:
+            main(["audit", str(run_dir), "--fail-under", f"vgg.mean_purity={threshold!r}"])
+        assert (exc.value.code or 0) == expected, threshold
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", str(run_dir), "--fail-under", "no.such_metric=1"])
+    assert exc.value.code == 2
+    assert "unknown metric 'no.such_metric'" in capsys.readouterr().err
+
+
+def test_ground_truth_audit_is_recorded(pruned_run: tuple[Path, dict[str, str]]) -> None:
+    run_dir, _ = pruned_run
+    audit = json.loads((run_dir / "audit.json").read_text())
+    purity = pd.read_csv(run_dir / "purity.csv")
+    assert set(purity["source_part_kind"]) <= {"background", "shared", "discriminative"}
+    for name in ("vgg", "resnet"):
+        member = audit["members"][name]
+        t = purity[purity["member"] == name]
+        bad = t["source_part_kind"].isin(["background", "shared"])
+        hit = int((bad & t["pruned"]).sum())
+        if t["pruned"].any():
+            assert member["pruning_precision"] == pytest.approx(hit / int(t["pruned"].sum()))
+        if bad.any():
+            assert member["pruning_recall"] == pytest.approx(hit / int(bad.sum()))
+        assert 0.0 <= member["consistency"] <= 1.0 and 0.0 <= member["stability"] <= 1.0
+        assert member["n_pruned"] == int(t["pruned"].sum())
+    assert np.isfinite(audit["ensemble"]["top1_pruned"])
