@@ -1,0 +1,220 @@
+"""P1, P2, P6 — the cost of each ProtoPNet stage against the plain forward pass it rides on.
+
+P1  one joint training step (CE + cluster + separation, Adam) vs the same trunk with a linear head (goal ≤ 1.10×)
+P2  push (class-specific projection + the 95th-percentile boxes of every prototype) vs one eval forward pass over
+    the push set (goal ≤ 1.05× on CPU)
+P6  push + test pass with patch indexes + k-NN purity + global nearest patches (train and test) vs plain forward
+    passes over the two splits (goal ≤ 1.1×)
+
+Defaults are the paper's scale of prototypes: 200 classes × 10 = 2000 prototypes, D = 128, 49 patches per image
+(a 7 × 7 latent grid: the small ResNet-style trunk at 56 px). Images are generated. P1 can use a torchvision trunk
+at 224 px (``--p1-trunk resnet34 --p1-size 224``).
+
+    python bench/bench_stages.py [--images 2000] [--threads 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from protoaudit.data import TensorSplit
+from protoaudit.index import PatchIndex, build_faiss_index, latents_to_patches, patch_metadata
+from protoaudit.losses import protopnet_loss
+from protoaudit.model import MemberConfig, ProtoPNet
+from protoaudit.purity import knn_class_purity
+from protoaudit.push import push_prototypes
+from protoaudit.train import predict
+from protoaudit.trunks import create_trunk, trunk_info
+
+
+def best_of(repeat: int, fn):  # type: ignore[no-untyped-def]
+    times, out = [], None
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t0)
+    return min(times), out
+
+
+def p1(
+    trunk: str, size: int, classes: int, per_class: int, dim: int, batch: int, repeat: int
+) -> dict[str, float]:
+    torch.manual_seed(0)
+    x = torch.rand(batch, 3, size, size)
+    y = torch.randint(0, classes, (batch,))
+    model = ProtoPNet(
+        MemberConfig(
+            trunk=trunk, n_classes=classes, prototypes_per_class=per_class, prototype_dim=dim, image_size=size
+        )
+    )
+    model.train()
+    model.last_layer.weight.requires_grad_(False)
+    opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    identity = model.class_identity()
+    coefs = {"cross_entropy": 1.0, "cluster": 0.8, "separation": -0.08, "l1": 1e-4}
+
+    def protopnet_step() -> None:
+        logits, min_d = model(x)
+        loss = protopnet_loss(logits, min_d, y, identity, model.last_layer.weight, coefs).total
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+    base = torch.nn.Sequential(
+        create_trunk(trunk),
+        torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(),
+        torch.nn.Linear(trunk_info(trunk).out_channels, classes),
+    )
+    base.train()
+    base_opt = torch.optim.Adam(base.parameters(), lr=1e-4)
+    mean, std = model.mean, model.std
+
+    def linear_step() -> None:
+        loss = F.cross_entropy(base((x - mean) / std), y)
+        base_opt.zero_grad()
+        loss.backward()
+        base_opt.step()
+
+    protopnet_step(), linear_step()  # warm up
+    t_proto, _ = best_of(repeat, protopnet_step)
+    t_lin, _ = best_of(repeat, linear_step)
+    return {"protopnet": t_proto, "linear": t_lin}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=2000, help="push-set images (test set: half as many)")
+    parser.add_argument("--classes", type=int, default=200)
+    parser.add_argument("--per-class", type=int, default=10)
+    parser.add_argument("--dim", type=int, default=128)
+    parser.add_argument("--trunk", default="tiny_resnet")
+    parser.add_argument("--size", type=int, default=56)
+    parser.add_argument("--p1-trunk", default="resnet34")
+    parser.add_argument("--p1-size", type=int, default=224)
+    parser.add_argument("--p1-batch", type=int, default=8)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    rows = []
+
+    t = p1(args.p1_trunk, args.p1_size, args.classes, args.per_class, args.dim, args.p1_batch, args.repeat)
+    rows.append(
+        {
+            "check": f"P1 joint step, {args.p1_trunk} {args.p1_size}px batch {args.p1_batch}",
+            "protoaudit_s": t["protopnet"],
+            "baseline_s": t["linear"],
+            "baseline": "trunk + linear head step",
+            "ratio": t["protopnet"] / t["linear"],
+            "goal": 1.10,
+        }
+    )
+
+    rng = np.random.default_rng(0)
+    n_train, n_test = args.images, args.images // 2
+    labels = np.arange(n_train + n_test) % args.classes
+    images = rng.integers(0, 256, (n_train + n_test, args.size, args.size, 3), dtype=np.uint8)
+    ids = [f"img/{i:06d}" for i in range(len(labels))]
+    everything = TensorSplit(images, labels, ids)
+    push_split = everything.subset(np.arange(n_train))
+    test_split = everything.subset(np.arange(n_train, n_train + n_test))
+    torch.manual_seed(0)
+    model = ProtoPNet(
+        MemberConfig(
+            trunk=args.trunk,
+            n_classes=args.classes,
+            prototypes_per_class=args.per_class,
+            prototype_dim=args.dim,
+            image_size=args.size,
+        )
+    ).eval()
+    cpu = torch.device("cpu")
+    predict(model, push_split, args.batch, cpu)  # warm up
+
+    t_fwd_train, _ = best_of(args.repeat, lambda: predict(model, push_split, args.batch, cpu))
+    t_fwd_test, _ = best_of(args.repeat, lambda: predict(model, test_split, args.batch, cpu))
+    initial = model.prototype_vectors.detach().clone()
+
+    def push_only() -> None:
+        model.prototype_vectors.data.copy_(initial)
+        push_prototypes(model, push_split, args.batch, cpu, args.size)
+
+    t_push, _ = best_of(args.repeat, push_only)
+    rows.append(
+        {
+            "check": f"P2 push ({model.n_prototypes} prototypes, boxes)",
+            "protoaudit_s": t_push,
+            "baseline_s": t_fwd_train,
+            "baseline": "eval forward over the push set",
+            "ratio": t_push / t_fwd_train,
+            "goal": 1.05,
+        }
+    )
+
+    def pipeline() -> None:
+        model.prototype_vectors.data.copy_(initial)
+        kept: list[torch.Tensor] = []
+        push_prototypes(model, push_split, args.batch, cpu, args.size, lambda z, i, d: kept.append(z))
+        train_latents = torch.cat(kept)
+        test_latents: list[torch.Tensor] = []
+        for start in range(0, len(test_split), args.batch):  # the test pass that evaluates also keeps latents
+            x = test_split.batch(list(range(start, min(start + args.batch, len(test_split)))))
+            with torch.no_grad():
+                z = model.latent(x)
+                model.head(model.distances(z).flatten(2).amin(2))
+            test_latents.append(z)
+        grid = tuple(train_latents.shape[2:])
+        indexes = {}
+        for name, split, lat in (
+            ("train", push_split, train_latents),
+            ("test", test_split, torch.cat(test_latents)),
+        ):
+            vectors = latents_to_patches(lat)
+            indexes[name] = PatchIndex(
+                build_faiss_index(vectors),
+                patch_metadata(split, grid),
+                {"member": "b", "split": name, "dim": args.dim, "grid": list(grid), "kind": "flat"},
+                Path("."),
+            )
+        protos = model.prototype_vectors.detach()
+        _, rows_ = indexes["train"].search(protos, 6, per_image=True)  # purity
+        knn_class_purity(
+            indexes["train"].meta["label"].to_numpy()[rows_], np.asarray(model.config.prototype_class)
+        )
+        indexes["train"].search(protos, 5, per_image=True)  # global analysis, train
+        indexes["test"].search(protos, 5, per_image=True)  # global analysis, test
+
+    t_pipe, _ = best_of(args.repeat, pipeline)
+    rows.append(
+        {
+            "check": "P6 push + test pass + indexes + purity + global nearest",
+            "protoaudit_s": t_pipe,
+            "baseline_s": t_fwd_train + t_fwd_test,
+            "baseline": "eval forward over push + test sets",
+            "ratio": t_pipe / (t_fwd_train + t_fwd_test),
+            "goal": 1.10,
+        }
+    )
+
+    table = pd.DataFrame(rows)
+    table["met"] = table["ratio"] <= table["goal"]
+    print(
+        f"{args.classes * args.per_class} prototypes, D = {args.dim}, {args.trunk} at {args.size}px ({model.latent(torch.rand(1, 3, args.size, args.size)).shape[2]}x grid), "
+        f"{n_train} push + {n_test} test images, threads = {args.threads}, best of {args.repeat}"
+    )
+    print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
