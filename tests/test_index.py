@@ -397,3 +397,58 @@ def test_query_tables(tiny_run: Path) -> None:
 def test_build_faiss_index_rejects_unknown_kind() -> None:
     with pytest.raises(ValueError, match="flat' or 'ivf"):
         build_faiss_index(np.zeros((4, 2), np.float32), "hnsw")
+
+
+def test_index_and_query_commands(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import json
+
+    from .test_cli import run_cli
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    code, out, _ = run_cli(["index", str(run_dir), "--json"], capsys)
+    assert code == 0
+    assert {r["status"] for r in json.loads(out)["indexes"]} == {"fresh"}
+    code, out, _ = run_cli(
+        ["nearest-patches", str(run_dir), "-m", "vgg", "-p", "1", "--k", "3", "--json"], capsys
+    )
+    assert code == 0
+    rows = json.loads(out)["rows"]
+    assert [r["rank"] for r in rows] == [1, 2, 3]
+    assert len({r["image_id"] for r in rows}) == 3
+    code, out, _ = run_cli(
+        [
+            "nearest-patches",
+            str(run_dir),
+            "-m",
+            "vgg",
+            "-p",
+            "1",
+            "--k",
+            "3",
+            "--all-patches",
+            "--split",
+            "test",
+        ],
+        capsys,
+    )
+    assert code == 0
+    assert "nearest test patches to prototype 1 of vgg" in out
+    code, _, err = run_cli(["nearest-patches", str(run_dir), "-m", "vgg"], capsys)
+    assert code == 2
+    assert "exactly one query" in err
+    code, out, _ = run_cli(["nearest-prototypes", str(run_dir), "test/000050", "--k", "2", "--json"], capsys)
+    assert code == 0
+    assert len(json.loads(out)["rows"]) == 2 * 16 * 2
+    weights = run_dir / "members" / "vgg" / "model.safetensors"
+    state = load_tensors(weights)
+    state["last_layer.weight"] = state["last_layer.weight"] * 2
+    save_tensors(weights, state)
+    code, out, err = run_cli(["nearest-patches", str(run_dir), "-m", "vgg", "--image", "test/000050"], capsys)
+    assert code == 2
+    assert out == ""
+    assert f"rebuild it with: protoaudit index {run_dir}" in err
+    code, out, _ = run_cli(["index", str(run_dir), "--split", "train", "--json"], capsys)
+    assert code == 0
+    built = [(r["member"], r["split"]) for r in json.loads(out)["indexes"] if r["status"] == "built"]
+    assert built == [("vgg", "train")]

@@ -52,6 +52,10 @@ from protoaudit.cli import prune as _prune  # noqa: E402
 
 _prune.register(app)
 
+from protoaudit.cli import index as _index  # noqa: E402
+
+_index.register(app)
+
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map known exceptions to one line and an exit code."""

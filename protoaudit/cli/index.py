@@ -1,0 +1,298 @@
+"""``protoaudit index``, ``nearest-patches``, ``nearest-prototypes``, ``explain`` and ``global-analysis``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from protoaudit.cli.common import (
+    JsonOpt,
+    QuietOpt,
+    RootOpt,
+    RunArg,
+    err_console,
+    frame_table,
+    out_console,
+    print_json,
+)
+
+INDEX_EXAMPLES = """
+[bold]Examples[/bold]
+
+  protoaudit index                                   # the most recent run: build missing or stale indexes
+  protoaudit index reports/quickstart --force        # rebuild every index
+  protoaudit index reports/quickstart --member vgg --split train --json
+"""
+
+NEAREST_PATCHES_EXAMPLES = """
+[bold]Examples[/bold]
+
+  protoaudit nearest-patches --member vgg --prototype 12          # 5 nearest training images (one patch each)
+  protoaudit nearest-patches reports/quickstart --member vgg --prototype 12 --split test --k 10 --all-patches
+  protoaudit nearest-patches --member resnet --image test/000432 --k 3     # for every patch of a test image
+  protoaudit nearest-patches --member resnet --image bird.jpg --json
+"""
+
+NEAREST_PROTOTYPES_EXAMPLES = """
+[bold]Examples[/bold]
+
+  protoaudit nearest-prototypes test/000432                 # every patch's 3 nearest prototypes, each member
+  protoaudit nearest-prototypes reports/quickstart bird.png --k 1 --member vgg --json
+"""
+
+EXPLAIN_EXAMPLES = """
+[bold]Examples[/bold]
+
+  protoaudit explain test/000432                            # reasoning sheet → <run>/explain/test_000432.png/.html
+  protoaudit explain reports/quickstart bird.jpg --top-classes 2 --prototypes 5 --out /tmp/sheets
+  protoaudit explain test/000432 --json
+"""
+
+ANALYSIS_EXAMPLES = """
+[bold]Examples[/bold]
+
+  protoaudit global-analysis                                # k = 5 nearest training and test images per prototype
+  protoaudit global-analysis reports/quickstart --k 10 --no-thumbnails --json
+"""
+
+MemberOpt = Annotated[str | None, typer.Option("--member", "-m", help="Member (default: the run's first).")]
+ImageArgs = Annotated[
+    list[str],
+    typer.Argument(
+        help="[RUN] IMAGE: an optional run directory, then an image file (PNG/JPEG) or a dataset image id "
+        "such as test/000012.",
+        metavar="[RUN] IMAGE",
+        show_default=False,
+    ),
+]
+ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch and faiss.")]
+
+
+def _threads(threads: int | None) -> None:
+    if threads is not None:
+        import faiss
+        import torch
+
+        torch.set_num_threads(threads)
+        faiss.omp_set_num_threads(threads)
+
+
+def _run_and_image(args: list[str], root: Path) -> tuple[Any, str]:
+    from protoaudit.cli.common import resolve_run
+    from protoaudit.errors import InputError
+
+    if len(args) not in (1, 2):
+        raise InputError(f"expected [RUN] IMAGE, got {len(args)} arguments")
+    run = resolve_run(Path(args[0]) if len(args) == 2 else None, root)
+    return run, args[-1]
+
+
+def _member(run: Any, member: str | None) -> str:
+    from protoaudit.errors import InputError
+
+    if member is None:
+        if not run.member_names:
+            raise InputError(f"run {run.path} has no members")
+        member = str(run.member_names[0])
+        err_console.print(f"member: {member} (choose with --member)", highlight=False)
+    elif not (run.path / "members" / member / "model.json").is_file():
+        raise InputError(f"run {run.path} has no member {member!r} (members: {', '.join(run.member_names)})")
+    return member
+
+
+def index_command(
+    run: RunArg = None,
+    member: Annotated[
+        list[str] | None, typer.Option("--member", "-m", help="Only this member (repeatable).")
+    ] = None,
+    split: Annotated[
+        list[str] | None, typer.Option("--split", help="Only this split: train or test (repeatable).")
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Rebuild indexes that are up to date too.")] = False,
+    device: Annotated[str, typer.Option(help="Device of the forward passes: auto, cpu, cuda.")] = "auto",
+    threads: ThreadsOpt = None,
+    root: RootOpt = Path("reports"),
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """(Re)build the patch index of every member: FAISS over every latent patch of the push and test splits."""
+    from protoaudit.cli.common import resolve_run
+    from protoaudit.index import SPLITS, index_run
+    from protoaudit.progress import Reporter
+
+    _threads(threads)
+    loaded = resolve_run(run, root)
+    with Reporter(err_console, quiet=quiet) as reporter:
+        table = index_run(loaded, member, tuple(split or SPLITS), force, device, reporter)
+    if json_:
+        print_json({"run": str(loaded.path), "indexes": table.to_dict(orient="records")})
+    else:
+        out_console.print(frame_table(table, title=f"patch indexes — {loaded.path}", floats="{:.2f}"))
+
+
+def nearest_patches_command(
+    run: RunArg = None,
+    member: MemberOpt = None,
+    prototype: Annotated[
+        int | None, typer.Option("--prototype", "-p", help="Query: this prototype of the member.")
+    ] = None,
+    image: Annotated[
+        str | None,
+        typer.Option("--image", "-i", help="Query: every patch of this image (file or dataset image id)."),
+    ] = None,
+    k: Annotated[int, typer.Option("--k", min=1, help="Neighbours per query.")] = 5,
+    split: Annotated[
+        str, typer.Option("--split", help="Search the train (push) or the test split.")
+    ] = "train",
+    all_patches: Annotated[
+        bool,
+        typer.Option(
+            "--all-patches",
+            help="Every patch may answer (default: prototype queries take one patch per image).",
+        ),
+    ] = False,
+    threads: ThreadsOpt = None,
+    root: RootOpt = Path("reports"),
+    json_: JsonOpt = False,
+) -> None:
+    """The nearest latent patches of the training (or test) split to a prototype, or to each patch of an image."""
+    from protoaudit.cli.common import resolve_run
+    from protoaudit.errors import InputError
+    from protoaudit.index import nearest_patches_to_image, nearest_patches_to_prototype
+
+    if (prototype is None) == (image is None):
+        raise InputError("give exactly one query: --prototype J or --image IMAGE")
+    _threads(threads)
+    loaded = resolve_run(run, root)
+    name = _member(loaded, member)
+    if prototype is not None:
+        table = nearest_patches_to_prototype(loaded, name, prototype, k, split, per_image=not all_patches)
+        query: dict[str, Any] = {"member": name, "prototype": prototype}
+        title = f"nearest {split} patches to prototype {prototype} of {name}"
+    else:
+        assert image is not None
+        table = nearest_patches_to_image(loaded, image, name, k, split, per_image=False)
+        query = {"member": name, "image": image}
+        title = f"nearest {split} patches of {name} to each patch of {image}"
+    if json_:
+        print_json(
+            {
+                "run": str(loaded.path),
+                "query": query,
+                "split": split,
+                "k": k,
+                "one_patch_per_image": prototype is not None and not all_patches,
+                "rows": table.to_dict(orient="records"),
+            }
+        )
+    else:
+        out_console.print(frame_table(table, title=title))
+
+
+def nearest_prototypes_command(
+    args: ImageArgs,
+    k: Annotated[int, typer.Option("--k", min=1, help="Prototypes per patch and member.")] = 3,
+    member: Annotated[
+        list[str] | None, typer.Option("--member", "-m", help="Only this member (repeatable).")
+    ] = None,
+    root: RootOpt = Path("reports"),
+    json_: JsonOpt = False,
+) -> None:
+    """The nearest prototypes of every member to each patch of an image (distances compare within a member)."""
+    from protoaudit.index import nearest_prototypes_to_image
+
+    loaded, image = _run_and_image(args, root)
+    names = [_member(loaded, m) for m in member] if member else None
+    table = nearest_prototypes_to_image(loaded, image, k, names)
+    if json_:
+        print_json({"run": str(loaded.path), "image": image, "k": k, "rows": table.to_dict(orient="records")})
+    else:
+        out_console.print(frame_table(table, title=f"nearest prototypes to each patch of {image}"))
+
+
+def explain_command(
+    args: ImageArgs,
+    top_classes: Annotated[int, typer.Option("--top-classes", min=1, help="Classes on the sheet.")] = 3,
+    prototypes: Annotated[
+        int,
+        typer.Option("--prototypes", min=1, help="Prototype rows per class and member (the rest summed)."),
+    ] = 3,
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Folder for the PNG and HTML (default: <run>/explain/).")
+    ] = None,
+    root: RootOpt = Path("reports"),
+    json_: JsonOpt = False,
+) -> None:
+    """The reasoning sheet for one image (paper Fig. 3): per top class, each prototype's similarity × weight =
+    points, per member and for the ensemble; written as PNG and as an HTML fragment."""
+    from protoaudit.explain import explain_image, render_sheet_html, render_sheet_png, sheet_basename
+    from protoaudit.io import write_text
+
+    loaded, image = _run_and_image(args, root)
+    sheet = explain_image(loaded, image, top_classes)
+    folder = out if out is not None else loaded.path / "explain"
+    base = sheet_basename(sheet.image_id)
+    png = render_sheet_png(sheet, folder / f"{base}.png", prototypes)
+    html = folder / f"{base}.html"
+    write_text(html, render_sheet_html(sheet, prototypes))
+    err_console.print(f"wrote {png} and {html}", highlight=False)
+    if json_:
+        print_json({**sheet.to_dict(), "png": str(png), "html": str(html)})
+        return
+    import pandas as pd
+
+    rows = []
+    for cls in sheet.classes:
+        row: dict[str, Any] = {"class": cls.class_index, "class_name": cls.class_name}
+        row.update({m.member: m.points for m in cls.members})
+        row["ensemble"] = cls.points
+        rows.append(row)
+    truth = "unknown" if sheet.label is None else sheet.class_names[sheet.label]
+    out_console.print(
+        frame_table(
+            pd.DataFrame(rows),
+            title=f"points per class for {sheet.image_id} (true: {truth}; "
+            f"predicted: {sheet.class_names[sheet.predicted]})",
+        )
+    )
+
+
+def global_analysis_command(
+    run: RunArg = None,
+    k: Annotated[int, typer.Option("--k", min=1, help="Nearest images per prototype and split.")] = 5,
+    member: Annotated[
+        list[str] | None, typer.Option("--member", "-m", help="Only this member (repeatable).")
+    ] = None,
+    thumbnails: Annotated[
+        bool, typer.Option("--thumbnails/--no-thumbnails", help="Also write one PNG strip per prototype.")
+    ] = True,
+    threads: ThreadsOpt = None,
+    root: RootOpt = Path("reports"),
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """For every prototype its k nearest training and test images, each by its closest patch (paper Fig. 5b):
+    members/<m>/nearest_train.csv, nearest_test.csv and members/<m>/nearest/<split>/<prototype>.png."""
+    from protoaudit.analysis import global_analysis
+    from protoaudit.cli.common import resolve_run
+    from protoaudit.progress import Reporter
+
+    _threads(threads)
+    loaded = resolve_run(run, root)
+    names = [_member(loaded, m) for m in member] if member else None
+    with Reporter(err_console, quiet=quiet) as reporter:
+        table = global_analysis(loaded, k, names, thumbnails=thumbnails, reporter=reporter)
+    if json_:
+        print_json({"run": str(loaded.path), "k": k, "files": table.to_dict(orient="records")})
+    else:
+        out_console.print(frame_table(table, title=f"global analysis — {loaded.path}"))
+
+
+def register(app: typer.Typer) -> None:
+    app.command("index", epilog=INDEX_EXAMPLES)(index_command)
+    app.command("nearest-patches", epilog=NEAREST_PATCHES_EXAMPLES)(nearest_patches_command)
+    app.command("nearest-prototypes", epilog=NEAREST_PROTOTYPES_EXAMPLES)(nearest_prototypes_command)
+    app.command("explain", epilog=EXPLAIN_EXAMPLES)(explain_command)
+    app.command("global-analysis", epilog=ANALYSIS_EXAMPLES)(global_analysis_command)

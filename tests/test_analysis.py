@@ -1,0 +1,69 @@
+"""Global analysis (paper Fig. 5b): the k nearest images of each split to every prototype, one patch each."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from protoaudit.analysis import NEAREST_COLUMNS, global_analysis, nearest_to_prototypes, strip_path
+from protoaudit.index import collect_latents
+from protoaudit.model import squared_distances
+from protoaudit.run import load_run
+
+
+@pytest.mark.parametrize("split", ["train", "test"])
+def test_nearest_images_equal_a_forward_pass(tiny_run: Path, split: str) -> None:
+    run = load_run(tiny_run)
+    bundle = run.dataset()
+    images = bundle.push if split == "train" else bundle.test
+    model = run.member("resnet")
+    table = nearest_to_prototypes(run, "resnet", split, k=4)
+    assert list(table.columns) == NEAREST_COLUMNS
+    # independent of the index: each image's smallest distance to each prototype, from a fresh pass
+    z = collect_latents(model, images, 64, torch.device("cpu"))
+    with torch.no_grad():
+        per_image = squared_distances(z, model.prototype_vectors).flatten(2).amin(2)  # (N, m)
+    for j in range(model.n_prototypes):
+        rows = table[table.prototype == j]
+        expected = torch.sort(per_image[:, j], stable=True)
+        assert rows["image_index"].tolist() == expected.indices[:4].tolist()
+        np.testing.assert_allclose(rows["distance"], expected.values[:4].numpy(), atol=1e-4)
+        assert rows["rank"].tolist() == [1, 2, 3, 4]
+        assert rows["image_id"].tolist() == [images.image_ids[i] for i in rows["image_index"]]
+    if split == "train":  # after push each prototype is a patch of its source image
+        first = table[table["rank"] == 1].set_index("prototype")
+        sources = run.prototypes("resnet")
+        assert (first["distance"] < 1e-5).all()
+        for j, row in sources.iterrows():
+            # the source image, or another image holding the identical patch
+            if first.loc[j, "image_id"] == row["source_image"]:
+                assert (first.loc[j, "h"], first.loc[j, "w"]) == (row["h"], row["w"])
+
+
+def test_global_analysis_files(tiny_run: Path, tmp_path: Path) -> None:
+    from PIL import Image
+
+    target = tmp_path / "tiny"
+    shutil.copytree(tiny_run, target)
+    run = load_run(target)
+    summary = global_analysis(run, k=3, members=["vgg"])
+    assert summary[["member", "split"]].values.tolist() == [["vgg", "train"], ["vgg", "test"]]
+    classes = np.asarray(run.member("vgg").config.prototype_class)
+    for split in ("train", "test"):
+        table = pd.read_csv(target / "members" / "vgg" / f"nearest_{split}.csv")
+        assert list(table.columns) == NEAREST_COLUMNS
+        assert len(table) == 12 * 3
+        own = (table["label"].to_numpy() == classes[table["prototype"].to_numpy()]).mean()
+        assert summary[summary.split == split]["own_class"].iloc[0] == pytest.approx(own)
+        widths = set()
+        for j in range(12):
+            with Image.open(strip_path(target, "vgg", split, j)) as img:
+                widths.add(img.size[0])
+                assert img.size[1] >= 128  # 32 px images shown at 4×
+        assert min(widths) > 3 * 128 + 40  # the prototype, then its three nearest images
+    assert not (target / "members" / "resnet" / "nearest_train.csv").exists()
