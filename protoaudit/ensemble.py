@@ -63,6 +63,11 @@ def train_ensemble(recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bo
     for member in recipe.members:  # fail before any work: pretrained weights must be reachable
         if member.weights not in ("none", "imagenet") and not Path(member.weights).expanduser().is_file():
             raise InputError(f"members.{member.name}.weights: file {member.weights} does not exist")
+    if recipe.data.kind != "parts":  # fail fast, before anything is written: the checks of `data check`
+        from protoaudit.data.check import check_data
+
+        reporter.log("checking the dataset (every image is decoded once)")
+        check_data(recipe.data, recipe.seed).raise_for_problems()
     t0 = time.perf_counter()
     bundle = build_dataset(recipe.data, recipe.seed)
     data_seconds = time.perf_counter() - t0
@@ -84,7 +89,8 @@ def train_ensemble(recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bo
                 "n_classes": bundle.n_classes,
                 "splits": {s: len(getattr(bundle, s)) for s in ("train", "push", "val", "test")},
             },
-            "members": [m.name for m in recipe.members],
+            "members": [m.name for m in recipe.members if m.kind == "protopnet"],
+            "baselines": [m.name for m in recipe.members if m.kind == "baseline"],
             "timings": {"dataset": data_seconds},
         },
     )
@@ -95,13 +101,16 @@ def train_ensemble(recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bo
             {
                 "model": "ensemble",
                 "kind": "ensemble",
-                "backbone": "+".join(m.trunk for m in recipe.members),
+                "backbone": "+".join(m.trunk for m in recipe.members if m.kind == "protopnet"),
                 "pruned": False,
                 "top1": top1(combined, bundle.test.labels),
                 "n_prototypes": sum(int(r["n_prototypes"]) for r in rows),
                 "n_test": len(bundle.test),
             }
         )
+        from protoaudit.baseline import train_baselines  # not part of the ensemble (paper Table 1)
+
+        rows += train_baselines(recipe, bundle, device, reporter, run_dir, writer)
         accuracy = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
         write_csv(run_dir / "accuracy.csv", accuracy)
         seconds = time.perf_counter() - started
@@ -133,6 +142,8 @@ def _train_members(
     logits: list[torch.Tensor] = []
     timings: dict[str, Any] = dict(writer.document["timings"])
     for i, member in enumerate(recipe.members):
+        if member.kind == "baseline":  # trained after the ensemble by protoaudit.baseline
+            continue
         reporter.log(
             f"[bold]{member.name}[/bold]: {member.trunk} trunk, {member.prototypes_per_class} prototypes per class, D = {member.prototype_dim}"
         )

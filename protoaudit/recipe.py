@@ -49,7 +49,68 @@ class PartsDataConfig(_Strict):
         return self
 
 
-DataConfig = Annotated[PartsDataConfig, Field(discriminator="kind")]
+AugmentKind = Literal["none", "flip", "paper"]  # see protoaudit/data/augment.py
+
+
+class _FileDataConfig(_Strict):
+    """Keys shared by datasets read from files."""
+
+    root: str
+    image_size: int = Field(224, ge=16, le=1024)
+    n_classes: int | None = Field(None, ge=2)  # expected class count; a mismatch stops the run
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    augment: AugmentKind = "paper"
+
+
+class CubDataConfig(_FileDataConfig):
+    """CUB-200-2011 from its own layout; ``bb`` crops to the bounding boxes, ``full`` keeps whole images."""
+
+    kind: Literal["cub"] = "cub"
+    root: str = "data/CUB_200_2011"
+    variant: Literal["bb", "full"] = "bb"
+
+
+class CarsDataConfig(_FileDataConfig):
+    """Stanford Cars (devkit or cars_annos.mat layout); ``bb`` crops to the boxes, ``full`` keeps whole images."""
+
+    kind: Literal["cars"] = "cars"
+    root: str = "data/stanford_cars"
+    variant: Literal["bb", "full"] = "bb"
+
+
+class ImageFolderDataConfig(_FileDataConfig):
+    """A class-per-folder tree; split by ``train_folder``/``test_folder`` or by ``test_fraction``."""
+
+    kind: Literal["imagefolder"] = "imagefolder"
+    train_folder: str | None = None
+    test_folder: str | None = None
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    seed: int | None = None  # seed of the test_fraction split; None: the recipe's seed
+
+    @model_validator(mode="after")
+    def _both_folders(self) -> ImageFolderDataConfig:
+        if (self.train_folder is None) != (self.test_folder is None):
+            raise ValueError("give both train_folder and test_folder, or neither (then test_fraction splits)")
+        return self
+
+
+class FashionMnistDataConfig(_Strict):
+    """Fashion-MNIST from IDX files (Debian package dataset-fashion-mnist), held in memory."""
+
+    kind: Literal["fashion_mnist"] = "fashion_mnist"
+    root: str = "/usr/share/datasets/fashion-mnist"
+    image_size: int = Field(32, ge=16, le=256)
+    n_classes: int | None = Field(10, ge=2)
+    val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
+    augment: AugmentKind = "flip"
+    max_train_per_class: int | None = Field(None, ge=2)  # first n training images per class; None: all
+
+
+DataConfig = Annotated[
+    PartsDataConfig | CubDataConfig | CarsDataConfig | ImageFolderDataConfig | FashionMnistDataConfig,
+    Field(discriminator="kind"),
+]
+DATA_KINDS = ("parts", "cub", "cars", "imagefolder", "fashion_mnist")
 
 
 class LearningRates(_Strict):
@@ -110,6 +171,7 @@ class IndexConfig(_Strict):
 
 class MemberRecipe(_Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
+    kind: Literal["protopnet", "baseline"] = "protopnet"  # baseline: the trunk with a plain linear head
     trunk: str
     weights: str = "none"  # "none", "imagenet", or a path to a torchvision state dict
     prototypes_per_class: int = Field(10, ge=1, le=1000)
@@ -147,6 +209,8 @@ class Recipe(_Strict):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"member names must be unique; repeated: {', '.join(dupes)}")
+        if all(m.kind == "baseline" for m in members):
+            raise ValueError('at least one member must be a ProtoPNet (kind = "protopnet")')
         return members
 
     # -- serialisation ---------------------------------------------------------------------------------
@@ -165,7 +229,7 @@ def _key_path(loc: tuple[int | str, ...]) -> str:
     for part in loc:
         if isinstance(part, int):
             path += f"[{part}]"
-        elif part in {"parts"} and path.endswith("data"):
+        elif part in DATA_KINDS and path.endswith("data"):
             continue  # the discriminated-union tag pydantic inserts
         else:
             path += ("." if path else "") + str(part)

@@ -143,7 +143,58 @@ def build_dataset(config: Any, seed: int) -> DatasetBundle:
     """Build the splits the recipe's ``[data]`` table describes."""
     if config.kind == "parts":
         return _build_parts(config, seed)
+    if config.kind == "fashion_mnist":
+        from protoaudit.data.augment import batch_augment
+        from protoaudit.data.fashion_mnist import build_fashion_mnist
+
+        bundle = build_fashion_mnist(
+            config.root,
+            config.image_size,
+            config.val_fraction,
+            batch_augment(config.augment),
+            seed,
+            config.max_train_per_class,
+        )
+        _check_class_count(config, bundle.class_names)
+        return bundle
+    if config.kind in ("cub", "cars", "imagefolder"):
+        from protoaudit.data.augment import image_augment
+        from protoaudit.data.check import list_dataset, raise_for_problems
+        from protoaudit.data.files import bundle_from_listing
+
+        listing = list_dataset(config, seed)
+        raise_for_problems([*listing.problems, *class_count_problems(config, listing.class_names)])
+        return bundle_from_listing(
+            listing,
+            config.image_size,
+            config.val_fraction,
+            image_augment(config.augment),
+            seed,
+            (config.kind, getattr(config, "variant", None)),
+        )
     raise ValueError(f"unknown data kind {config.kind!r}")
+
+
+def class_count_problems(config: Any, class_names: list[str]) -> list[Any]:
+    """An error when the recipe's ``data.n_classes`` differs from the classes the dataset holds."""
+    from protoaudit.data.files import Problem
+
+    expected = getattr(config, "n_classes", None)
+    if config.kind == "parts" or expected is None or expected == len(class_names):
+        return []
+    return [
+        Problem(
+            "error",
+            "class_count",
+            f"the recipe expects {expected} classes (data.n_classes) but the dataset has {len(class_names)}",
+        )
+    ]
+
+
+def _check_class_count(config: Any, class_names: list[str]) -> None:
+    from protoaudit.data.check import raise_for_problems
+
+    raise_for_problems(class_count_problems(config, class_names))
 
 
 def _build_parts(config: Any, seed: int) -> DatasetBundle:
