@@ -48,6 +48,10 @@ from protoaudit.cli import train as _train  # noqa: E402  (registers its command
 
 _train.register(app)
 
+from protoaudit.cli import report as _report  # noqa: E402
+
+_report.register(app)
+
 from protoaudit.cli import data as _data  # noqa: E402
 
 _data.register(app)

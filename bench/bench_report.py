@@ -1,0 +1,118 @@
+"""Time the report of a run (the quick start by default) against its budget: written in ≤ 30 s, under 20 MB.
+
+    .venv/bin/python bench/bench_report.py [RUN] [--out DIR] [--threads 1] [--repeat 1] [--screenshot PNG]
+
+Prints one line per measure: value, budget and value / budget (≤ 1 meets the budget). The time is what
+``protoaudit report RUN --html`` spends after start-up: opening the run, rebuilding its dataset, reloading the
+members, predicting the test split, thumbnails, deletion curves, figures, rendering and writing the files.
+With ``--screenshot`` the page is also rendered in headless Chromium (Debian's ``chromium``) to a PNG.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+BUDGET_SECONDS = 30.0
+BUDGET_BYTES = 20 * 1024 * 1024
+
+
+def screenshot(html: Path, png: Path) -> None:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    options = webdriver.ChromeOptions()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+        f"--user-data-dir={tempfile.mkdtemp(prefix='chromium-')}",
+    ):
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    try:
+        driver.get(html.resolve().as_uri())
+        height = int(driver.execute_script("return document.documentElement.scrollHeight"))
+        width = int(driver.execute_script("return document.documentElement.scrollWidth"))
+        shot = driver.execute_cdp_cmd(
+            "Page.captureScreenshot",
+            {
+                "format": "png",
+                "captureBeyondViewport": True,
+                "clip": {"x": 0, "y": 0, "width": width, "height": height, "scale": 1},
+            },
+        )
+        png.write_bytes(base64.b64decode(shot["data"]))
+    finally:
+        driver.quit()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("run", nargs="?", default="reports/quickstart", help="run directory")
+    parser.add_argument("--out", type=Path, default=None, help="where to write (default: a temporary folder)")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--screenshot", type=Path, default=None)
+    args = parser.parse_args()
+
+    started = time.perf_counter()
+    import torch
+
+    from protoaudit.report import build_report, write_report
+    from protoaudit.run import load_run
+
+    torch.set_num_threads(args.threads)
+    imports = time.perf_counter() - started
+    out = args.out or Path(tempfile.mkdtemp(prefix="bench-report-"))
+    totals, builds, writes = [], [], []
+    written: dict[str, Path] = {}
+    for _ in range(args.repeat):
+        t0 = time.perf_counter()
+        run = load_run(args.run)
+        report = build_report(run)
+        t1 = time.perf_counter()
+        written = write_report(report, out, html=True, markdown=True)
+        t2 = time.perf_counter()
+        builds.append(t1 - t0)
+        writes.append(t2 - t1)
+        totals.append(t2 - t0)
+    total = statistics.median(totals)
+    html_bytes = written["html"].stat().st_size
+    data = json.loads(written["json"].read_text(encoding="utf-8"))
+    print(
+        f"run: {args.run}  ({len(data['members'])} members, "
+        f"{sum(len(m['prototypes']) for m in data['members'])} prototypes; threads {args.threads}; "
+        f"median of {args.repeat})"
+    )
+    print(f"{'measure':<34}{'value':>14}{'budget':>14}{'ratio':>8}")
+    print(f"{'report written (s)':<34}{total:>14.2f}{BUDGET_SECONDS:>14.1f}{total / BUDGET_SECONDS:>8.2f}")
+    print(f"{'  of which build (s)':<34}{statistics.median(builds):>14.2f}")
+    print(f"{'  of which render + write (s)':<34}{statistics.median(writes):>14.2f}")
+    print(f"{'  + imports (s, not in budget)':<34}{imports:>14.2f}")
+    print(
+        f"{'report.html (MB)':<34}{html_bytes / 2**20:>14.2f}{BUDGET_BYTES / 2**20:>14.1f}{html_bytes / BUDGET_BYTES:>8.2f}"
+    )
+    print(f"{'report.json (MB)':<34}{written['json'].stat().st_size / 2**20:>14.2f}")
+    print(f"{'report.md (KB)':<34}{written['markdown'].stat().st_size / 2**10:>14.1f}")
+    print(f"files in {out}")
+    if args.screenshot is not None:
+        screenshot(written["html"], args.screenshot)
+        print(f"screenshot: {args.screenshot}")
+    return 0 if total <= BUDGET_SECONDS and html_bytes <= BUDGET_BYTES else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,96 @@
+"""``protoaudit report``: the self-contained HTML report (and report.json, and a Markdown version)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from protoaudit.cli.common import JsonOpt, QuietOpt, RootOpt, RunArg, err_console, print_json, resolve_run
+
+EXAMPLES = """
+[bold]Examples[/bold]
+
+  protoaudit report --html                      # the most recent run under reports/
+  protoaudit report reports/quickstart --html --open
+  protoaudit report reports/quickstart --markdown --out /tmp/review
+  protoaudit report --html --reasoning 10 --deletion 12 --json
+"""
+
+
+def report_command(
+    run: RunArg = None,
+    html: Annotated[
+        bool, typer.Option("--html", help="Write report.html (the default when no format is given).")
+    ] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Write report.md, a text version.")] = False,
+    open_: Annotated[bool, typer.Option("--open", help="Open report.html in the default browser.")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Write the report files here instead of the run directory.")
+    ] = None,
+    reasoning: Annotated[
+        int, typer.Option(min=0, help="Test images shown with their evidence, per kind (correct and wrong).")
+    ] = 3,
+    deletion: Annotated[
+        int, typer.Option(min=0, help="Prototypes per member given a deletion curve (faithfulness check).")
+    ] = 6,
+    max_thumbnails: Annotated[
+        int, typer.Option(min=0, help="Prototypes per member shown with thumbnails (the rest: numbers only).")
+    ] = 400,
+    seed: Annotated[
+        int, typer.Option(help="Seed of the samples (reasoning images, deletion prototypes).")
+    ] = 0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads torch uses.")] = None,
+    root: RootOpt = Path("reports"),
+    json_: JsonOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Write report.html (one self-contained page, no network requests) and report.json (the same data) for RUN."""
+    import time
+    import webbrowser
+
+    import torch
+
+    from protoaudit.progress import Reporter
+    from protoaudit.report import ReportOptions, build_report, write_report
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    if not html and not markdown:
+        html = True
+    if open_ and not html:
+        raise typer.BadParameter("--open needs --html", param_hint="--open")
+    started = time.perf_counter()
+    loaded = resolve_run(run, root)
+    options = ReportOptions(
+        reasoning_correct=reasoning,
+        reasoning_wrong=reasoning,
+        faithfulness_per_member=deletion,
+        max_thumbnails=max_thumbnails,
+        seed=seed,
+    )
+    with Reporter(err_console, quiet=quiet) as reporter:
+        report = build_report(loaded, options, reporter)
+    written = write_report(report, out if out is not None else loaded.path, html=html, markdown=markdown)
+    seconds = time.perf_counter() - started
+    if open_:
+        opened = webbrowser.open(written["html"].resolve().as_uri())
+        if not opened and not quiet:
+            err_console.print("no browser could be opened; open the file yourself", highlight=False)
+    files = {kind: {"path": str(path), "bytes": path.stat().st_size} for kind, path in written.items()}
+    if json_:
+        print_json(
+            {"run_dir": str(loaded.path), "seconds": seconds, "files": files, "notes": report.data["notes"]}
+        )
+        return
+    for note in report.data["notes"]:
+        err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+    for kind, info in files.items():
+        typer.echo(f"{kind}\t{info['path']}\t{info['bytes']} bytes")
+    if not quiet:
+        err_console.print(f"report written in {seconds:.1f} s", highlight=False)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("report", epilog=EXAMPLES)(report_command)

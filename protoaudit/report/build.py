@@ -1,0 +1,919 @@
+"""Collect a run's files into one report: a JSON-ready dict (``report.json``) and the images it shows.
+
+Both renderers (HTML and Markdown) read only this dict, so every number either of them shows is a number of
+``report.json``. Images (thumbnails, figures) live beside the dict in :attr:`Report.assets`, keyed by the
+names the dict uses, and are inlined into the HTML as ``data:`` URIs.
+
+Files written by other steps are read when they exist and reported as "not computed yet" when they do not:
+``purity.csv``, ``audit.json``, ``duplicates.csv`` (``protoaudit prune``), ``members/<m>/nearest_train.csv``
+(the patch index), and the reasoning sheets of :mod:`protoaudit.explain`.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import tomllib
+import torch
+
+from protoaudit.errors import CheckpointError, InputError
+from protoaudit.progress import NULL_REPORTER, Reporter
+from protoaudit.report.definitions import BOX_CAVEAT, DEFINITIONS
+from protoaudit.report.images import box_thumbnail, patch_thumbnail, png_data_uri, to_uint8
+from protoaudit.run import Run
+
+REPORT_FORMAT = "protoaudit-report"
+REPORT_FORMAT_VERSION = 1
+PRUNED_SUFFIX = "-pruned"  # members/<m>-pruned/: the pruned copy of member m (protoaudit prune)
+PRUNE_HINT = "not computed yet — run `protoaudit prune`"
+INDEX_HINT = "not computed yet — run `protoaudit index`"
+SHEET_PROTOTYPES = 3  # prototypes listed per member and class on an embedded reasoning sheet
+
+
+@dataclass
+class ReportOptions:
+    """How much the report samples; the defaults keep the quick start's report within seconds."""
+
+    reasoning_correct: int = 3  # test images the ensemble classifies correctly, with their evidence
+    reasoning_wrong: int = 3  # and misclassified ones
+    sheets: int = (
+        2  # full reasoning sheets (protoaudit.explain) embedded: the first correct and wrong samples
+    )
+    faithfulness_per_member: int = 6  # prototypes per member given a deletion curve
+    deletion_steps: int = 16
+    random_orders: int = 2
+    nearest: int = 6  # nearest training patches shown per prototype
+    max_thumbnails: int = 400  # prototypes per member shown with thumbnails (the rest: numbers only)
+    sparsity_threshold: float = 1e-3
+    batch_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class Report:
+    """``data`` is report.json; ``assets`` maps image keys used in ``data`` to ``data:image/png`` URIs;
+    ``fragments`` maps keys to trusted, already-escaped HTML fragments (reasoning sheets of
+    :mod:`protoaudit.explain`)."""
+
+    data: dict[str, Any]
+    assets: dict[str, str] = field(default_factory=dict)
+    fragments: dict[str, str] = field(default_factory=dict)
+
+
+# -- JSON -----------------------------------------------------------------------------------------------
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types only: numpy scalars → Python, NaN/inf → None, tuples → lists, keys → str."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"report: cannot store {type(obj).__name__} in report.json")
+
+
+def dumps_report(data: dict[str, Any]) -> str:
+    return json.dumps(data, indent=1, ensure_ascii=False, allow_nan=False) + "\n"
+
+
+def _records(frame: pd.DataFrame) -> list[dict[str, Any]]:
+    return [jsonable(r) for r in frame.astype(object).where(frame.notna(), None).to_dict(orient="records")]
+
+
+def _read_csv(path: Path) -> pd.DataFrame | None:
+    if not path.is_file():
+        return None
+    try:
+        return pd.read_csv(path, keep_default_na=True)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as exc:
+        raise CheckpointError(f"{path}: not a readable CSV ({str(exc).splitlines()[0]})") from None
+
+
+def _as_bool(value: Any) -> bool | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    if isinstance(value, str):
+        return value.strip().lower() in ("true", "1", "yes")
+    return bool(value)
+
+
+def _split_list(value: Any, cast: Callable[[str], Any] = str) -> list[Any] | None:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return None
+    text = str(value)
+    return [cast(v) for v in text.split(";") if v != ""]
+
+
+def _opt_float(value: Any) -> float | None:
+    if value is None:
+        return None
+    try:
+        out = float(value)
+    except (TypeError, ValueError):
+        return None
+    return out if math.isfinite(out) else None
+
+
+def _opt_int(value: Any) -> int | None:
+    out = _opt_float(value)
+    return None if out is None else int(out)
+
+
+# -- the builder ----------------------------------------------------------------------------------------
+
+
+def build_report(
+    run: Run, options: ReportOptions | None = None, reporter: Reporter = NULL_REPORTER
+) -> Report:
+    """Read every file of ``run`` the report shows, recompute what must be recomputed (the ensemble's test
+    logits, the thumbnails, the deletion curves) and return the report; nothing is written."""
+    return _Builder(run, options or ReportOptions(), reporter).build()
+
+
+class _Builder:
+    def __init__(self, run: Run, options: ReportOptions, reporter: Reporter) -> None:
+        self.run = run
+        self.options = options
+        self.reporter = reporter
+        self.assets: dict[str, str] = {}
+        self.fragments: dict[str, str] = {}
+        self.notes: list[str] = []
+        self.bundle: Any = None
+        self.grids: dict[str, tuple[int, int]] = {}
+        self.prototype_thumbs: dict[tuple[str, int], str | None] = {}
+        self.rng = np.random.default_rng(options.seed)
+
+    # ------------------------------------------------------------------
+    def build(self) -> Report:
+        started = time.perf_counter()
+        run = self.run
+        try:
+            self.bundle = run.dataset()
+        except (InputError, ValueError) as exc:
+            self.notes.append(
+                f"The run's dataset could not be rebuilt ({str(exc).splitlines()[0]}); thumbnails, the "
+                "confusion matrix, reasoning samples and deletion curves are left out."
+            )
+        summary = self._summary()
+        accuracy = self._accuracy()
+        class_names = self._class_names()
+        purity_frame = _read_csv(run.path / "purity.csv")
+        members = [self._member(name, purity_frame) for name in run.member_names]
+        pruned = self._pruned_checkpoints(accuracy["rows"])
+        sparsity = [self._last_layer(m) for m in run.member_names]
+        sparsity += [self._last_layer(name, pruned=True) for name in pruned]
+        predictions = self._predictions(accuracy["rows"], pruned, class_names)
+        faithfulness = self._faithfulness(members)
+        data: dict[str, Any] = {
+            "format": REPORT_FORMAT,
+            "format_version": REPORT_FORMAT_VERSION,
+            "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "run": summary,
+            "class_names": class_names,
+            "accuracy": accuracy,
+            "purity": self._purity_summary(purity_frame),
+            "members": members,
+            "last_layer": {"threshold": self.options.sparsity_threshold, "checkpoints": sparsity},
+            "confusion": predictions["confusion"],
+            "reasoning": predictions["reasoning"],
+            "faithfulness": faithfulness,
+            "audit": self._audit(),
+            "duplicates": self._duplicates(),
+            "box_caveat": BOX_CAVEAT,
+            "definitions": DEFINITIONS,
+            "notes": self.notes,
+        }
+        data = jsonable(data)
+        from protoaudit.report.figures import add_figures
+
+        add_figures(data, self.assets)
+        data["build_seconds"] = round(time.perf_counter() - started, 3)
+        return Report(jsonable(data), self.assets, self.fragments)
+
+    # -- run summary ----------------------------------------------------------------------------------
+    def _summary(self) -> dict[str, Any]:
+        meta = self.run.meta
+        recipe_path = self.run.path / "recipe.toml"
+        recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else None
+        description = ""
+        data_kind = None
+        if recipe_text is not None:
+            try:
+                parsed = tomllib.loads(recipe_text)
+                description = str(parsed.get("description", ""))
+                data_kind = parsed.get("data", {}).get("kind")
+            except tomllib.TOMLDecodeError:
+                self.notes.append("recipe.toml of the run is not valid TOML")
+        timings: list[dict[str, Any]] = []
+        for step, value in (meta.get("timings") or {}).items():
+            if isinstance(value, int | float):
+                timings.append({"step": step, "stage": "", "seconds": float(value)})
+            elif isinstance(value, dict):
+                for stage, seconds in value.items():
+                    if isinstance(seconds, int | float):
+                        timings.append({"step": step, "stage": stage, "seconds": float(seconds)})
+        dataset = meta.get("dataset") or {}
+        return {
+            "name": self.run.name,
+            "path": str(self.run.path),
+            "description": description,
+            "status": meta.get("status"),
+            "started": meta.get("started"),
+            "finished": meta.get("finished"),
+            "seconds": meta.get("seconds"),
+            "seed": meta.get("seed"),
+            "threads": meta.get("threads"),
+            "device": meta.get("device"),
+            "recipe_sha256": meta.get("recipe_sha256"),
+            "versions": meta.get("versions") or {},
+            "dataset": {
+                "kind": data_kind,
+                "fingerprint": dataset.get("fingerprint"),
+                "n_classes": dataset.get("n_classes"),
+                "splits": dataset.get("splits") or {},
+                "image_size": None if self.bundle is None else self.bundle.image_size,
+            },
+            "members": self.run.member_names,
+            "timings": timings,
+            "recipe_toml": recipe_text,
+        }
+
+    def _class_names(self) -> list[str]:
+        if self.bundle is not None:
+            return list(self.bundle.class_names)
+        names = self.run.meta.get("dataset", {}).get("summary", {}).get("class_names")
+        if isinstance(names, list):
+            return [str(n) for n in names]
+        first = self.run.member_names[0] if self.run.member_names else None
+        return list(self.run.member(first).config.class_names) if first else []
+
+    # -- accuracy -------------------------------------------------------------------------------------
+    def _accuracy(self) -> dict[str, Any]:
+        path = self.run.path / "accuracy.csv"
+        frame = _read_csv(path)
+        if frame is None:
+            raise CheckpointError(f"{path}: file not found; the run did not finish (see run.json's status)")
+        rows: list[dict[str, Any]] = []
+        for r in _records(frame):
+            rows.append(
+                {
+                    "model": str(r.get("model")),
+                    "kind": str(r.get("kind")),
+                    "backbone": None if r.get("backbone") is None else str(r.get("backbone")),
+                    "pruned": bool(_as_bool(r.get("pruned"))),
+                    "top1": _opt_float(r.get("top1")),
+                    "n_prototypes": _opt_int(r.get("n_prototypes")),
+                    "n_test": _opt_int(r.get("n_test")),
+                }
+            )
+        # before / after pruning, one line per model (a pruned row names its model with or without "-pruned")
+        pairs: dict[tuple[str, str], dict[str, Any]] = {}
+        for r in rows:
+            base = r["model"].removesuffix(PRUNED_SUFFIX)
+            pair = pairs.setdefault(
+                (r["kind"], base), {"model": base, "kind": r["kind"], "before": None, "after": None}
+            )
+            pair["after" if r["pruned"] else "before"] = {
+                "top1": r["top1"],
+                "n_prototypes": r["n_prototypes"],
+            }
+        any_pruned = any(r["pruned"] for r in rows)
+        return {
+            "rows": rows,
+            "before_after": list(pairs.values()),
+            "pruned_available": any_pruned,
+            "note": None if any_pruned else f"accuracy after pruning {PRUNE_HINT}",
+        }
+
+    def _pruned_checkpoints(self, rows: list[dict[str, Any]]) -> list[str]:
+        """The pruned members ``members/<m>-pruned/`` that exist (run.json's "pruning" lists them too)."""
+        listed = (self.run.meta.get("pruning") or {}).get("members") or []
+        names = [f"{m}{PRUNED_SUFFIX}" for m in self.run.member_names] + [str(n) for n in listed]
+        out: list[str] = []
+        for name in names:
+            if name not in out and (self.run.path / "members" / name / "model.json").is_file():
+                out.append(name)
+        return out
+
+    def _purity_summary(self, frame: pd.DataFrame | None) -> dict[str, Any]:
+        """How purity.csv states purity: ``count`` (how many of the k nearest images share the prototype's
+        class, the paper's τ-test) or ``fraction`` (count / k); and k and τ."""
+        pruning = self.run.meta.get("pruning") or {}
+        audit_path = self.run.path / "audit.json"
+        threshold = pruning.get("threshold")
+        if threshold is None and audit_path.is_file():
+            from protoaudit.io import read_json
+
+            audit = read_json(audit_path)
+            threshold = audit.get("threshold") if isinstance(audit, dict) else None
+        if frame is None or "purity" not in frame:
+            return {
+                "available": False,
+                "file": "purity.csv",
+                "note": f"k-NN class purity {PRUNE_HINT}",
+                "k": None,
+                "threshold": None,
+                "scale": None,
+            }
+        values = pd.to_numeric(frame["purity"], errors="coerce")
+        integral = bool(values.dropna().eq(values.dropna().round()).all())
+        scale = (
+            "count" if frame["purity"].dtype.kind in "iu" or (integral and values.max() > 1) else "fraction"
+        )
+        k = _opt_int(frame["k"].iloc[0]) if "k" in frame and len(frame) else pruning.get("k")
+        return {
+            "available": True,
+            "file": "purity.csv",
+            "note": None,
+            "k": k,
+            "threshold": _opt_int(threshold),
+            "scale": scale,
+        }
+
+    # -- members and their prototypes -----------------------------------------------------------------
+    def _grid(self, name: str, model: torch.nn.Module) -> tuple[int, int] | None:
+        if self.bundle is None:
+            return None
+        if name not in self.grids:
+            with torch.no_grad():
+                z = model.latent(self.bundle.push.batch([0]))  # type: ignore[operator]
+            self.grids[name] = (int(z.shape[-2]), int(z.shape[-1]))
+        return self.grids[name]
+
+    def _push_images(self, indices: list[int]) -> dict[int, np.ndarray]:
+        out: dict[int, np.ndarray] = {}
+        unique = sorted(set(indices))
+        for start in range(0, len(unique), 256):
+            chunk = unique[start : start + 256]
+            images = to_uint8(self.bundle.push.batch(chunk).numpy())
+            out.update(zip(chunk, images, strict=True))
+        return out
+
+    def _member(self, name: str, purity_frame: pd.DataFrame | None) -> dict[str, Any]:
+        self.reporter.log(f"report: member {name}")
+        model = self.run.member(name)
+        meta = self.run.member_meta(name)
+        prototypes = self.run.prototypes(name)
+        member_dir = self.run.path / "members" / name
+        purity = None
+        if purity_frame is not None and "member" in purity_frame:
+            purity = purity_frame[purity_frame["member"].astype(str) == name].set_index("prototype")
+        nearest_frame, nearest_source = self._nearest(name, model, member_dir)
+        nearest: dict[int, list[dict[str, Any]]] = {}
+        if nearest_frame is not None:
+            ordered = nearest_frame.sort_values(["prototype", "rank"], kind="stable")
+            kept = ordered.groupby("prototype", sort=False).head(self.options.nearest)
+            for r in _records(kept):
+                nearest.setdefault(int(r["prototype"]), []).append(r)
+        part_names = None if self.bundle is None else self.bundle.part_names
+        grid = self._grid(name, model)
+        images: dict[int, np.ndarray] = {}
+        with_thumbs = prototypes["prototype"].head(self.options.max_thumbnails).tolist() if grid else []
+        if grid is not None:
+            wanted = prototypes[prototypes["prototype"].isin(with_thumbs)]["source_index"].tolist()
+            for j in with_thumbs:
+                wanted += [
+                    int(n["image_index"]) for n in nearest.get(int(j), []) if n.get("image_index") is not None
+                ]
+            images = self._push_images([int(i) for i in wanted])
+        rows = []
+        for r in _records(prototypes):
+            j = int(r["prototype"])
+            box = [int(r["box_y0"]), int(r["box_y1"]), int(r["box_x0"]), int(r["box_x1"])]
+            row: dict[str, Any] = {
+                "prototype": j,
+                "class": int(r["class"]),
+                "class_name": str(r["class_name"]),
+                "source_image": str(r["source_image"]),
+                "source_index": int(r["source_index"]),
+                "label": int(r["label"]),
+                "h": int(r["h"]),
+                "w": int(r["w"]),
+                "distance": _opt_float(r["distance"]),
+                "box": box,
+                "purity": None,
+                "k": None,
+                "pruned": None,
+                "nearest_classes": None,
+                "nearest_image_ids": None,
+                "nearest_distance": None,
+                "source_part": None,
+                "source_part_kind": None,
+                "source_part_name": None,
+                "part_purity": None,
+                "consistent": None,
+                "stability": None,
+                "thumb": None,
+                "nearest": None,
+                "deletion": None,
+            }
+            if purity is not None and j in purity.index:
+                p = purity.loc[j]
+                raw = p.get("purity")
+                integral = isinstance(raw, int | np.integer) and not isinstance(raw, bool | np.bool_)
+                row["purity"] = int(raw) if integral else _opt_float(raw)
+                row["k"] = _opt_int(p.get("k"))
+                row["pruned"] = _as_bool(p.get("pruned"))
+                row["nearest_classes"] = _split_list(p.get("nearest_classes"), int)
+                row["nearest_image_ids"] = _split_list(p.get("nearest_image_ids"))
+                row["nearest_distance"] = _opt_float(p.get("nearest_distance"))
+                part = _opt_int(p.get("source_part"))
+                row["source_part"] = part
+                kind = p.get("source_part_kind")
+                row["source_part_kind"] = (
+                    None if kind is None or (isinstance(kind, float) and math.isnan(kind)) else str(kind)
+                )
+                if part is not None and part >= 0 and part_names and part < len(part_names):
+                    row["source_part_name"] = part_names[part]
+                row["part_purity"] = _opt_float(p.get("part_purity"))
+                row["consistent"] = _as_bool(p.get("consistent"))
+                row["stability"] = _opt_float(p.get("stability"))
+            if grid is not None and j in with_thumbs:
+                row["thumb"] = self._asset(
+                    f"push/{row['source_index']}/box/{'-'.join(map(str, box))}",
+                    partial(box_thumbnail, images[row["source_index"]], box),
+                )
+            if j in nearest:
+                row["nearest"] = []
+                for n in nearest[j]:
+                    entry: dict[str, Any] = {
+                        "rank": _opt_int(n.get("rank")),
+                        "image_index": _opt_int(n.get("image_index")),
+                        "image_id": None if n.get("image_id") is None else str(n.get("image_id")),
+                        "label": _opt_int(n.get("label")),
+                        "distance": _opt_float(n.get("distance")),
+                        "h": _opt_int(n.get("h")),
+                        "w": _opt_int(n.get("w")),
+                        "thumb": None,
+                    }
+                    i, h, w = entry["image_index"], entry["h"], entry["w"]
+                    if grid is not None and i in images and h is not None and w is not None:
+                        entry["thumb"] = self._asset(
+                            f"push/{i}/cell/{h}-{w}",
+                            partial(patch_thumbnail, images[i], h, w, grid),
+                        )
+                    row["nearest"].append(entry)
+            self.prototype_thumbs[(name, j)] = row["thumb"]
+            rows.append(row)
+        config = model.config
+        return {
+            "name": name,
+            "backbone": config.trunk,
+            "trunk_family": meta.get("trunk_family"),
+            "n_prototypes": model.n_prototypes,
+            "prototypes_per_class": config.prototypes_per_class,
+            "prototype_dim": config.prototype_dim,
+            "add_on": config.add_on,
+            "grid": None if grid is None else list(grid),
+            "selected_epoch": meta.get("selected_epoch"),
+            "val_top1": (meta.get("metrics") or {}).get("val_top1"),
+            "test_top1": (meta.get("metrics") or {}).get("test_top1"),
+            "purity_available": purity is not None,
+            "nearest_available": nearest_frame is not None,
+            "nearest_source": nearest_source,
+            "nearest_note": None if nearest_frame is not None else f"nearest training patches {INDEX_HINT}",
+            "thumbnails": len(with_thumbs),
+            "prototypes": rows,
+        }
+
+    def _nearest(self, name: str, model: Any, member_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
+        """The nearest training patches of every prototype (one per image): ``nearest_train.csv`` when the
+        index step wrote it, else one batched search of the member's fresh patch index, else nothing."""
+        frame = _read_csv(member_dir / "nearest_train.csv")
+        if frame is not None:
+            return frame, "nearest_train.csv"
+        if importlib.util.find_spec("protoaudit.index") is None:
+            return None, None
+        from protoaudit import index as patch_index
+
+        if patch_index.index_status(self.run, name, "train") != "fresh":
+            return None, None
+        loaded = patch_index.load_index(self.run, name, "train", backend="faiss")
+        queries = model.prototype_vectors.detach().float().cpu().numpy()
+        distances, rows = loaded.search(queries, self.options.nearest, per_image=True)
+        meta = loaded.meta
+        records = []
+        for j in range(len(rows)):
+            for rank, (d, row) in enumerate(zip(distances[j], rows[j], strict=True), start=1):
+                if row < 0:
+                    continue
+                m = meta.iloc[int(row)]
+                records.append(
+                    {
+                        "prototype": j,
+                        "rank": rank,
+                        "image_index": int(m["image_index"]),
+                        "image_id": str(m["image_id"]),
+                        "label": int(m["label"]),
+                        "h": int(m["h"]),
+                        "w": int(m["w"]),
+                        "distance": float(d),
+                    }
+                )
+        return pd.DataFrame(records), "patch index (members/<m>/patches.faiss)"
+
+    def _asset(self, key: str, make: Callable[[], bytes]) -> str:
+        if key not in self.assets:
+            self.assets[key] = png_data_uri(make())
+        return key
+
+    def _last_layer(self, name: str, pruned: bool = False) -> dict[str, Any]:
+        model = self.run.member(name)
+        weight = model.last_layer.weight.detach().cpu().double().numpy()  # (K, m)
+        own = model.class_identity().t().cpu().numpy().astype(bool)  # (K, m)
+        off = weight[~own]
+        threshold = self.options.sparsity_threshold
+        low, high = float(min(weight.min(), -0.5)), float(max(weight.max(), 1.0))
+        edges = np.linspace(low, high, 31)
+        return {
+            "checkpoint": name,
+            "pruned": pruned,
+            "n_prototypes": model.n_prototypes,
+            "n_own": int(own.sum()),
+            "n_off": int(off.size),
+            "own_mean": float(weight[own].mean()) if own.any() else None,
+            "off_mean_abs": float(np.abs(off).mean()) if off.size else None,
+            "off_max_abs": float(np.abs(off).max()) if off.size else None,
+            "off_sparsity": float((np.abs(off) < threshold).mean()) if off.size else None,
+            "histogram": {
+                "edges": edges.tolist(),
+                "own": np.histogram(weight[own], bins=edges)[0].tolist(),
+                "off": np.histogram(off, bins=edges)[0].tolist(),
+            },
+        }
+
+    # -- predictions: confusion matrices and reasoning samples -----------------------------------------
+    @torch.no_grad()
+    def _forward(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, K) logits and (N, m) min distances of checkpoint ``name`` on the test split."""
+        model = self.run.member(name)
+        split = self.bundle.test
+        logits, distances = [], []
+        for start in range(0, len(split), self.options.batch_size):
+            x = split.batch(list(range(start, min(start + self.options.batch_size, len(split)))))
+            lg, md = model(x)
+            logits.append(lg)
+            distances.append(md)
+        return torch.cat(logits), torch.cat(distances)
+
+    def _predictions(
+        self, rows: list[dict[str, Any]], pruned: list[str], class_names: list[str]
+    ) -> dict[str, Any]:
+        unavailable = {
+            "confusion": {
+                "available": False,
+                "note": "the dataset could not be rebuilt",
+                "models": [],
+                "checkpoints": [],
+            },
+            "reasoning": {
+                "available": False,
+                "note": "the dataset could not be rebuilt",
+                "sheets_note": None,
+                "images": [],
+            },
+        }
+        members = self.run.member_names
+        if self.bundle is None or not members:
+            return unavailable
+        self.reporter.log("report: ensemble test logits")
+        labels = np.asarray(self.bundle.test.labels, dtype=np.int64)
+        k = len(class_names)
+        outputs = {name: self._forward(name) for name in members}
+        confusion = []
+        groups: list[tuple[bool, list[str]]] = [(False, members)]
+        pruned_members = [f"{m}{PRUNED_SUFFIX}" for m in members]
+        if pruned and all(p in pruned for p in pruned_members):
+            groups.append((True, pruned_members))
+            outputs.update({name: self._forward(name) for name in pruned_members})
+        ensemble_rows = {r["pruned"]: r for r in rows if r["kind"] == "ensemble"}
+        for is_pruned, names in groups:
+            logits = torch.stack([outputs[n][0] for n in names]).sum(dim=0)
+            predicted = logits.argmax(dim=1).numpy()
+            matrix = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+            top1 = float((predicted == labels).mean()) if len(labels) else None
+            recorded = ensemble_rows.get(is_pruned, {}).get("top1")
+            confusion.append(
+                {
+                    "model": "ensemble",
+                    "pruned": is_pruned,
+                    "members": names,
+                    "matrix": matrix.tolist(),
+                    "top1_recomputed": top1,
+                    "top1_recorded": recorded,
+                    "matches_accuracy_csv": None
+                    if recorded is None or top1 is None
+                    else bool(abs(recorded - top1) < 1e-9),
+                }
+            )
+            if recorded is not None and top1 is not None and abs(recorded - top1) >= 1e-9:
+                self.notes.append(
+                    f"The ensemble ({'after' if is_pruned else 'before'} pruning) recomputed from the saved members "
+                    f"scores top-1 {top1:.4f} on test; accuracy.csv records {recorded:.4f}."
+                )
+        recorded_rows = {(r["model"], r["pruned"]): r["top1"] for r in rows if r["kind"] == "member"}
+        checkpoints = []
+        for name, (logits, _) in outputs.items():
+            top1 = float((logits.argmax(dim=1).numpy() == labels).mean()) if len(labels) else None
+            is_pruned = name not in members
+            recorded = recorded_rows.get(
+                (name, is_pruned), recorded_rows.get((name.removesuffix(PRUNED_SUFFIX), is_pruned))
+            )
+            checkpoints.append(
+                {
+                    "checkpoint": name,
+                    "pruned": is_pruned,
+                    "top1_recomputed": top1,
+                    "top1_recorded": recorded,
+                    "matches_accuracy_csv": None
+                    if recorded is None or top1 is None
+                    else bool(abs(recorded - top1) < 1e-9),
+                }
+            )
+        ensemble = torch.stack([outputs[n][0] for n in members]).sum(dim=0)
+        return {
+            "confusion": {"available": True, "note": None, "models": confusion, "checkpoints": checkpoints},
+            "reasoning": self._reasoning(ensemble, outputs, members, labels, class_names),
+        }
+
+    @torch.no_grad()
+    def _reasoning(
+        self,
+        ensemble: torch.Tensor,
+        outputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        members: list[str],
+        labels: np.ndarray,
+        class_names: list[str],
+    ) -> dict[str, Any]:
+        from protoaudit.model import similarity
+        from protoaudit.push import percentile_boxes
+
+        predicted = ensemble.argmax(dim=1).numpy()
+        correct = np.flatnonzero(predicted == labels)
+        wrong = np.flatnonzero(predicted != labels)
+        chosen_correct = self.rng.permutation(correct)[: self.options.reasoning_correct].tolist()
+        chosen_wrong = self.rng.permutation(wrong)[: self.options.reasoning_wrong].tolist()
+        chosen = [*chosen_correct, *chosen_wrong]
+        # full reasoning sheets for the first samples, shared between correct and wrong ones
+        n_wrong = min(len(chosen_wrong), self.options.sheets // 2)
+        n_correct = min(len(chosen_correct), self.options.sheets - n_wrong)
+        n_wrong = min(len(chosen_wrong), self.options.sheets - n_correct)
+        with_sheet = set(chosen_correct[:n_correct] + chosen_wrong[:n_wrong])
+        explain = _explain_module()
+        test = self.bundle.test
+        images = {}
+        if chosen:
+            batch = test.batch(chosen)
+            images = dict(zip(chosen, zip(batch, to_uint8(batch.numpy()), strict=True), strict=True))
+        sheets_note = (
+            None
+            if explain is not None
+            else "full reasoning sheets not computed yet — they need protoaudit.explain (the patch index)"
+        )
+        out = []
+        for i in chosen:
+            x, pixels = images[i]
+            p = int(predicted[i])
+            top = torch.topk(ensemble[i], k=min(3, ensemble.shape[1]))
+            entry: dict[str, Any] = {
+                "split": "test",
+                "index": int(i),
+                "image_id": str(test.image_ids[i]),
+                "label": int(labels[i]),
+                "label_name": class_names[int(labels[i])],
+                "predicted": p,
+                "predicted_name": class_names[p],
+                "correct": bool(p == labels[i]),
+                "thumb": self._asset(f"test/{i}", partial(box_thumbnail, pixels, None)),
+                "top_classes": [
+                    {"class": int(c), "class_name": class_names[int(c)], "logit": float(v)}
+                    for v, c in zip(top.values, top.indices, strict=True)
+                ],
+                "members": [],
+                "sheet": None,
+            }
+            for name in members:
+                model = self.run.member(name)
+                logits, min_distances = outputs[name]
+                sims = similarity(min_distances[i])  # (m,)
+                contribution = sims * model.last_layer.weight[p]  # (m,) evidence for the predicted class
+                best = torch.topk(contribution, k=min(3, contribution.numel())).indices
+                with torch.no_grad():
+                    maps = similarity(model.distances(model.latent(x[None])))[0, best]  # (3, H, W)
+                boxes = percentile_boxes(maps, x.shape[-1])
+                evidence = []
+                for rank, j in enumerate(best.tolist()):
+                    box = [int(v) for v in boxes[rank]]
+                    evidence.append(
+                        {
+                            "prototype": j,
+                            "class": int(model.prototype_class[j]),
+                            "class_name": class_names[int(model.prototype_class[j])],
+                            "similarity": float(sims[j]),
+                            "weight": float(model.last_layer.weight[p, j]),
+                            "contribution": float(contribution[j]),
+                            "box": box,
+                            "thumb": self._asset(
+                                f"test/{i}/box/{'-'.join(map(str, box))}",
+                                partial(box_thumbnail, pixels, box),
+                            ),
+                            "prototype_thumb": self.prototype_thumbs.get((name, j)),
+                        }
+                    )
+                entry["members"].append(
+                    {
+                        "member": name,
+                        "predicted": int(logits[i].argmax()),
+                        "predicted_name": class_names[int(logits[i].argmax())],
+                        "logit_predicted": float(logits[i, p]),
+                        "evidence": evidence,
+                    }
+                )
+            if explain is not None and i in with_sheet:
+                entry["sheet"] = self._sheet(explain, i, x)
+            out.append(entry)
+        return {
+            "available": True,
+            "n_images": len(labels),
+            "n_correct": len(correct),
+            "n_wrong": len(wrong),
+            "note": None if chosen else "no test image to show",
+            "sheets_note": sheets_note,
+            "images": out,
+        }
+
+    def _sheet(self, explain: Any, index: int, image: torch.Tensor) -> dict[str, Any] | None:
+        from protoaudit.index import QueryImage
+
+        test = self.bundle.test
+        query = QueryImage(
+            image, str(test.image_ids[index]), int(test.labels[index]), test.part_mask(index), "test", index
+        )
+        try:
+            sheet = explain.explain_image(self.run, query, top_classes=3, bundle=self.bundle)
+            fragment = explain.render_sheet_html(sheet, max_prototypes=SHEET_PROTOTYPES)
+            document = jsonable(sheet.to_dict())
+        except (InputError, ValueError, KeyError, TypeError) as exc:
+            self.notes.append(f"reasoning sheet of test image {index} failed: {str(exc).splitlines()[0]}")
+            return None
+        _add_sheet_subtotals(document, SHEET_PROTOTYPES)
+        if "<script" in fragment.lower():
+            raise ValueError(
+                "protoaudit.explain returned a reasoning sheet with a script; refusing to embed it"
+            )
+        key = f"sheet/test/{index}"
+        self.fragments[key] = fragment
+        return {"fragment": key, "data": document}
+
+    # -- faithfulness ---------------------------------------------------------------------------------
+    def _faithfulness(self, members: list[dict[str, Any]]) -> dict[str, Any]:
+        from protoaudit.report.faithfulness import deletion_curves, trapezoid_auc
+
+        options = self.options
+        base = {
+            "method": "deletion",
+            "steps": options.deletion_steps,
+            "random_orders": options.random_orders,
+            "occlusion": "per-channel mean of the image",
+        }
+        if self.bundle is None or options.faithfulness_per_member <= 0:
+            return {**base, "available": False, "note": "the dataset could not be rebuilt", "prototypes": []}
+        self.reporter.log("report: deletion curves")
+        results = []
+        fractions: list[float] = []
+        for member in members:
+            rows = member["prototypes"]
+            pick = np.sort(self.rng.permutation(len(rows))[: options.faithfulness_per_member])
+            if not len(pick):
+                continue
+            chosen = [rows[int(p)] for p in pick]
+            model = self.run.member(member["name"])
+            images = self.bundle.push.batch([r["source_index"] for r in chosen])
+            curves = deletion_curves(
+                model,
+                images,
+                torch.as_tensor([r["prototype"] for r in chosen]),
+                steps=options.deletion_steps,
+                random_orders=options.random_orders,
+                seed=options.seed,
+            )
+            fractions = curves.fractions.tolist()
+            act, rnd = curves.normalised()
+            auc_act = trapezoid_auc(curves.fractions, act)
+            auc_rnd = trapezoid_auc(curves.fractions, rnd)
+            for n, r in enumerate(chosen):
+                result = {
+                    "member": member["name"],
+                    "prototype": r["prototype"],
+                    "class_name": r["class_name"],
+                    "source_image": r["source_image"],
+                    "score_intact": float(curves.activation[n, 0]),
+                    "activation": act[n].tolist(),
+                    "random": rnd[n].tolist(),
+                    "auc_activation": float(auc_act[n]),
+                    "auc_random": float(auc_rnd[n]),
+                    "thumb": r["thumb"],
+                }
+                results.append(result)
+                r["deletion"] = {
+                    "auc_activation": result["auc_activation"],
+                    "auc_random": result["auc_random"],
+                }
+        n_lower = sum(1 for r in results if r["auc_activation"] < r["auc_random"])
+        return {
+            **base,
+            "available": True,
+            "note": None,
+            "fractions": fractions,
+            "prototypes": results,
+            "summary": {
+                "n": len(results),
+                "n_activation_below_random": n_lower,
+                "mean_auc_activation": float(np.mean([r["auc_activation"] for r in results]))
+                if results
+                else None,
+                "mean_auc_random": float(np.mean([r["auc_random"] for r in results])) if results else None,
+            },
+        }
+
+    # -- files of the prune / audit step --------------------------------------------------------------
+    def _audit(self) -> dict[str, Any]:
+        path = self.run.path / "audit.json"
+        if not path.is_file():
+            return {
+                "available": False,
+                "note": f"ground-truth audit {PRUNE_HINT}",
+                "data": None,
+                "members_table": None,
+            }
+        from protoaudit.io import read_json
+
+        data = jsonable(read_json(path))
+        members_table = None
+        if isinstance(data, dict) and isinstance(data.get("members"), dict):
+            members_table = [
+                {"member": name, **values}
+                for name, values in data["members"].items()
+                if isinstance(values, dict)
+            ]
+        return {"available": True, "note": None, "data": data, "members_table": members_table}
+
+    def _duplicates(self) -> dict[str, Any]:
+        frame = _read_csv(self.run.path / "duplicates.csv")
+        if frame is None:
+            return {
+                "available": False,
+                "note": f"duplicate prototypes {PRUNE_HINT}",
+                "columns": [],
+                "rows": [],
+            }
+        return {
+            "available": True,
+            "note": None,
+            "columns": [str(c) for c in frame.columns],
+            "rows": _records(frame),
+        }
+
+
+def _add_sheet_subtotals(document: Any, shown: int) -> None:
+    """The subtotals a reasoning sheet's HTML shows (points of the ``shown`` prototypes listed, of the other
+    own-class prototypes, and how many those are), added to its dict so report.json holds every number."""
+    for cls in document.get("classes", []) if isinstance(document, dict) else []:
+        for member in cls.get("members", []):
+            points = [float(p["points"]) for p in member.get("prototypes", [])]
+            member["shown_points"] = sum(points[:shown])
+            member["more_points"] = sum(points[shown:])
+            member["n_shown"] = len(points[:shown])
+            member["n_more"] = len(points[shown:])
+
+
+def _explain_module() -> Any:
+    """:mod:`protoaudit.explain` when it is installed and provides the reasoning-sheet API, else None."""
+    if importlib.util.find_spec("protoaudit.explain") is None:
+        return None
+    import protoaudit.explain as explain
+
+    needed = ("explain_image", "render_sheet_html")
+    return explain if all(hasattr(explain, n) for n in needed) else None

@@ -1,0 +1,284 @@
+"""The report: report.json round-trips, every number on the page comes from it, data is escaped, missing
+steps are named, the faithfulness check and the thumbnails are right, and the CLI writes the files."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from PIL import Image
+
+from protoaudit.cli import main
+from protoaudit.report import (
+    ReportOptions,
+    build_report,
+    jsonable,
+    render_html,
+    render_markdown,
+    write_report,
+)
+from protoaudit.report.faithfulness import deletion_curves, trapezoid_auc
+from protoaudit.report.images import BOX_COLOUR, box_thumbnail, cell_footprint
+from protoaudit.run import load_run
+
+from .report_helpers import (
+    HOSTILE_CLASS,
+    HOSTILE_ID,
+    copy_run,
+    read_html,
+    untraced_numbers,
+    write_contract_files,
+)
+
+FAST = ReportOptions(
+    reasoning_correct=2, reasoning_wrong=2, faithfulness_per_member=2, deletion_steps=8, random_orders=2
+)
+
+
+@pytest.fixture(scope="module")
+def full_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny run plus purity.csv, audit.json, duplicates.csv and one nearest_train.csv."""
+    run_dir = copy_run(tiny_run, tmp_path_factory.mktemp("full"))
+    write_contract_files(run_dir)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def full_report(full_run: Path) -> Any:
+    torch.set_num_threads(1)
+    return build_report(load_run(full_run), FAST)
+
+
+def test_report_json_round_trips_and_is_strict(full_report: Any, tmp_path: Path) -> None:
+    written = write_report(full_report, tmp_path, html=True, markdown=True)
+    text = written["json"].read_text(encoding="utf-8")
+    data = json.loads(text)
+    assert data == full_report.data
+    assert json.loads(json.dumps(data)) == data
+    assert "NaN" not in text
+    assert "Infinity" not in text
+    assert data["format"] == "protoaudit-report"
+    # images stay out of report.json; the page carries them
+    assert "data:image/png" not in text
+    assert set(written) == {"json", "html", "markdown"}
+
+
+def test_every_number_shown_comes_from_report_json(full_report: Any, tmp_path: Path) -> None:
+    write_report(full_report, tmp_path)
+    data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    html = (tmp_path / "report.html").read_text(encoding="utf-8")
+    reader = read_html(html)
+    assert len(reader.numbers) > 200  # the page does show numbers: accuracy, purity, distances, timings…
+    assert untraced_numbers(html, data) == []
+
+
+def test_the_number_check_catches_a_number_that_is_not_in_report_json(full_report: Any) -> None:
+    html = render_html(full_report)
+    data = json.loads(json.dumps(full_report.data))
+    forged = html.replace('<span class="n pct">', '<span class="n pct">123', 1)
+    assert untraced_numbers(forged, data) != []
+    stray = html.replace("<main>", "<main><p>top-1 is 97.31 %</p>", 1)
+    assert "97.31" in untraced_numbers(stray, data)
+
+
+def test_report_sections_read_the_contract_files(full_report: Any, full_run: Path) -> None:
+    data = full_report.data
+    assert data["purity"]["available"]
+    assert data["purity"]["k"] == 6
+    assert data["purity"]["threshold"] == 3
+    assert data["purity"]["scale"] == "count"
+    vgg = next(m for m in data["members"] if m["name"] == "vgg")
+    table = pd.read_csv(full_run / "purity.csv")
+    purity = {r["prototype"]: r for r in table[table["member"] == "vgg"].to_dict("records")}
+    for row in vgg["prototypes"]:
+        assert row["purity"] == purity[row["prototype"]]["purity"]
+        assert row["pruned"] == (row["purity"] < 3)
+        assert row["thumb"] in full_report.assets
+    assert vgg["nearest_source"] == "nearest_train.csv"
+    assert all(len(r["nearest"]) == 6 for r in vgg["prototypes"])
+    assert data["audit"]["available"]
+    assert {r["member"] for r in data["audit"]["members_table"]} == {
+        "vgg",
+        "resnet",
+    }
+    assert data["duplicates"]["available"]
+    assert len(data["duplicates"]["rows"]) == 1
+    names = {f["name"] for f in data["figures"]}
+    assert {"purity", "accuracy", "sparsity", "confusion", "deletion"} <= names
+
+
+def test_bare_run_says_what_is_not_computed_yet(tiny_run: Path) -> None:
+    torch.set_num_threads(1)
+    report = build_report(load_run(tiny_run), FAST)
+    data = report.data
+    assert not data["purity"]["available"]
+    assert "protoaudit prune" in data["purity"]["note"]
+    assert not data["audit"]["available"]
+    assert not data["duplicates"]["available"]
+    assert "purity" not in {f["name"] for f in data["figures"]}
+    assert all(r["purity"] is None and r["pruned"] is None for m in data["members"] for r in m["prototypes"])
+    html = render_html(report)
+    assert html.count("not computed yet — run <code>") == 0  # notes are text, escaped, not markup
+    assert "k-NN class purity not computed yet — run `protoaudit prune`" in html
+
+
+def test_ensemble_is_recomputed_and_matches_accuracy_csv(full_report: Any, full_run: Path) -> None:
+    confusion = full_report.data["confusion"]
+    before = next(m for m in confusion["models"] if not m["pruned"])
+    matrix = np.asarray(before["matrix"])
+    n_test = load_run(full_run).meta["dataset"]["splits"]["test"]
+    assert matrix.sum() == n_test
+    assert math.isclose(np.trace(matrix) / n_test, before["top1_recomputed"])
+    assert before["matches_accuracy_csv"] is True
+    assert all(c["matches_accuracy_csv"] is True for c in confusion["checkpoints"])
+
+
+def test_hostile_names_render_as_inert_text(tiny_run: Path, tmp_path: Path) -> None:
+    run_dir = copy_run(tiny_run, tmp_path)
+    write_contract_files(run_dir, hostile=True)
+    torch.set_num_threads(1)
+    report = build_report(load_run(run_dir), FAST)
+    html = render_html(report)
+    reader = read_html(html)
+    # the class name and the quoted file name reach the page as text, never as markup or broken attributes
+    assert HOSTILE_CLASS not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    text = "".join(reader.texts)
+    assert HOSTILE_CLASS in text
+    assert HOSTILE_ID in text
+    assert [t for t, _ in reader.tags].count("script") == 1
+    assert not any(t == "b" for t, _ in reader.tags)  # the <b> inside the image id stayed text
+    # the only script is ours, and the Content-Security-Policy pins it by hash
+    script = reader.scripts[0]
+    digest = base64.b64encode(hashlib.sha256(script.encode()).digest()).decode()
+    csp = next(
+        a["content"]
+        for t, a in reader.tags
+        if t == "meta" and a.get("http-equiv") == "Content-Security-Policy"
+    )
+    assert f"'sha256-{digest}'" in csp
+    assert "default-src 'none'" in csp
+    markdown = render_markdown(report)
+    assert HOSTILE_CLASS not in markdown
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in markdown
+
+
+def test_jsonable_refuses_nan_and_numpy_types() -> None:
+    value = jsonable(
+        {"a": np.float32(0.5), "b": float("nan"), "c": (np.int64(3), float("inf")), 4: np.bool_(True)}
+    )
+    assert value == {"a": 0.5, "b": None, "c": [3, None], "4": True}
+    assert json.loads(json.dumps(value, allow_nan=False)) == value
+    with pytest.raises(TypeError):
+        jsonable({"x": object()})
+
+
+def test_box_thumbnail_outlines_the_box_end_exclusive() -> None:
+    image = np.zeros((16, 16, 3), dtype=np.uint8)
+    png = box_thumbnail(image, (2, 10, 4, 12))
+    pixels = np.asarray(Image.open(io.BytesIO(png)).convert("RGB"))
+    assert tuple(pixels[2, 4]) == BOX_COLOUR
+    assert tuple(pixels[9, 11]) == BOX_COLOUR
+    assert tuple(pixels[10, 12]) == (0, 0, 0)
+    assert tuple(pixels[5, 7]) == (0, 0, 0)
+
+
+def test_cell_footprints_tile_the_image() -> None:
+    covered = np.zeros((30, 30), dtype=int)
+    for h in range(7):
+        for w in range(7):
+            y0, y1, x0, x1 = cell_footprint(h, w, (7, 7), 30)
+            covered[y0:y1, x0:x1] += 1
+    assert (covered == 1).all()
+
+
+def test_deletion_curves_start_at_one_and_meet_when_everything_is_deleted(tiny_run: Path) -> None:
+    run = load_run(tiny_run)
+    model = run.member("vgg")
+    bundle = run.dataset()
+    protos = run.prototypes("vgg").head(3)
+    images = bundle.push.batch(protos["source_index"].tolist())
+    curves = deletion_curves(
+        model, images, torch.tensor(protos["prototype"].tolist()), steps=6, random_orders=2
+    )
+    assert curves.activation.shape == (3, 7)
+    assert curves.random.shape == (3, 2, 7)
+    with torch.no_grad():
+        _, min_d = model(images)
+    intact = torch.log((min_d + 1) / (min_d + 1e-4))[
+        torch.arange(3), torch.tensor(protos["prototype"].tolist())
+    ]
+    np.testing.assert_allclose(curves.activation[:, 0], intact.numpy(), rtol=1e-4)
+    # all pixels deleted: the same flat image whatever the order
+    np.testing.assert_allclose(
+        curves.random[:, :, -1], np.repeat(curves.activation[:, -1:], 2, axis=1), rtol=1e-5
+    )
+    act, _rnd = curves.normalised()
+    np.testing.assert_allclose(act[:, 0], 1.0)
+    assert trapezoid_auc(np.linspace(0, 1, 5), np.ones(5)) == pytest.approx(1.0)
+    assert trapezoid_auc(np.linspace(0, 1, 3), np.array([1.0, 0.0, 0.0])) == pytest.approx(0.25)
+
+
+def test_cli_writes_html_json_markdown_and_names_the_run(
+    full_run: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(
+            [
+                "report",
+                "--root",
+                str(full_run.parent),
+                "--html",
+                "--markdown",
+                "--json",
+                "--deletion",
+                "1",
+                "--reasoning",
+                "1",
+                "--threads",
+                "1",
+            ]
+        )
+    out, err = capsys.readouterr()
+    assert exc.value.code in (0, None)
+    document = json.loads(out)
+    assert f"using the most recent run: {full_run}" in err
+    for kind in ("html", "json", "markdown"):
+        path = Path(document["files"][kind]["path"])
+        assert path.parent == full_run
+        assert path.stat().st_size == document["files"][kind]["bytes"]
+    assert "<!doctype html>" in (full_run / "report.html").read_text(encoding="utf-8")[:20]
+
+
+def test_cli_bad_run_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exc:
+        main(["report", str(tmp_path / "nope")])
+    _, err = capsys.readouterr()
+    assert exc.value.code == 2
+    assert re.search(r"error: run directory .*nope does not exist", err)
+    assert not (tmp_path / "nope").exists()
+
+
+def test_report_of_a_run_whose_dataset_changed_still_renders_with_a_note(
+    tiny_run: Path, tmp_path: Path
+) -> None:
+    run_dir = copy_run(tiny_run, tmp_path)
+    meta = json.loads((run_dir / "run.json").read_text())
+    meta["dataset"]["fingerprint"] = "0" * 64
+    (run_dir / "run.json").write_text(json.dumps(meta))
+    report = build_report(load_run(run_dir), FAST)
+    assert any("could not be rebuilt" in n for n in report.data["notes"])
+    assert not report.data["confusion"]["available"]
+    assert not report.data["faithfulness"]["available"]
+    assert all(r["thumb"] is None for m in report.data["members"] for r in m["prototypes"])
+    assert "could not be rebuilt" in render_html(report)
