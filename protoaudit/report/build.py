@@ -36,7 +36,7 @@ REPORT_FORMAT = "protoaudit-report"
 REPORT_FORMAT_VERSION = 1
 PRUNED_SUFFIX = "-pruned"  # members/<m>-pruned/: the pruned copy of member m (protoaudit prune)
 PRUNE_HINT = "not computed yet — run `protoaudit prune`"
-INDEX_HINT = "not computed yet — run `protoaudit index`"
+INDEX_HINT = "not computed yet — run `protoaudit index` (the patch index) or `protoaudit global-analysis`"
 SHEET_PROTOTYPES = 3  # prototypes listed per member and class on an embedded reasoning sheet
 
 
