@@ -282,3 +282,55 @@ def test_report_of_a_run_whose_dataset_changed_still_renders_with_a_note(
     assert not report.data["faithfulness"]["available"]
     assert all(r["thumb"] is None for m in report.data["members"] for r in m["prototypes"])
     assert "could not be rebuilt" in render_html(report)
+
+
+def test_report_of_a_really_pruned_run(tiny_run: Path, tmp_path: Path) -> None:
+    """The files `protoaudit prune` and `global-analysis` write (not hand-made ones) reach the page, traced."""
+    from protoaudit.analysis import global_analysis
+    from protoaudit.prune import prune_run
+
+    torch.set_num_threads(1)
+    run_dir = copy_run(tiny_run, tmp_path)
+    prune_run(load_run(run_dir))
+    global_analysis(load_run(run_dir), thumbnails=False)
+    report = build_report(load_run(run_dir), FAST)
+    data = report.data
+    assert data["purity"]["available"]
+    assert data["audit"]["available"]
+    assert data["duplicates"]["available"]
+    assert data["accuracy"]["pruned_available"]
+    pruned = pd.read_csv(run_dir / "purity.csv")
+    shown = {(m["name"], r["prototype"]): r["pruned"] for m in data["members"] for r in m["prototypes"]}
+    assert shown == {(r.member, r.prototype): bool(r.pruned) for r in pruned.itertuples()}
+    assert {c["checkpoint"] for c in data["last_layer"]["checkpoints"]} == {
+        "vgg",
+        "resnet",
+        "vgg-pruned",
+        "resnet-pruned",
+    }
+    assert all(
+        c["matches_accuracy_csv"] for c in data["confusion"]["checkpoints"] + data["confusion"]["models"]
+    )
+    assert all(m["nearest_source"] == "nearest_train.csv" for m in data["members"])
+    write_report(report, run_dir)
+    html = (run_dir / "report.html").read_text(encoding="utf-8")
+    assert untraced_numbers(html, json.loads((run_dir / "report.json").read_text(encoding="utf-8"))) == []
+
+
+def test_open_hands_the_page_to_the_browser(
+    full_run: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import webbrowser
+
+    opened: list[str] = []
+    monkeypatch.setattr(webbrowser, "open", lambda url, *a, **k: opened.append(url) or False)
+    args = ["report", str(full_run), "--open", "--out", str(tmp_path), "--deletion", "0", "--reasoning", "0"]
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    _, err = capsys.readouterr()
+    assert exc.value.code in (0, None)
+    assert opened == [(tmp_path / "report.html").resolve().as_uri()]
+    assert "no browser could be opened" in err  # a machine without a browser is told, not failed
+    data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
+    assert data["faithfulness"]["note"] == "deletion curves: not asked for (--deletion 0)"
+    assert data["reasoning"]["images"] == []

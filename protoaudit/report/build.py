@@ -799,7 +799,10 @@ class _Builder:
             "occlusion": "per-channel mean of the image",
         }
         if self.bundle is None or options.faithfulness_per_member <= 0:
-            return {**base, "available": False, "note": "the dataset could not be rebuilt", "prototypes": []}
+            why = (
+                "the dataset could not be rebuilt" if self.bundle is None else "not asked for (--deletion 0)"
+            )
+            return {**base, "available": False, "note": f"deletion curves: {why}", "prototypes": []}
         self.reporter.log("report: deletion curves")
         results = []
         fractions: list[float] = []
