@@ -353,7 +353,7 @@ def png_bytes(image: np.ndarray) -> bytes:
     from PIL import Image
 
     buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG", optimize=True)
+    Image.fromarray(image).save(buffer, format="PNG")  # optimize=True costs ~0.3 s a strip for ~10 %
     return buffer.getvalue()
 
 

@@ -445,6 +445,10 @@ class PatchIndex:
         self._image_of_row = self.meta["image_index"].to_numpy(dtype=np.int64)
         counts = np.bincount(self._image_of_row) if len(self._image_of_row) else np.zeros(1, np.int64)
         self.max_patches_per_image = int(counts.max()) if len(counts) else 0
+        # rows of each image: image i's rows are order[starts[i]:starts[i + 1]]
+        self._row_order = np.argsort(self._image_of_row, kind="stable")
+        n_images = int(self._image_of_row.max()) + 1 if len(self._image_of_row) else 0
+        self._row_starts = np.searchsorted(self._image_of_row[self._row_order], np.arange(n_images + 1))
         self._database: torch.Tensor | None = None
         self._norms: torch.Tensor | None = None
         self._gpu_index: Any = None
@@ -472,11 +476,17 @@ class PatchIndex:
 
     def vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
         """(len(rows), D) float32 patches (all of them when ``rows`` is None)."""
+        if self.info["kind"] == "flat":  # read from the index's own storage (the result is a copy)
+            import faiss
+
+            stored = faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(
+                self.ntotal, self.dim
+            )
+            return stored.copy() if rows is None else stored[np.asarray(rows, dtype=np.int64)]
         if rows is None:
             return np.asarray(self.index.reconstruct_n(0, self.ntotal), dtype=np.float32)
         rows = np.asarray(rows, dtype=np.int64)
-        if self.info["kind"] != "flat":
-            self.index.make_direct_map()
+        self.index.make_direct_map()
         return (
             np.stack([self.index.reconstruct(int(r)) for r in rows])
             if len(rows)
@@ -485,7 +495,9 @@ class PatchIndex:
 
     def image_rows(self, image_index: int) -> np.ndarray:
         """(H·W,) int64 rows of one image's patches, in h, w order."""
-        return np.flatnonzero(self._image_of_row == image_index)
+        if not 0 <= image_index < len(self._row_starts) - 1:
+            return np.zeros(0, dtype=np.int64)
+        return self._row_order[self._row_starts[image_index] : self._row_starts[image_index + 1]]
 
     def image_latents(self, image_index: int) -> np.ndarray:
         """(D, H, W) float32 latent map of one image of the split, read back from the index."""
