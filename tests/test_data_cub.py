@@ -152,6 +152,8 @@ def test_part_locations_follow_crop_and_resize(tmp_path: Path) -> None:
     assert locs[1, 2] == 0.0  # beak outside the box
     assert locs[2, 2] == 0.0  # belly invisible
     assert locs[4].tolist() == [17.5, 2.5, 1.0]  # crown (45, 25) → (35 · 0.5, 5 · 0.5)
+    # keypoints for the audits: (part id, row, column) of the visible parts, the pixel holding each location
+    assert train.part_keypoints(i).tolist() == [[1, 10, 10], [5, 2, 17]]
     full = bundle_from_listing(list_cub(tmp_path, "full"), 20, 0.0, None, seed=0).push
     locs_full = full.part_locations(i)
     assert locs_full is not None

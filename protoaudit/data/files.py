@@ -217,6 +217,17 @@ class FileSplit:
         box = self._box(index, self._source_size(index))
         return transform_points(self.parts[index], box, self.image_size)
 
+    def part_keypoints(self, index: int) -> np.ndarray | None:
+        """(q, 3) int64 (part id, y, x) of the q visible parts in the S × S input frame: the pixel that holds
+        each part location (clipped to the image), or None when the dataset has no part locations."""
+        locations = self.part_locations(index)
+        if locations is None:
+            return None
+        visible = np.flatnonzero(locations[:, 2] > 0)
+        rows = np.clip(np.floor(locations[visible, 1]), 0, self.image_size - 1)
+        cols = np.clip(np.floor(locations[visible, 0]), 0, self.image_size - 1)
+        return np.stack([visible + 1, rows, cols], axis=1).astype(np.int64).reshape(-1, 3)
+
     def subset(self, indices: np.ndarray, augment: Augment | None = None) -> FileSplit:
         idx = [int(i) for i in indices]
         return FileSplit(
