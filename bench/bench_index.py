@@ -87,6 +87,18 @@ def quickstart(run_dir: Path) -> None:
         f"standalone rebuild of every index (protoaudit index --force, forward passes included): {rebuild:.2f} s"
     )
 
+    from protoaudit.index import load_query_image, nearest_patches_to_image, nearest_prototypes_to_image
+
+    query = load_query_image(run, bundle.test.image_ids[0], bundle)
+    member = run.member_names[0]
+    to_protos = p50(lambda: nearest_prototypes_to_image(run, query, 3), 20)
+    to_patches = p50(lambda: nearest_patches_to_image(run, query, member, 3), 20)
+    print(
+        f"one test image, end to end (forward pass included, members loaded): nearest prototypes of all "
+        f"{len(run.member_names)} members p50 {1e3 * to_protos:.1f} ms; nearest training patches "
+        f"({member}, index loaded per call) p50 {1e3 * to_patches:.1f} ms"
+    )
+
 
 def large(n_patches: int, dim: int, repeat: int, seed: int = 0) -> dict[str, float]:
     from protoaudit.index import PatchIndex, exact_knn_torch

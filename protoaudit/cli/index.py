@@ -197,12 +197,14 @@ def nearest_prototypes_command(
     member: Annotated[
         list[str] | None, typer.Option("--member", "-m", help="Only this member (repeatable).")
     ] = None,
+    threads: ThreadsOpt = None,
     root: RootOpt = Path("reports"),
     json_: JsonOpt = False,
 ) -> None:
     """The nearest prototypes of every member to each patch of an image (distances compare within a member)."""
     from protoaudit.index import nearest_prototypes_to_image
 
+    _threads(threads)
     loaded, image = _run_and_image(args, root)
     names = [_member(loaded, m) for m in member] if member else None
     table = nearest_prototypes_to_image(loaded, image, k, names)
@@ -222,6 +224,7 @@ def explain_command(
     out: Annotated[
         Path | None, typer.Option("--out", help="Folder for the PNG and HTML (default: <run>/explain/).")
     ] = None,
+    threads: ThreadsOpt = None,
     root: RootOpt = Path("reports"),
     json_: JsonOpt = False,
 ) -> None:
@@ -230,6 +233,7 @@ def explain_command(
     from protoaudit.explain import explain_image, render_sheet_html, render_sheet_png, sheet_basename
     from protoaudit.io import write_text
 
+    _threads(threads)
     loaded, image = _run_and_image(args, root)
     sheet = explain_image(loaded, image, top_classes)
     folder = out if out is not None else loaded.path / "explain"
@@ -237,7 +241,7 @@ def explain_command(
     png = render_sheet_png(sheet, folder / f"{base}.png", prototypes)
     html = folder / f"{base}.html"
     write_text(html, render_sheet_html(sheet, prototypes))
-    err_console.print(f"wrote {png} and {html}", highlight=False)
+    err_console.print(f"wrote {png} and {html}", highlight=False, soft_wrap=True)
     if json_:
         print_json({**sheet.to_dict(), "png": str(png), "html": str(html)})
         return
