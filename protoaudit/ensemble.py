@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import shutil
 import time
 from dataclasses import dataclass
@@ -11,11 +12,12 @@ from typing import Any
 import pandas as pd
 import torch
 
+from protoaudit.checkpoint import MemberCheckpoint
 from protoaudit.data import DatasetBundle, build_dataset
-from protoaudit.errors import InputError
+from protoaudit.errors import InputError, OutputError
 from protoaudit.progress import NULL_REPORTER, Reporter
 from protoaudit.recipe import Recipe
-from protoaudit.run import ACCURACY_COLUMNS, RunWriter, save_member, versions, write_csv
+from protoaudit.run import ACCURACY_COLUMNS, RunWriter, load_member, save_member, versions, write_csv
 from protoaudit.train import predict, predict_with_latents, resolve_device, top1, train_member
 from protoaudit.trunks import trunk_info
 
@@ -30,6 +32,7 @@ class EnsembleResult:
     run_dir: Path
     accuracy: pd.DataFrame
     seconds: float
+    already_complete: bool = False  # --resume on a run that had finished: nothing was trained
 
 
 def prepare_run_dir(run_dir: Path, force: bool) -> None:
@@ -46,7 +49,11 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
                 f"run directory {run_dir} already exists; pass --force to replace it or --out to write elsewhere"
             )
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or full disk is an output problem; a file in the way is bad input
+        kind = InputError if exc.errno in (errno.ENOTDIR, errno.EEXIST) else OutputError
+        raise kind(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
 
 
 def configure_threads(threads: int | None) -> int:
@@ -55,8 +62,14 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
-def train_ensemble(recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bool = False) -> EnsembleResult:
-    """Train all members of ``recipe`` into ``<out>/<name>/`` and evaluate them and their ensemble on test."""
+def train_ensemble(
+    recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bool = False, resume: bool = False
+) -> EnsembleResult:
+    """Train all members of ``recipe`` into ``<out>/<name>/`` and evaluate them and their ensemble on test.
+
+    With ``resume``, continue the interrupted run in that directory: finished members are reloaded, the
+    interrupted member continues from its last checkpoint, the rest are trained.
+    """
     started = time.perf_counter()
     device = resolve_device(recipe.device)
     threads = configure_threads(recipe.threads)
@@ -68,34 +81,40 @@ def train_ensemble(recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bo
 
         reporter.log("checking the dataset (every image is decoded once)")
         check_data(recipe.data, recipe.seed).raise_for_problems()
+    run_dir = recipe.run_dir()
+    previous = resumable_run(run_dir, recipe, force) if resume else None
+    if previous is not None and previous.get("status") == "complete":
+        return EnsembleResult(run_dir, pd.read_csv(run_dir / "accuracy.csv"), 0.0, already_complete=True)
     t0 = time.perf_counter()
     bundle = build_dataset(recipe.data, recipe.seed)
     data_seconds = time.perf_counter() - t0
-    run_dir = recipe.run_dir()
-    prepare_run_dir(run_dir, force)
-    write_text_recipe(run_dir, recipe)
-    writer = RunWriter(
-        run_dir,
-        {
-            "name": recipe.name,
-            "versions": versions(),
-            "seed": recipe.seed,
-            "threads": threads,
-            "device": str(device),
-            "recipe_sha256": recipe.sha256(),
-            "dataset": {
-                "fingerprint": bundle.fingerprint,
-                "summary": bundle.summary,
-                "n_classes": bundle.n_classes,
-                "splits": {s: len(getattr(bundle, s)) for s in ("train", "push", "val", "test")},
-            },
-            "members": [m.name for m in recipe.members if m.kind == "protopnet"],
-            "baselines": [m.name for m in recipe.members if m.kind == "baseline"],
-            "timings": {"dataset": data_seconds},
+    if previous is None:
+        prepare_run_dir(run_dir, force)
+        write_text_recipe(run_dir, recipe)
+    document = {
+        "name": recipe.name,
+        "versions": versions(),
+        "seed": recipe.seed,
+        "threads": threads,
+        "device": str(device),
+        "recipe_sha256": recipe.sha256(),
+        "dataset": {
+            "fingerprint": bundle.fingerprint,
+            "summary": bundle.summary,
+            "n_classes": bundle.n_classes,
+            "splits": {s: len(getattr(bundle, s)) for s in ("train", "push", "val", "test")},
         },
-    )
+        "members": [m.name for m in recipe.members if m.kind == "protopnet"],
+        "baselines": [m.name for m in recipe.members if m.kind == "baseline"],
+        "timings": {"dataset": data_seconds},
+    }
+    if previous is not None:
+        document = resumed_document(previous, document, run_dir, reporter)
+    writer = RunWriter(run_dir, document)
+    if previous is not None:
+        writer.update(started=previous.get("started"))
     try:
-        rows, logits = _train_members(recipe, bundle, device, reporter, run_dir, writer)
+        rows, logits = _train_members(recipe, bundle, device, reporter, run_dir, writer, resume)
         combined = ensemble_logits(logits)
         rows.append(
             {
@@ -110,7 +129,7 @@ def train_ensemble(recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bo
         )
         from protoaudit.baseline import train_baselines  # not part of the ensemble (paper Table 1)
 
-        rows += train_baselines(recipe, bundle, device, reporter, run_dir, writer)
+        rows += train_baselines(recipe, bundle, device, reporter, run_dir, writer, resume)
         accuracy = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
         write_csv(run_dir / "accuracy.csv", accuracy)
         seconds = time.perf_counter() - started
@@ -137,12 +156,31 @@ def _train_members(
     reporter: Reporter,
     run_dir: Path,
     writer: RunWriter,
+    resume: bool = False,
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     rows: list[dict[str, Any]] = []
     logits: list[torch.Tensor] = []
     timings: dict[str, Any] = dict(writer.document["timings"])
     for i, member in enumerate(recipe.members):
         if member.kind == "baseline":  # trained after the ensemble by protoaudit.baseline
+            continue
+        checkpoint = MemberCheckpoint(
+            run_dir / "members" / member.name / "checkpoint",
+            {"member": member.name, "training_sha256": training_sha256(recipe), "seed": recipe.seed + i},
+        )
+        if resume and (run_dir / "members" / member.name / "model.json").is_file():
+            row, test_logits = _reload_finished_member(
+                member.name, member.trunk, recipe, bundle, device, run_dir
+            )
+            checkpoint.remove()  # left over if the crash came between model.json and its removal
+            if recipe.index.build:  # the interruption may have come while its patch indexes were built
+                from protoaudit.index import index_run
+                from protoaudit.run import load_run
+
+                index_run(load_run(run_dir), [member.name], device=str(device), reporter=reporter)
+            rows.append(row)
+            logits.append(test_logits)
+            reporter.log(f"[bold]{member.name}[/bold]: finished before the interruption; reloaded")
             continue
         reporter.log(
             f"[bold]{member.name}[/bold]: {member.trunk} trunk, {member.prototypes_per_class} prototypes per class, D = {member.prototype_dim}"
@@ -154,6 +192,7 @@ def _train_members(
             device,
             seed=recipe.seed + i,
             reporter=reporter,
+            checkpoint=checkpoint,
             keep_push_latents=recipe.index.build,
         )
         t0 = time.perf_counter()
@@ -185,6 +224,7 @@ def _train_members(
             },
             prototypes,
         )
+        checkpoint.remove()  # the member is finished: model.json is the contract from here on
         trained.model.to(device)
         if recipe.index.build:  # from the selected push pass's and the test pass's latents
             from protoaudit.index import build_member_indexes
@@ -221,3 +261,113 @@ def _train_members(
             f"[bold]{member.name}[/bold]: test top-1 {test_top1:.4f} (selected after epoch {trained.selected_epoch}, val top-1 {trained.val_top1:.4f})"
         )
     return rows, logits
+
+
+def _reload_finished_member(
+    name: str, trunk: str, recipe: Recipe, bundle: DatasetBundle, device: torch.device, run_dir: Path
+) -> tuple[dict[str, Any], torch.Tensor]:
+    """A member that finished before an interruption: its accuracy row and (N, K) test logits, recomputed."""
+    model, _ = load_member(run_dir / "members" / name, device)
+    test_logits = predict(
+        model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
+    )
+    row = {
+        "model": name,
+        "kind": "member",
+        "backbone": trunk,
+        "pruned": False,
+        "top1": top1(test_logits, bundle.test.labels),
+        "n_prototypes": model.n_prototypes,
+        "n_test": len(bundle.test),
+    }
+    return row, test_logits
+
+
+def resumable_run(run_dir: Path, recipe: Recipe, force: bool) -> dict[str, Any]:
+    """The run.json of the run ``--resume`` continues; refuses a run of another recipe or format."""
+    from protoaudit.errors import CheckpointError
+    from protoaudit.io import read_json
+    from protoaudit.run import check_format
+
+    if force:
+        raise InputError("--resume and --force contradict each other: --force starts the run anew")
+    if not (run_dir / "run.json").is_file():
+        raise InputError(f"nothing to resume: {run_dir} holds no run.json (start the run without --resume)")
+    previous = read_json(run_dir / "run.json")
+    if not isinstance(previous, dict):
+        raise CheckpointError(f"{run_dir / 'run.json'}: expected a JSON object")
+    check_format(previous, run_dir / "run.json")
+    status = previous.get("status")
+    if status not in ("running", "interrupted", "failed", "complete"):
+        raise CheckpointError(f"{run_dir / 'run.json'}: unknown status {status!r}")
+    if previous.get("recipe_sha256") != recipe.sha256():  # a moved run differs in `out` only: that is fine
+        changes = recipe_differences(run_dir / "recipe.toml", recipe)
+        if changes:
+            raise InputError(
+                f"cannot resume {run_dir}: the recipe differs from the run's recipe.toml ({changes}); "
+                f"resume with the run's own recipe: protoaudit train-ensemble {run_dir / 'recipe.toml'} --resume"
+            )
+    return previous
+
+
+def training_sha256(recipe: Recipe) -> str:
+    """sha256 of the recipe without its output root: what a checkpoint must have been trained with."""
+    return recipe.model_copy(update={"out": ""}).sha256()
+
+
+def recipe_differences(recorded_path: Path, recipe: Recipe, limit: int = 3) -> str:
+    """``"schedule.epochs: 3 → 40, seed: 0 → 1"``: the keys other than ``out`` where ``recipe`` differs from
+    the recorded one; "" when there are none."""
+    import tomllib
+
+    try:
+        recorded = tomllib.loads(recorded_path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, tomllib.TOMLDecodeError):
+        return f"{recorded_path} is unreadable"
+    current = tomllib.loads(recipe.to_toml())
+    flat_a, flat_b = _flatten(recorded), _flatten(current)
+    keys = [k for k in sorted(set(flat_a) | set(flat_b)) if k != "out" and flat_a.get(k) != flat_b.get(k)]
+    if not keys:
+        return ""
+    shown = ", ".join(
+        f"{k}: {flat_a.get(k, '(unset)')!r} → {flat_b.get(k, '(unset)')!r}" for k in keys[:limit]
+    )
+    return shown + (f" and {len(keys) - limit} more" if len(keys) > limit else "")
+
+
+def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict):
+        out: dict[str, Any] = {}
+        for key, value in tree.items():
+            out.update(_flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    if isinstance(tree, list) and tree and all(isinstance(v, dict) for v in tree):
+        out = {}
+        for i, value in enumerate(tree):
+            label = value.get("name", i) if isinstance(value, dict) else i
+            out.update(_flatten(value, f"{prefix}.{label}"))
+        return out
+    return {prefix: tree}
+
+
+def resumed_document(
+    previous: dict[str, Any], fresh: dict[str, Any], run_dir: Path, reporter: Reporter
+) -> dict[str, Any]:
+    """run.json for a resumed run: the recorded document, checked against what this process would write."""
+    recorded = previous.get("dataset", {}).get("fingerprint")
+    if recorded != fresh["dataset"]["fingerprint"]:
+        raise InputError(
+            f"cannot resume {run_dir}: its dataset changed since the run started "
+            f"(fingerprint {str(recorded)[:12]} → {fresh['dataset']['fingerprint'][:12]})"
+        )
+    for key in ("versions", "threads", "device"):
+        if previous.get(key) != fresh[key]:
+            reporter.log(
+                f"[yellow]warning:[/yellow] {key} differ from the interrupted run's "
+                f"({previous.get(key)} → {fresh[key]}): the result may not be bit-identical to an uninterrupted run"
+            )
+    document = {
+        k: v for k, v in previous.items() if k not in ("format_version", "status", "finished", "error")
+    }
+    document["resumed"] = [*previous.get("resumed", []), time.strftime("%Y-%m-%dT%H:%M:%S%z")]
+    return document

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from protoaudit.checkpoint import MemberCheckpoint, capture, restore
 from protoaudit.data import DatasetBundle, ImageSplit, iter_batches
 from protoaudit.errors import ProtoauditError
 from protoaudit.losses import off_class_l1, protopnet_loss
@@ -274,9 +275,15 @@ def train_member(
     seed: int,
     reporter: Reporter = NULL_REPORTER,
     latent_consumer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
+    checkpoint: MemberCheckpoint | None = None,
     keep_push_latents: bool = False,
 ) -> TrainedMember:
-    """Train one member through all stages; returns the selected (pushed) state."""
+    """Train one member through all stages; returns the selected (pushed) state.
+
+    With ``checkpoint``, the training state is saved after every SGD epoch and after every push + last-layer
+    stage, and training resumes from the checkpoint when one exists (the result is bit-identical to an
+    uninterrupted run on the same device with the same threads).
+    """
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_member(member, bundle).to(device)
@@ -294,30 +301,52 @@ def train_member(
     best_latents: torch.Tensor | None = None  # the selected push pass's latents, when kept (patch index)
     tag = f"[bold]{member.name}[/bold]"
 
-    for epoch in range(1, sched.epochs + 1):
-        stage = "warm" if epoch <= sched.warm_epochs else "joint"
-        set_stage(model, stage)
-        t0 = time.perf_counter()
-        with reporter.task(f"{member.name} {stage} {epoch}/{sched.epochs}", len(bundle.train)) as advance:
-            metrics = _sgd_epoch(
-                model,
-                bundle.train,
-                optimizers[stage],
-                coefs,
-                sched.batch_size,
-                generator,
-                device,
-                advance,
-                sched.workers,
+    def save_checkpoint(epoch: int, phase: str) -> None:
+        if checkpoint is not None:
+            t0 = time.perf_counter()
+            checkpoint.save(
+                capture(epoch, phase, model, optimizers, scheduler, generator, history, seconds, best)
             )
-        if stage == "joint":
-            scheduler.step()
-        seconds[stage] += time.perf_counter() - t0
-        history.append({"stage": stage, "epoch": epoch, "seconds": time.perf_counter() - t0, **metrics})
+            seconds["checkpoint"] = seconds.get("checkpoint", 0.0) + time.perf_counter() - t0
+
+    first_epoch, push_pending = 1, False
+    saved = checkpoint.load() if checkpoint is not None else None
+    if saved is not None and checkpoint is not None:
+        best = restore(saved, model, optimizers, scheduler, generator, checkpoint.directory)
+        history, seconds = saved.history, {**seconds, **saved.seconds}
+        push_pending = saved.phase == "sgd" and saved.epoch in pushes  # its push + last layer still to do
+        first_epoch = saved.epoch if push_pending else saved.epoch + 1
         reporter.log(
-            f"{tag} {stage:<5} {epoch:>3}/{sched.epochs}  loss {metrics['loss']:.3f}  ce {metrics['cross_entropy']:.3f}  "
-            f"clst {metrics['cluster']:.3f}  sep {metrics['separation']:.3f}  train top-1 {metrics['train_top1']:.3f}"
+            f"{tag} resuming from its checkpoint after epoch {saved.epoch}"
+            + (" (before its push)" if push_pending else "")
         )
+
+    for epoch in range(first_epoch, sched.epochs + 1):
+        if not (push_pending and epoch == first_epoch):
+            stage = "warm" if epoch <= sched.warm_epochs else "joint"
+            set_stage(model, stage)
+            t0 = time.perf_counter()
+            with reporter.task(f"{member.name} {stage} {epoch}/{sched.epochs}", len(bundle.train)) as advance:
+                metrics = _sgd_epoch(
+                    model,
+                    bundle.train,
+                    optimizers[stage],
+                    coefs,
+                    sched.batch_size,
+                    generator,
+                    device,
+                    advance,
+                    sched.workers,
+                )
+            if stage == "joint":
+                scheduler.step()
+            seconds[stage] += time.perf_counter() - t0
+            history.append({"stage": stage, "epoch": epoch, "seconds": time.perf_counter() - t0, **metrics})
+            reporter.log(
+                f"{tag} {stage:<5} {epoch:>3}/{sched.epochs}  loss {metrics['loss']:.3f}  ce {metrics['cross_entropy']:.3f}  "
+                f"clst {metrics['cluster']:.3f}  sep {metrics['separation']:.3f}  train top-1 {metrics['train_top1']:.3f}"
+            )
+            save_checkpoint(epoch, "sgd")
         if epoch not in pushes:
             continue
 
@@ -389,6 +418,7 @@ def train_member(
             state = {k: v.detach().clone() for k, v in model.state_dict().items()}
             best = (score, epoch, state, pushed)
             best_latents = kept.cpu() if kept is not None else None
+        save_checkpoint(epoch, "push")
 
     assert best is not None  # the last epoch always pushes
     score, selected_epoch, state, pushed = best

@@ -56,6 +56,10 @@ from protoaudit.cli import data as _data  # noqa: E402
 
 _data.register(app)
 
+from protoaudit.cli import importer as _importer  # noqa: E402
+
+_importer.register(app)
+
 from protoaudit.cli import prune as _prune  # noqa: E402
 
 _prune.register(app)

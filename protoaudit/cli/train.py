@@ -14,6 +14,7 @@ EXAMPLES = """
 
   protoaudit train-ensemble recipes/quickstart.toml
   protoaudit train-ensemble recipes/quickstart.toml --seed 1 --out /tmp/runs --force
+  protoaudit train-ensemble recipes/quickstart.toml --resume
   protoaudit train-ensemble recipes/cub_bb.toml --set schedule.epochs=5 --set members.vgg19.prototype_dim=64
 """
 
@@ -41,6 +42,13 @@ def train_ensemble_command(
     force: Annotated[
         bool, typer.Option("--force", help="Replace an existing run directory of the same name.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue an interrupted run of this recipe from its checkpoints (same recipe required).",
+        ),
+    ] = False,
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
@@ -59,7 +67,11 @@ def train_ensemble_command(
     )
     with Reporter(err_console, quiet=quiet) as reporter:
         reporter.log(f"run directory: {loaded.run_dir()}")
-        result = train_ensemble(loaded, reporter=reporter, force=force)
+        result = train_ensemble(loaded, reporter=reporter, force=force, resume=resume)
+    if result.already_complete:
+        err_console.print(
+            f"run {result.run_dir} is already complete; nothing to resume", highlight=False, soft_wrap=True
+        )
     if json_:
         print_json(
             {
@@ -70,7 +82,8 @@ def train_ensemble_command(
         )
     else:
         out_console.print(frame_table(result.accuracy, title=f"test top-1 — {result.run_dir}"))
-        err_console.print(f"done in {result.seconds:.1f} s", highlight=False)
+        if not result.already_complete:
+            err_console.print(f"done in {result.seconds:.1f} s", highlight=False)
 
 
 def register(app: typer.Typer) -> None:
