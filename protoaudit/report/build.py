@@ -192,6 +192,7 @@ class _Builder:
             "generated": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             "run": summary,
             "class_names": class_names,
+            "classes": [{"class": k, "class_name": name} for k, name in enumerate(class_names)],
             "accuracy": accuracy,
             "purity": self._purity_summary(purity_frame),
             "members": members,

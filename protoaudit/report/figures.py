@@ -156,7 +156,7 @@ def accuracy_bars(data: dict[str, Any]) -> Any:
     sns.barplot(data=frame, x="model", y="top-1", hue="checkpoint", hue_order=order, palette=PALETTE, ax=ax)
     ax.set_ylim(0, 1)
     ax.set_xlabel("")
-    ax.legend(loc="lower right", fontsize="small")
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2, fontsize="small", frameon=False)
     return fig
 
 
