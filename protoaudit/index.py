@@ -394,36 +394,48 @@ def exact_knn_torch(
     database_norms: torch.Tensor | None = None,
     chunk: int = 1 << 16,
     margin: int = 16,
+    memory: int = 1 << 26,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest rows of ``database`` (N, D) to each query (n, D) by squared L2, in torch.
 
     Candidates come from ‖q‖² − 2 q·x + ‖x‖² (clamped ≥ 0) over chunks of the database, ``margin`` more than
     k; their distances are then recomputed as Σ (q − x)², which is exact to float32 rounding, so near-ties
-    are ordered as a float64 brute force orders them; ties go to the lower row.
+    are ordered as a float64 brute force orders them; ties go to the lower row. Queries go in blocks so that
+    no temporary holds more than about ``memory`` floats.
     Returns (distances (n, k') float32 ascending, rows (n, k') int64) with k' = min(k, N).
     """
-    n_db = database.shape[0]
+    n_db, dim = database.shape
     k = min(k, n_db)
     wanted = min(k + margin, n_db)
     norms = database_norms if database_norms is not None else (database * database).sum(1)
-    qn = (queries * queries).sum(1, keepdim=True)
-    best_d = torch.zeros(len(queries), 0, device=queries.device)
-    best_i = torch.zeros(len(queries), 0, dtype=torch.long, device=queries.device)
-    for start in range(0, n_db, chunk):
-        x = database[start : start + chunk]
-        d = (qn - 2 * queries @ x.T + norms[start : start + chunk][None]).clamp_(min=0)
-        dd, ii = d.topk(min(wanted, d.shape[1]), dim=1, largest=False, sorted=False)
-        best_d = torch.cat([best_d, dd], 1)
-        best_i = torch.cat([best_i, ii + start], 1)
-        if best_d.shape[1] > wanted:
-            best_d, sel = best_d.topk(wanted, dim=1, largest=False, sorted=False)
-            best_i = best_i.gather(1, sel)
-    # refine: exact differences for the candidates, then ascending distance with ties by the lower row
-    best_d = ((queries[:, None, :] - database[best_i]) ** 2).sum(-1)
-    by_row = best_i.argsort(dim=1)
-    best_i, best_d = best_i.gather(1, by_row), best_d.gather(1, by_row)
-    by_dist = best_d.argsort(dim=1, stable=True)[:, :k]
-    return best_d.gather(1, by_dist), best_i.gather(1, by_dist)
+    block = max(1, memory // max(min(chunk, n_db) + wanted, wanted * dim))
+    out_d, out_i = [], []
+    for q_start in range(0, len(queries), block):
+        q = queries[q_start : q_start + block]
+        qn = (q * q).sum(1, keepdim=True)
+        best_d = torch.zeros(len(q), 0, device=q.device)
+        best_i = torch.zeros(len(q), 0, dtype=torch.long, device=q.device)
+        for start in range(0, n_db, chunk):
+            x = database[start : start + chunk]
+            d = (qn - 2 * q @ x.T + norms[start : start + chunk][None]).clamp_(min=0)
+            dd, ii = d.topk(min(wanted, d.shape[1]), dim=1, largest=False, sorted=False)
+            best_d = torch.cat([best_d, dd], 1)
+            best_i = torch.cat([best_i, ii + start], 1)
+            if best_d.shape[1] > wanted:
+                best_d, sel = best_d.topk(wanted, dim=1, largest=False, sorted=False)
+                best_i = best_i.gather(1, sel)
+        # refine: exact differences for the candidates, then ascending distance with ties by the lower row
+        best_d = ((q[:, None, :] - database[best_i]) ** 2).sum(-1)
+        by_row = best_i.argsort(dim=1)
+        best_i, best_d = best_i.gather(1, by_row), best_d.gather(1, by_row)
+        by_dist = best_d.argsort(dim=1, stable=True)[:, :k]
+        out_d.append(best_d.gather(1, by_dist))
+        out_i.append(best_i.gather(1, by_dist))
+    if not out_d:
+        return torch.zeros(0, k, device=queries.device), torch.zeros(
+            0, k, dtype=torch.long, device=queries.device
+        )
+    return torch.cat(out_d), torch.cat(out_i)
 
 
 @dataclass

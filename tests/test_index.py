@@ -255,6 +255,10 @@ def test_exact_knn_torch_chunks_and_ties() -> None:
     assert r[0, :2].tolist() == [17, 250]
     d, r = exact_knn_torch(torch.from_numpy(database[:3]), torch.from_numpy(queries), 7)
     assert r.shape == (10, 3)  # k larger than the database
+    small_blocks = exact_knn_torch(
+        torch.from_numpy(database), torch.from_numpy(queries), 7, chunk=64, memory=500
+    )
+    np.testing.assert_array_equal(small_blocks[1].numpy(), ref_r)  # queries in blocks of one or two
 
 
 def test_write_and_load_round_trip(tmp_path: Path) -> None:
