@@ -127,6 +127,25 @@ def patch_part(
     return best if counts[best] > 0 and counts[best] >= min_fraction * cell.size else 0
 
 
+def patch_parts_from_keypoints(
+    keypoints: np.ndarray, grid: int | tuple[int, int], image_size: int
+) -> np.ndarray:
+    """The part at every patch where parts are annotated as keypoints (CUB's part locations), not masks.
+
+    keypoints: (q, 3) int64 (part id, y, x) in the S × S input frame → (H, W) int64: the lowest part id whose
+    keypoint lies in the patch's cell (see :func:`patch_part`), else 0 — here 0 means "no part location in
+    the cell", which is not necessarily background.
+    """
+    hh, ww = (grid, grid) if isinstance(grid, int) else grid
+    out = np.zeros((hh, ww), dtype=np.int64)
+    for part, y, x in sorted((int(p), int(y), int(x)) for p, y, x in np.asarray(keypoints).reshape(-1, 3)):
+        h = min(hh - 1, max(0, y * hh // image_size))  # the cell rows ⌊h·S/H⌋ … hold y when h = ⌊y·H/S⌋
+        w = min(ww - 1, max(0, x * ww // image_size))
+        if out[h, w] == 0:
+            out[h, w] = part
+    return out
+
+
 # -- patches and their metadata ------------------------------------------------------------------------
 
 
@@ -145,13 +164,27 @@ def _image_paths(split: ImageSplit) -> list[str]:
     return [""] * len(split)
 
 
-def patch_metadata(split: ImageSplit, grid: tuple[int, int]) -> pd.DataFrame:
-    """One row per patch of ``split`` (image, h, w order): the columns of :data:`META_COLUMNS`."""
+def _image_parts(split: ImageSplit, i: int, grid: tuple[int, int], image_size: int | None) -> np.ndarray:
+    mask = split.part_mask(i)
+    keypoints = getattr(split, "part_keypoints", None)
+    if mask is None and keypoints is not None and image_size is not None:
+        points = keypoints(i)
+        if points is not None:
+            return patch_parts_from_keypoints(points, grid, image_size)
+    return patch_parts(mask, grid)
+
+
+def patch_metadata(split: ImageSplit, grid: tuple[int, int], image_size: int | None = None) -> pd.DataFrame:
+    """One row per patch of ``split`` (image, h, w order): the columns of :data:`META_COLUMNS`.
+
+    ``part`` comes from the split's part masks (:func:`patch_part`), else from its part keypoints when it
+    has them and ``image_size`` is given (:func:`patch_parts_from_keypoints`), else -1.
+    """
     n = len(split)
     hh, ww = grid
     per = hh * ww
     parts = np.concatenate(
-        [patch_parts(split.part_mask(i), grid).ravel() for i in range(n)] or [np.zeros(0, np.int64)]
+        [_image_parts(split, i, grid, image_size).ravel() for i in range(n)] or [np.zeros(0, np.int64)]
     )
     return pd.DataFrame(
         {
@@ -328,7 +361,7 @@ def build_member_indexes(
                 z = collect_latents(model, split, batch_size, device, workers)
         grid = (int(z.shape[2]), int(z.shape[3]))
         vectors = latents_to_patches(z)
-        meta = patch_metadata(split, grid)
+        meta = patch_metadata(split, grid, bundle.image_size)
         info = write_index(member_dir, split_name, vectors, meta, grid, bundle.image_size, config, sha)
         info["seconds"] = time.perf_counter() - t0
         info["forward_passes"] = passes

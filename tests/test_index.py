@@ -299,6 +299,24 @@ def test_patch_metadata_order() -> None:
     assert latents_to_patches(torch.arange(8.0).view(1, 2, 2, 2)).tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
 
+def test_parts_from_keypoints() -> None:
+    from protoaudit.data import TensorSplit
+    from protoaudit.index import patch_parts_from_keypoints
+
+    # a 16 px image, 2 × 2 grid of 8 px cells; part 4 at (1, 1) and part 2 at (6, 7): both in cell (0, 0)
+    keypoints = np.array([[4, 1, 1], [2, 6, 7], [9, 15, 8]])
+    assert patch_parts_from_keypoints(keypoints, 2, 16).tolist() == [[2, 0], [0, 9]]
+    assert patch_parts_from_keypoints(np.zeros((0, 3)), (1, 3), 16).tolist() == [[0, 0, 0]]
+
+    class KeypointSplit(TensorSplit):
+        def part_keypoints(self, index: int) -> np.ndarray | None:
+            return keypoints if index == 0 else None
+
+    split = KeypointSplit(np.zeros((2, 16, 16, 3), np.uint8), np.array([0, 1]), ["a", "b"])
+    assert patch_metadata(split, (2, 2), 16)["part"].tolist() == [2, 0, 0, 9, -1, -1, -1, -1]
+    assert patch_metadata(split, (2, 2))["part"].tolist() == [-1] * 8  # no image size: keypoints unused
+
+
 # -- stale and damaged indexes --------------------------------------------------------------------------
 
 
