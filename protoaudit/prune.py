@@ -259,8 +259,9 @@ def _consistency_stability(
     test = bundle.test
     if len(test) == 0:
         return None
-    keypoints = [_keypoints(test, i) for i in range(len(test))]
-    if any(k is None for k in keypoints):
+    found = [_keypoints(test, i) for i in range(len(test))]
+    keypoints = [k for k in found if k is not None]
+    if len(keypoints) != len(found):
         return None
     n_parts = max(
         len(bundle.part_names or []) - 1, max((int(k[:, 0].max()) for k in keypoints if len(k)), default=0)
@@ -294,10 +295,10 @@ def _consistency_stability(
         if len(own) == 0:
             continue
         pts = [keypoints[i] for i in own]
-        clean = activated_parts(sim_clean[own, j], pts, size, half, n_parts)
-        noisy = activated_parts(sim_noisy[own, j], pts, size, half, n_parts)
-        consistent[j] = consistency(clean, visible[own], CONSISTENCY_THRESHOLD)
-        stable[j] = stability(clean, noisy)
+        parts_clean = activated_parts(sim_clean[own, j], pts, size, half, n_parts)
+        parts_noisy = activated_parts(sim_noisy[own, j], pts, size, half, n_parts)
+        consistent[j] = consistency(parts_clean, visible[own], CONSISTENCY_THRESHOLD)
+        stable[j] = stability(parts_clean, parts_noisy)
     return consistent, stable
 
 
@@ -467,7 +468,7 @@ def prune_run(
         )
         if ((accuracy["model"] == "ensemble") & ~accuracy["pruned"].astype(bool)).any()
         else None,
-        "top1_pruned": float(new_rows[-1]["top1"]),
+        "top1_pruned": top1(combined, bundle.test.labels),
     }
     audit.update(_pooled(results))
     purity = pd.concat([r.purity for r in results], ignore_index=True)
