@@ -14,7 +14,7 @@ import torch
 
 from protoaudit.checkpoint import MemberCheckpoint
 from protoaudit.data import DatasetBundle, build_dataset
-from protoaudit.errors import InputError, OutputError
+from protoaudit.errors import CheckpointError, InputError, OutputError
 from protoaudit.progress import NULL_REPORTER, Reporter
 from protoaudit.recipe import Recipe
 from protoaudit.run import ACCURACY_COLUMNS, RunWriter, load_member, save_member, versions, write_csv
@@ -84,6 +84,8 @@ def train_ensemble(
     run_dir = recipe.run_dir()
     previous = resumable_run(run_dir, recipe, force) if resume else None
     if previous is not None and previous.get("status") == "complete":
+        if not (run_dir / "accuracy.csv").is_file():
+            raise CheckpointError(f"run {run_dir} says it is complete but has no accuracy.csv")
         return EnsembleResult(run_dir, pd.read_csv(run_dir / "accuracy.csv"), 0.0, already_complete=True)
     t0 = time.perf_counter()
     bundle = build_dataset(recipe.data, recipe.seed)
@@ -285,7 +287,6 @@ def _reload_finished_member(
 
 def resumable_run(run_dir: Path, recipe: Recipe, force: bool) -> dict[str, Any]:
     """The run.json of the run ``--resume`` continues; refuses a run of another recipe or format."""
-    from protoaudit.errors import CheckpointError
     from protoaudit.io import read_json
     from protoaudit.run import check_format
 

@@ -460,6 +460,7 @@ CASES = [
     # run directories and training checkpoints (--resume)
     Case("run of a newer format", resume(newer_run_format), 2, "format version 99 is newer than this protoaudit reads"),
     Case("dataset changed since the run", resume(dataset_changed), 2, "its dataset changed since the run started", unchanged=False),
+    Case("complete run without accuracy.csv", resume(lambda d: (d / "accuracy.csv").unlink()), 2, "says it is complete but has no accuracy.csv"),
     Case("run.json not JSON", resume(run_json_not_json), 2, "run.json: not valid JSON"),
     Case("truncated member weights", resume(truncated_member_weights), 2, "model.safetensors: not a readable safetensors file", unchanged=False, check=failed_status),
     Case("checkpoint byte flipped", resume(flipped_checkpoint_byte, "checkpoint"), 2, "does not match the sha256", unchanged=False, check=failed_status),
