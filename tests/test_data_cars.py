@@ -183,3 +183,38 @@ def test_short_run_from_the_cars_recipe(tmp_path: Path) -> None:
     assert accuracy["kind"].tolist() == ["member"] * 3 + ["ensemble", "baseline"]
     assert accuracy.loc[4, "backbone"] == "tiny_resnet"
     assert (accuracy["n_test"] == 6).all()
+
+
+def test_data_check_names_a_corrupt_car_and_an_empty_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A truncated JPEG in cars_test/ and a car model in cars_meta.mat that no annotation uses."""
+    import json
+
+    import scipy.io
+
+    from protoaudit.cli import main
+
+    make_cars(tmp_path / "cars")
+    victim = tmp_path / "cars" / "cars_test" / "00002.jpg"
+    victim.write_bytes(victim.read_bytes()[:200])
+    scipy.io.savemat(
+        tmp_path / "cars" / "devkit" / "cars_meta.mat",
+        {"class_names": _cell([*CAR_NAMES, "Bugatti Veyron 16.4 Coupe 2009"])},
+    )
+    recipe = tmp_path / "r.toml"
+    recipe.write_text(
+        f'name = "c"\n[data]\nkind = "cars"\nroot = "{tmp_path / "cars"}"\nimage_size = 32\n'
+        '[[members]]\nname = "v"\ntrunk = "tiny_vgg"\n'
+    )
+    with pytest.raises(SystemExit) as exc:
+        main(["data", "check", str(recipe), "--json"])
+    assert exc.value.code == 2
+    out, err = capsys.readouterr()
+    problems = {p["kind"]: p for p in json.loads(out)["problems"]}
+    assert problems["empty_class"]["message"] == "class 'Bugatti Veyron 16.4 Coupe 2009' has no images"
+    assert problems["corrupt_image"]["message"].startswith("image cars_test/00002.jpg cannot be decoded")
+    assert problems["corrupt_image"]["path"] == str(victim)
+    assert err.startswith(
+        "error: class 'Bugatti Veyron 16.4 Coupe 2009' has no images (and 1 more problem(s)"
+    )
