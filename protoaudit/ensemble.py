@@ -14,6 +14,7 @@ import torch
 
 from protoaudit.checkpoint import MemberCheckpoint
 from protoaudit.data import DatasetBundle, build_dataset
+from protoaudit.distributed import SINGLE, DistInfo, all_ok, barrier, device_for, from_env, threads_per_rank
 from protoaudit.errors import CheckpointError, InputError, OutputError
 from protoaudit.progress import NULL_REPORTER, Reporter
 from protoaudit.recipe import Recipe
@@ -71,8 +72,11 @@ def train_ensemble(
     interrupted member continues from its last checkpoint, the rest are trained.
     """
     started = time.perf_counter()
-    device = resolve_device(recipe.device)
-    threads = configure_threads(recipe.threads)
+    info = from_env()  # under torchrun: this process's rank; otherwise a single process
+    device = device_for(info, resolve_device(recipe.device))
+    threads = configure_threads(threads_per_rank(info, recipe.threads))
+    if not info.is_main:
+        reporter = NULL_REPORTER  # rank 0 reports and writes; the other ranks only compute
     for member in recipe.members:  # fail before any work: pretrained weights must be reachable
         if member.weights not in ("none", "imagenet") and not Path(member.weights).expanduser().is_file():
             raise InputError(f"members.{member.name}.weights: file {member.weights} does not exist")
@@ -91,8 +95,15 @@ def train_ensemble(
     bundle = build_dataset(recipe.data, recipe.seed)
     data_seconds = time.perf_counter() - t0
     if previous is None:
-        prepare_run_dir(run_dir, force)
-        write_text_recipe(run_dir, recipe)
+        problem: Exception | None = None
+        if info.is_main:
+            try:
+                prepare_run_dir(run_dir, force)
+                write_text_recipe(run_dir, recipe)
+            except Exception as exc:
+                problem = exc
+        if not all_ok(problem is None, info):
+            raise problem if problem is not None else InputError("rank 0 could not prepare the run directory")
     document = {
         "name": recipe.name,
         "versions": versions(),
@@ -112,11 +123,11 @@ def train_ensemble(
     }
     if previous is not None:
         document = resumed_document(previous, document, run_dir, reporter)
-    writer = RunWriter(run_dir, document)
+    writer = RunWriter(run_dir, document, enabled=info.is_main)
     if previous is not None:
         writer.update(started=previous.get("started"))
     try:
-        rows, logits = _train_members(recipe, bundle, device, reporter, run_dir, writer, resume)
+        rows, logits = _train_members(recipe, bundle, device, reporter, run_dir, writer, resume, info)
         combined = ensemble_logits(logits)
         rows.append(
             {
@@ -131,9 +142,12 @@ def train_ensemble(
         )
         from protoaudit.baseline import train_baselines  # not part of the ensemble (paper Table 1)
 
-        rows += train_baselines(recipe, bundle, device, reporter, run_dir, writer, resume)
+        if info.is_main:  # baselines are trained by rank 0 alone
+            rows += train_baselines(recipe, bundle, device, reporter, run_dir, writer, resume)
         accuracy = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
-        write_csv(run_dir / "accuracy.csv", accuracy)
+        if info.is_main:
+            write_csv(run_dir / "accuracy.csv", accuracy)
+        barrier(info)
         seconds = time.perf_counter() - started
         writer.finish("complete", seconds=seconds)
     except KeyboardInterrupt:
@@ -159,6 +173,7 @@ def _train_members(
     run_dir: Path,
     writer: RunWriter,
     resume: bool = False,
+    info: DistInfo = SINGLE,
 ) -> tuple[list[dict[str, Any]], list[torch.Tensor]]:
     rows: list[dict[str, Any]] = []
     logits: list[torch.Tensor] = []
@@ -175,7 +190,9 @@ def _train_members(
                 member.name, member.trunk, recipe, bundle, device, run_dir
             )
             checkpoint.remove()  # left over if the crash came between model.json and its removal
-            if recipe.index.build:  # the interruption may have come while its patch indexes were built
+            if (
+                recipe.index.build and info.is_main
+            ):  # the interruption may have come while its indexes were built
                 from protoaudit.index import index_run
                 from protoaudit.run import load_run
 
@@ -195,23 +212,43 @@ def _train_members(
             seed=recipe.seed + i,
             reporter=reporter,
             checkpoint=checkpoint,
-            keep_push_latents=recipe.index.build,
+            keep_push_latents=recipe.index.build,  # every rank takes part in gathering them
+            dist=info,
         )
         t0 = time.perf_counter()
         test_latents = None  # kept for the test split's patch index: no second pass over the test images
-        if recipe.index.build:
+        if recipe.index.build and not info.enabled:
             test_logits, test_latents = predict_with_latents(
                 trained.model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
             )
         else:
             test_logits = predict(
-                trained.model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
+                trained.model,
+                bundle.test,
+                recipe.schedule.eval_batch_size,
+                device,
+                recipe.schedule.workers,
+                info,
             )
         test_top1 = top1(test_logits, bundle.test.labels)
         trained.stage_seconds["eval"] += time.perf_counter() - t0
         prototypes = pd.DataFrame(
             trained.push.rows(bundle.push, trained.model.config.prototype_class, bundle.class_names)
         )
+        if not info.is_main:  # the other ranks write nothing; they only take part in the collectives
+            logits.append(test_logits)
+            rows.append(
+                {
+                    "model": member.name,
+                    "kind": "member",
+                    "backbone": member.trunk,
+                    "pruned": False,
+                    "top1": test_top1,
+                    "n_prototypes": trained.model.n_prototypes,
+                    "n_test": len(bundle.test),
+                }
+            )
+            continue
         save_member(
             run_dir / "members" / member.name,
             trained.model.cpu(),

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 
 from protoaudit.data import ImageSplit, iter_batches
+from protoaudit.distributed import SINGLE, DistInfo, all_gather_rows, shard
 from protoaudit.model import ProtoPNet, similarity
 
 BatchConsumer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
@@ -71,6 +72,7 @@ def push_prototypes(
     consumer: BatchConsumer | None = None,
     advance: Callable[[int], None] | None = None,
     workers: int = 0,
+    dist: DistInfo = SINGLE,
 ) -> PushResult:
     """Project every prototype onto its nearest same-class latent training patch, in place.
 
@@ -88,9 +90,8 @@ def push_prototypes(
     best_h = torch.zeros(m, dtype=torch.long, device=device)
     best_w = torch.zeros(m, dtype=torch.long, device=device)
     best_latent: torch.Tensor | None = None  # (m, D, H, W): the source image's latent, for its map
-    for indices, images in iter_batches(
-        split, torch.arange(len(split)), batch_size, workers, device.type == "cuda"
-    ):
+    order = shard(torch.arange(len(split)), dist)  # under torchrun each rank pushes over its share
+    for indices, images in iter_batches(split, order, batch_size, workers, device.type == "cuda"):
         x = images.to(device, non_blocking=True)
         y = labels[indices].to(device)
         z = model.latent(x)
@@ -116,6 +117,10 @@ def push_prototypes(
             best_latent[sel] = z[bi[sel]]
         if advance is not None:
             advance(len(indices))
+    if dist.enabled:
+        best, best_vec, best_img, best_h, best_w, best_latent = _gather_best(
+            dist, best, best_vec, best_img, best_h, best_w, best_latent, device
+        )
     missing = (best_img < 0).nonzero().flatten().tolist()
     if missing:
         classes = sorted({int(proto_class[j]) for j in missing})
@@ -135,6 +140,30 @@ def push_prototypes(
         activation_maps=maps.cpu(),
         boxes=percentile_boxes(maps.cpu(), image_size),
     )
+
+
+def _gather_best(
+    dist: DistInfo,
+    best: torch.Tensor,
+    vec: torch.Tensor,
+    img: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    latent: torch.Tensor | None,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Each prototype's nearest same-class patch over all ranks: the ranks' winners compared, ties going to
+    the lower image index (as a single process scanning images in order would choose)."""
+    if latent is None:
+        raise ValueError("push: a rank received no images (fewer push images than processes)")
+    m = len(best)
+    gathered = [torch.stack(all_gather_rows(t.cpu(), dist)) for t in (best, vec, img, h, w, latent)]
+    dists, _, imgs, *_ = gathered  # each (world, m, ...)
+    key = torch.where(imgs >= 0, dists.double(), torch.inf)
+    order = torch.argsort(imgs, dim=0, stable=True)  # lower image index first among equal distances
+    choice = order.gather(0, torch.argmin(key.gather(0, order), dim=0, keepdim=True))[0]
+    rows = torch.arange(m)
+    return tuple(t[choice, rows].to(device) for t in gathered)  # type: ignore[return-value]
 
 
 def percentile_boxes(

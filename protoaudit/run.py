@@ -195,8 +195,9 @@ def latest_run(root: str | os.PathLike[str] = "reports") -> Path:
 class RunWriter:
     """Keeps ``run.json`` up to date while a run is in progress (status running → complete/interrupted/failed)."""
 
-    def __init__(self, path: Path, document: dict[str, Any]) -> None:
+    def __init__(self, path: Path, document: dict[str, Any], enabled: bool = True) -> None:
         self.path = path
+        self.enabled = enabled  # False on the ranks other than 0 under torchrun: they write nothing
         self.document = {"format_version": FORMAT_VERSION, **document, "status": "running", "started": _now()}
         self.flush()
 
@@ -208,7 +209,8 @@ class RunWriter:
         self.update(status=status, finished=_now(), **changes)
 
     def flush(self) -> None:
-        write_json(self.path / "run.json", self.document)
+        if self.enabled:
+            write_json(self.path / "run.json", self.document)
 
 
 def _now() -> str:

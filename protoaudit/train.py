@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from protoaudit.checkpoint import MemberCheckpoint, capture, restore
 from protoaudit.data import DatasetBundle, ImageSplit, iter_batches
+from protoaudit.distributed import SINGLE, DistInfo, all_gather_rows, shard, sync_buffers, unshard
 from protoaudit.errors import ProtoauditError
 from protoaudit.losses import off_class_l1, protopnet_loss
 from protoaudit.model import MemberConfig, ProtoPNet, squared_distances
@@ -93,18 +94,25 @@ def _sgd_epoch(
     device: torch.device,
     advance: Callable[[int], None],
     workers: int = 0,
+    dist: DistInfo = SINGLE,
+    forward: torch.nn.Module | None = None,
 ) -> dict[str, float]:
+    """One epoch of SGD over ``split``. Under torchrun each rank takes its share of every batch (``forward``
+    is then the DistributedDataParallel wrapper, which averages the gradients)."""
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
     identity = model.class_identity()
     order = torch.randperm(len(split), generator=generator)
-    if len(order) % batch_size == 1:  # batch norm cannot learn from a batch of one image
+    if dist.enabled:
+        order, batch_size = _shard_epoch(order, batch_size, dist)
+    elif len(order) % batch_size == 1:  # batch norm cannot learn from a batch of one image
         order = order[:-1]
+    net = forward if forward is not None else model
     sums = {"loss": 0.0, "cross_entropy": 0.0, "cluster": 0.0, "separation": 0.0, "l1": 0.0}
     correct = seen = 0
     for idx, images in iter_batches(split, order, batch_size, workers, device.type == "cuda"):
         x = images.to(device, non_blocking=True)
         y = labels[idx].to(device)
-        logits, min_distances = model(x)
+        logits, min_distances = net(x)
         terms = protopnet_loss(logits, min_distances, y, identity, model.last_layer.weight, coefs)
         if not torch.isfinite(terms.total):
             raise TrainingDivergedError(
@@ -125,6 +133,23 @@ def _sgd_epoch(
     return out
 
 
+def _shard_epoch(order: torch.Tensor, batch_size: int, dist: DistInfo) -> tuple[torch.Tensor, int]:
+    """This rank's images of an epoch: every global batch (same order on every rank) split evenly among the
+    ranks; the last batch is trimmed to a multiple of the world size (dropped below two images per rank)."""
+    if batch_size % dist.world:
+        from protoaudit.errors import InputError
+
+        raise InputError(
+            f"schedule.batch_size ({batch_size}) must be divisible by the number of processes ({dist.world})"
+        )
+    full = len(order) - len(order) % batch_size
+    tail = order[full:]
+    tail = tail[: len(tail) - len(tail) % dist.world] if len(tail) >= 2 * dist.world else tail[:0]
+    chunks = [order[s : s + batch_size] for s in range(0, full, batch_size)] + ([tail] if len(tail) else [])
+    local = [shard(c, dist) for c in chunks]
+    return (torch.cat(local) if local else order[:0]), batch_size // dist.world
+
+
 def min_distances_from_latents(
     latents: torch.Tensor, prototypes: torch.Tensor, chunk: int = 256
 ) -> torch.Tensor:
@@ -138,13 +163,21 @@ def min_distances_from_latents(
 
 @torch.no_grad()
 def predict(
-    model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device, workers: int = 0
+    model: ProtoPNet,
+    split: ImageSplit,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    dist: DistInfo = SINGLE,
 ) -> torch.Tensor:
-    """(N, K) float32 logits of the member on every image of the split (eval mode)."""
+    """(N, K) float32 logits of the member on every image of the split (eval mode). Under torchrun each rank
+    evaluates its share and every rank receives all N rows."""
     model.eval()
-    batches = iter_batches(split, torch.arange(len(split)), batch_size, workers, device.type == "cuda")
+    order = shard(torch.arange(len(split)), dist)
+    batches = iter_batches(split, order, batch_size, workers, device.type == "cuda")
     out = [model(x.to(device))[0].cpu() for _, x in batches]
-    return torch.cat(out) if out else torch.zeros(0, model.n_classes)
+    local = torch.cat(out) if out else torch.zeros(0, model.n_classes)
+    return unshard(all_gather_rows(local, dist), len(split)) if dist.enabled else local
 
 
 @torch.no_grad()
@@ -277,6 +310,7 @@ def train_member(
     latent_consumer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     checkpoint: MemberCheckpoint | None = None,
     keep_push_latents: bool = False,
+    dist: DistInfo = SINGLE,
 ) -> TrainedMember:
     """Train one member through all stages; returns the selected (pushed) state.
 
@@ -302,7 +336,7 @@ def train_member(
     tag = f"[bold]{member.name}[/bold]"
 
     def save_checkpoint(epoch: int, phase: str) -> None:
-        if checkpoint is not None:
+        if checkpoint is not None and dist.is_main:
             t0 = time.perf_counter()
             checkpoint.save(
                 capture(epoch, phase, model, optimizers, scheduler, generator, history, seconds, best)
@@ -321,10 +355,16 @@ def train_member(
             + (" (before its push)" if push_pending else "")
         )
 
+    wrapped: dict[str, torch.nn.Module] = {}  # under torchrun: one DistributedDataParallel wrapper per stage
+
     for epoch in range(first_epoch, sched.epochs + 1):
         if not (push_pending and epoch == first_epoch):
             stage = "warm" if epoch <= sched.warm_epochs else "joint"
             set_stage(model, stage)
+            if dist.enabled and stage not in wrapped:
+                wrapped[stage] = torch.nn.parallel.DistributedDataParallel(
+                    model, device_ids=[device.index] if device.type == "cuda" else None
+                )
             t0 = time.perf_counter()
             with reporter.task(f"{member.name} {stage} {epoch}/{sched.epochs}", len(bundle.train)) as advance:
                 metrics = _sgd_epoch(
@@ -337,7 +377,10 @@ def train_member(
                     device,
                     advance,
                     sched.workers,
+                    dist,
+                    wrapped.get(stage),
                 )
+            sync_buffers(model, dist)  # one set of batch-norm statistics for push and evaluation
             if stage == "joint":
                 scheduler.step()
             seconds[stage] += time.perf_counter() - t0
@@ -362,6 +405,7 @@ def train_member(
                 keeper,
                 advance,
                 sched.workers,
+                dist,
             )
         seconds["push"] += time.perf_counter() - t0
         history.append(
@@ -378,7 +422,13 @@ def train_member(
         if latents is not None:
             min_d = min_distances_from_latents(latents, model.prototype_vectors.detach())
         else:  # too large to keep: one more forward pass over the push set
-            min_d = _min_distances_pass(model, bundle.push, sched.eval_batch_size, device, sched.workers)
+            min_d = _min_distances_pass(
+                model, bundle.push, sched.eval_batch_size, device, sched.workers, dist
+            )
+        if dist.enabled:  # every rank trains the last layer on the whole push set, identically
+            min_d = unshard(all_gather_rows(min_d.cpu(), dist), len(bundle.push)).to(device)
+            if latents is not None and keep_push_latents:
+                latents = unshard(all_gather_rows(latents.cpu(), dist), len(bundle.push))
         kept = latents if keep_push_latents else None
         del latents
         last = last_layer_stage(
@@ -395,7 +445,10 @@ def train_member(
 
         t0 = time.perf_counter()
         val = (
-            top1(predict(model, bundle.val, sched.eval_batch_size, device, sched.workers), bundle.val.labels)
+            top1(
+                predict(model, bundle.val, sched.eval_batch_size, device, sched.workers, dist),
+                bundle.val.labels,
+            )
             if len(bundle.val)
             else float("nan")
         )
@@ -431,10 +484,18 @@ def train_member(
 
 @torch.no_grad()
 def _min_distances_pass(
-    model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device, workers: int = 0
+    model: ProtoPNet,
+    split: ImageSplit,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    dist: DistInfo = SINGLE,
 ) -> torch.Tensor:
+    """(N_rank, m) min distances of this rank's share of ``split`` (all of it in a single process)."""
     model.eval()
-    batches = iter_batches(split, torch.arange(len(split)), batch_size, workers, device.type == "cuda")
+    batches = iter_batches(
+        split, shard(torch.arange(len(split)), dist), batch_size, workers, device.type == "cuda"
+    )
     return torch.cat([model(x.to(device))[1] for _, x in batches])
 
 

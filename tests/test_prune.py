@@ -137,6 +137,7 @@ def test_ground_truth_audit_is_recorded(pruned_run: tuple[Path, dict[str, str]])
             assert member["pruning_precision"] == pytest.approx(hit / int(t["pruned"].sum()))
         if bad.any():
             assert member["pruning_recall"] == pytest.approx(hit / int(bad.sum()))
-        assert 0.0 <= member["consistency"] <= 1.0 and 0.0 <= member["stability"] <= 1.0
+        assert 0.0 <= member["consistency"] <= 1.0
+        assert 0.0 <= member["stability"] <= 1.0
         assert member["n_pruned"] == int(t["pruned"].sum())
     assert np.isfinite(audit["ensemble"]["top1_pruned"])

@@ -48,6 +48,10 @@ from protoaudit.cli import train as _train  # noqa: E402  (registers its command
 
 _train.register(app)
 
+from protoaudit.cli import prune as _prune  # noqa: E402
+
+_prune.register(app)
+
 from protoaudit.cli import report as _report  # noqa: E402
 
 _report.register(app)
@@ -59,10 +63,6 @@ _data.register(app)
 from protoaudit.cli import importer as _importer  # noqa: E402
 
 _importer.register(app)
-
-from protoaudit.cli import prune as _prune  # noqa: E402
-
-_prune.register(app)
 
 from protoaudit.cli import index as _index  # noqa: E402
 

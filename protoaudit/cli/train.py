@@ -15,6 +15,7 @@ EXAMPLES = """
   protoaudit train-ensemble recipes/quickstart.toml
   protoaudit train-ensemble recipes/quickstart.toml --seed 1 --out /tmp/runs --force
   protoaudit train-ensemble recipes/quickstart.toml --resume
+  torchrun --nproc-per-node 2 -m protoaudit train-ensemble recipes/quickstart.toml --force
   protoaudit train-ensemble recipes/cub_bb.toml --set schedule.epochs=5 --set members.vgg19.prototype_dim=64
 """
 
@@ -65,9 +66,14 @@ def train_ensemble_command(
         out=str(out) if out is not None else None,
         threads=threads,
     )
-    with Reporter(err_console, quiet=quiet) as reporter:
+    import os
+
+    main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
+    with Reporter(err_console, quiet=quiet or not main_rank) as reporter:
         reporter.log(f"run directory: {loaded.run_dir()}")
         result = train_ensemble(loaded, reporter=reporter, force=force, resume=resume)
+    if not main_rank:
+        return
     if result.already_complete:
         err_console.print(
             f"run {result.run_dir} is already complete; nothing to resume", highlight=False, soft_wrap=True
