@@ -152,8 +152,12 @@ class ProtoPNet(nn.Module):
         return self.add_on(self.trunk((x - self.mean) / self.std))
 
     def distances(self, z: torch.Tensor) -> torch.Tensor:
-        """(N, D, H, W) → (N, m, H, W) squared L2 distances to every prototype."""
-        return squared_distances(z, self.prototype_vectors)
+        """(N, D, H, W) → (N, m, H, W) float32 squared L2 distances to every prototype.
+
+        Always in float32, also under bf16 autocast: ‖z‖² − 2z·p + ‖p‖² cancels badly in low precision.
+        """
+        with torch.autocast(z.device.type, enabled=False):
+            return squared_distances(z.float(), self.prototype_vectors.float())
 
     def head(self, min_distances: torch.Tensor) -> torch.Tensor:
         """(N, m) min distances → (N, K) logits = h(similarities)."""

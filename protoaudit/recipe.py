@@ -148,6 +148,8 @@ class Schedule(_Strict):
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader workers for file-backed datasets
+    amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the trunk and add-on in SGD epochs (GPU)
+    channels_last: bool = False  # channels-last memory format for the trunk (GPU)
 
     @model_validator(mode="after")
     def _warm_fits(self) -> Schedule:

@@ -96,9 +96,12 @@ def _sgd_epoch(
     workers: int = 0,
     dist: DistInfo = SINGLE,
     forward: torch.nn.Module | None = None,
+    amp: str = "none",
+    channels_last: bool = False,
 ) -> dict[str, float]:
     """One epoch of SGD over ``split``. Under torchrun each rank takes its share of every batch (``forward``
-    is then the DistributedDataParallel wrapper, which averages the gradients)."""
+    is then the DistributedDataParallel wrapper, which averages the gradients). ``amp = "bf16"`` runs the
+    trunk and add-on under bfloat16 autocast (distances, similarities and losses stay float32)."""
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
     identity = model.class_identity()
     order = torch.randperm(len(split), generator=generator)
@@ -109,10 +112,13 @@ def _sgd_epoch(
     net = forward if forward is not None else model
     sums = {"loss": 0.0, "cross_entropy": 0.0, "cluster": 0.0, "separation": 0.0, "l1": 0.0}
     correct = seen = 0
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
     for idx, images in iter_batches(split, order, batch_size, workers, device.type == "cuda"):
-        x = images.to(device, non_blocking=True)
+        x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         y = labels[idx].to(device)
-        logits, min_distances = net(x)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
+            logits, min_distances = net(x)
+        logits = logits.float()
         terms = protopnet_loss(logits, min_distances, y, identity, model.last_layer.weight, coefs)
         if not torch.isfinite(terms.total):
             raise TrainingDivergedError(
@@ -321,6 +327,8 @@ def train_member(
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
     model = build_member(member, bundle).to(device)
+    if recipe.schedule.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     optimizers = _optimizers(model, recipe)
     sched = recipe.schedule
     scheduler = torch.optim.lr_scheduler.StepLR(
@@ -379,6 +387,8 @@ def train_member(
                     sched.workers,
                     dist,
                     wrapped.get(stage),
+                    sched.amp,
+                    sched.channels_last,
                 )
             sync_buffers(model, dist)  # one set of batch-norm statistics for push and evaluation
             if stage == "joint":

@@ -117,3 +117,32 @@ def test_push_schedule() -> None:
     assert push_epochs(S) == [4, 7, 10]
     S.epochs = 11
     assert push_epochs(S) == [4, 7, 10, 11]
+
+
+def test_bf16_autocast_and_channels_last_keep_distances_in_float32(setup: tuple) -> None:
+    recipe, bundle, model = setup
+    model = model.to(memory_format=torch.channels_last)
+    x = bundle.train.batch([0, 1, 2])
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        z = model.latent(x)
+        d = model.distances(z)
+    assert z.dtype == torch.bfloat16  # the trunk and add-on ran in bfloat16
+    assert d.dtype == torch.float32
+    torch.testing.assert_close(d, model.distances(z.float()), rtol=0, atol=0)
+    before = _snapshot(model)
+    set_stage(model, "joint")
+    opt = _optimizers(model, recipe)["joint"]
+    metrics = _sgd_epoch(
+        model,
+        bundle.train,
+        opt,
+        recipe.loss.model_dump(),
+        8,
+        torch.Generator().manual_seed(0),
+        torch.device("cpu"),
+        lambda n: None,
+        amp="bf16",
+        channels_last=True,
+    )
+    assert np.isfinite(metrics["loss"])
+    assert _changed(before, model, "prototype_vectors")
