@@ -35,3 +35,13 @@ def quickstart(session: nox.Session) -> None:
     """Train the quick-start ensemble on the embedded dataset (reports/quickstart/)."""
     session.install("-e", ".")
     session.run("protoaudit", "train-ensemble", "recipes/quickstart.toml", "--force", *session.posargs)
+
+
+@nox.session(python=PYTHON, default=False)
+def bench(session: nox.Session) -> None:
+    """Speed checks P1-P6, each printed as ratios measured side by side (minutes on 2 cores)."""
+    session.install("-e", ".")
+    session.run("python", "bench/bench_stages.py", *session.posargs)  # P1, P2, P6
+    session.run("python", "bench/bench_prune.py")  # P3
+    session.run("python", "bench/bench_index.py")  # P4
+    session.run("python", "bench/bench_quickstart.py")  # P5
