@@ -32,9 +32,12 @@ def lint(session: nox.Session) -> None:
 
 @nox.session(python=PYTHON)
 def quickstart(session: nox.Session) -> None:
-    """Train the quick-start ensemble on the embedded dataset (reports/quickstart/)."""
+    """The main job on the embedded dataset: train the quick-start ensemble, prune it, write its report
+    (reports/quickstart/report.html)."""
     session.install("-e", ".")
     session.run("protoaudit", "train-ensemble", "recipes/quickstart.toml", "--force", *session.posargs)
+    session.run("protoaudit", "prune", "reports/quickstart")
+    session.run("protoaudit", "report", "reports/quickstart", "--html")
 
 
 @nox.session(python=PYTHON, default=False)
