@@ -152,12 +152,13 @@ class ProtoPNet(nn.Module):
         return self.add_on(self.trunk((x - self.mean) / self.std))
 
     def distances(self, z: torch.Tensor) -> torch.Tensor:
-        """(N, D, H, W) → (N, m, H, W) float32 squared L2 distances to every prototype.
+        """(N, D, H, W) → (N, m, H, W) squared L2 distances to every prototype.
 
-        Always in float32, also under bf16 autocast: ‖z‖² − 2z·p + ‖p‖² cancels badly in low precision.
+        At least float32, also under bf16 autocast: ‖z‖² − 2z·p + ‖p‖² cancels badly in low precision.
         """
+        dtype = torch.promote_types(self.prototype_vectors.dtype, torch.float32)  # float64 stays float64
         with torch.autocast(z.device.type, enabled=False):
-            return squared_distances(z.float(), self.prototype_vectors.float())
+            return squared_distances(z.to(dtype), self.prototype_vectors.to(dtype))
 
     def head(self, min_distances: torch.Tensor) -> torch.Tensor:
         """(N, m) min distances → (N, K) logits = h(similarities)."""
