@@ -30,7 +30,9 @@ class PushResult:
     h: torch.Tensor  # (m,) int64
     w: torch.Tensor  # (m,) int64
     distance: torch.Tensor  # (m,) float32 distance before projection (how far the prototype moved, squared)
-    activation_maps: torch.Tensor  # (m, H, W) float32 similarity map on the source image, after projection
+    # (m, H, W) float32 similarity map over the source image, of the prototype as it was when found nearest
+    # (as the original code draws it)
+    activation_maps: torch.Tensor
     boxes: torch.Tensor  # (m, 4) int64 (y0, y1, x0, x1), end-exclusive, in input pixels
 
     def rows(
@@ -82,14 +84,15 @@ def push_prototypes(
     model.eval()
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
     protos = model.prototype_vectors
-    m, dim = protos.shape
+    m = protos.shape[0]
     proto_class = model.prototype_class.to(device)
     best = torch.full((m,), float("inf"), device=device)
     best_vec = protos.detach().clone()
     best_img = torch.full((m,), -1, dtype=torch.long, device=device)
     best_h = torch.zeros(m, dtype=torch.long, device=device)
     best_w = torch.zeros(m, dtype=torch.long, device=device)
-    best_latent: torch.Tensor | None = None  # (m, D, H, W): the source image's latent, for its map
+    best_map: torch.Tensor | None = None  # (m, H, W): distances over the source image, for the box
+    rows = torch.arange(m, device=device)
     order = shard(torch.arange(len(split)), dist)  # under torchrun each rank pushes over its share
     for indices, images in iter_batches(split, order, batch_size, workers, device.type == "cuda"):
         x = images.to(device, non_blocking=True)
@@ -99,27 +102,28 @@ def push_prototypes(
         if consumer is not None:
             consumer(z, indices, d)
         _b, _, hh, ww = d.shape
-        if best_latent is None:
-            best_latent = torch.zeros(m, dim, hh, ww, device=device)
-        own = y[:, None] == proto_class[None, :]  # (B, m)
-        flat = d.masked_fill(~own[:, :, None, None], float("inf")).permute(1, 0, 2, 3).reshape(m, -1)
-        value, arg = flat.min(dim=1)
+        if best_map is None:
+            best_map = torch.zeros(m, hh, ww, device=device)
+        # each image's closest patch to each prototype, then the closest image of the prototype's class
+        per_image, where = d.flatten(2).min(dim=2)  # (B, m)
+        per_image = per_image.masked_fill(y[:, None] != proto_class[None, :], float("inf"))
+        value, bi = per_image.min(dim=0)  # (m,)
         better = value < best
         if bool(better.any()):
-            bi = arg // (hh * ww)
-            hw = arg % (hh * ww)
-            hi, wi = hw // ww, hw % ww
             sel = better.nonzero().flatten()
+            b_sel = bi[sel]
+            hw = where[b_sel, sel]
+            hi, wi = hw // ww, hw % ww
             best[sel] = value[sel]
-            best_vec[sel] = z[bi[sel], :, hi[sel], wi[sel]]
-            best_img[sel] = indices.to(device)[bi[sel]]
-            best_h[sel], best_w[sel] = hi[sel], wi[sel]
-            best_latent[sel] = z[bi[sel]]
+            best_vec[sel] = z[b_sel, :, hi, wi]
+            best_img[sel] = indices.to(device)[b_sel]
+            best_h[sel], best_w[sel] = hi, wi
+            best_map[sel] = d[b_sel, rows[sel]]
         if advance is not None:
             advance(len(indices))
     if dist.enabled:
-        best, best_vec, best_img, best_h, best_w, best_latent = _gather_best(
-            dist, best, best_vec, best_img, best_h, best_w, best_latent, device
+        best, best_vec, best_img, best_h, best_w, best_map = _gather_best(
+            dist, best, best_vec, best_img, best_h, best_w, best_map, device
         )
     missing = (best_img < 0).nonzero().flatten().tolist()
     if missing:
@@ -127,11 +131,10 @@ def push_prototypes(
         raise ValueError(
             f"push: no training image of class(es) {classes} to project prototypes {missing[:5]} onto"
         )
-    assert best_latent is not None
+    assert best_map is not None
     model.prototype_vectors.data.copy_(best_vec)
-    # each projected prototype's similarity map over its own source image
-    diff = best_latent - best_vec[:, :, None, None]
-    maps = similarity((diff * diff).sum(dim=1))
+    # as the original code: the map of the prototype as it was found nearest, over its source image
+    maps = similarity(best_map)
     return PushResult(
         image_index=best_img.cpu(),
         h=best_h.cpu(),
@@ -149,15 +152,15 @@ def _gather_best(
     img: torch.Tensor,
     h: torch.Tensor,
     w: torch.Tensor,
-    latent: torch.Tensor | None,
+    maps: torch.Tensor | None,
     device: torch.device,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Each prototype's nearest same-class patch over all ranks: the ranks' winners compared, ties going to
     the lower image index (as a single process scanning images in order would choose)."""
-    if latent is None:
+    if maps is None:
         raise ValueError("push: a rank received no images (fewer push images than processes)")
     m = len(best)
-    gathered = [torch.stack(all_gather_rows(t.cpu(), dist)) for t in (best, vec, img, h, w, latent)]
+    gathered = [torch.stack(all_gather_rows(t.cpu(), dist)) for t in (best, vec, img, h, w, maps)]
     dists, _, imgs, *_ = gathered  # each (world, m, ...)
     key = torch.where(imgs >= 0, dists.double(), torch.inf)
     order = torch.argsort(imgs, dim=0, stable=True)  # lower image index first among equal distances
