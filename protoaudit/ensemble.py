@@ -235,19 +235,18 @@ def _train_members(
         prototypes = pd.DataFrame(
             trained.push.rows(bundle.push, trained.model.config.prototype_class, bundle.class_names)
         )
+        row = {
+            "model": member.name,
+            "kind": "member",
+            "backbone": member.trunk,
+            "pruned": False,
+            "top1": test_top1,
+            "n_prototypes": trained.model.n_prototypes,
+            "n_test": len(bundle.test),
+        }
+        logits.append(test_logits)
+        rows.append(row)
         if not info.is_main:  # the other ranks write nothing; they only take part in the collectives
-            logits.append(test_logits)
-            rows.append(
-                {
-                    "model": member.name,
-                    "kind": "member",
-                    "backbone": member.trunk,
-                    "pruned": False,
-                    "top1": test_top1,
-                    "n_prototypes": trained.model.n_prototypes,
-                    "n_test": len(bundle.test),
-                }
-            )
             continue
         save_member(
             run_dir / "members" / member.name,
@@ -282,18 +281,6 @@ def _train_members(
             )
             trained.stage_seconds["index"] = time.perf_counter() - t0
             trained.push_latents = test_latents = None
-        logits.append(test_logits)
-        rows.append(
-            {
-                "model": member.name,
-                "kind": "member",
-                "backbone": member.trunk,
-                "pruned": False,
-                "top1": test_top1,
-                "n_prototypes": trained.model.n_prototypes,
-                "n_test": len(bundle.test),
-            }
-        )
         timings[member.name] = trained.stage_seconds
         writer.update(timings=timings)
         reporter.log(

@@ -50,7 +50,9 @@ def test_purity_table_matches_a_brute_force_count(pruned_run: tuple[Path, dict[s
         with torch.no_grad():
             z = model.latent(bundle.push.batch(list(range(len(bundle.push)))))  # (N, D, H, W)
         per_image = z.flatten(2).transpose(1, 2)  # (N, HW, D)
-        d = ((per_image[:, :, None, :] - model.prototype_vectors.detach()[None, None]) ** 2).sum(-1)  # (N, HW, m)
+        d = ((per_image[:, :, None, :] - model.prototype_vectors.detach()[None, None]) ** 2).sum(
+            -1
+        )  # (N, HW, m)
         nearest = d.amin(dim=1).t()  # (m, N): each image once, through its closest patch
         table = purity[purity["member"] == name].sort_values("prototype")
         for j, row in enumerate(table.itertuples()):
@@ -80,7 +82,9 @@ def test_pruning_removes_exactly_the_listed_prototypes(pruned_run: tuple[Path, d
         assert protos["parent_prototype"].tolist() == kept
 
 
-def test_pruned_checkpoint_reloads_with_the_reported_accuracy(pruned_run: tuple[Path, dict[str, str]]) -> None:
+def test_pruned_checkpoint_reloads_with_the_reported_accuracy(
+    pruned_run: tuple[Path, dict[str, str]],
+) -> None:
     run_dir, _ = pruned_run
     run = load_run(run_dir)
     bundle = run.dataset()
@@ -93,7 +97,9 @@ def test_pruned_checkpoint_reloads_with_the_reported_accuracy(pruned_run: tuple[
         assert top1(member_logits, bundle.test.labels) == pytest.approx(float(row["top1"].iloc[0]), abs=1e-12)
         logits.append(member_logits)
     ens = acc[(acc["model"] == "ensemble") & acc["pruned"]]
-    assert top1(logits[0] + logits[1], bundle.test.labels) == pytest.approx(float(ens["top1"].iloc[0]), abs=1e-12)
+    assert top1(logits[0] + logits[1], bundle.test.labels) == pytest.approx(
+        float(ens["top1"].iloc[0]), abs=1e-12
+    )
     assert len(acc[~acc["pruned"]]) == 3  # the rows before pruning are kept
 
 
@@ -109,7 +115,9 @@ def test_min_distances_by_image_equals_brute_force() -> None:
             assert float(got[i, j]) == pytest.approx(float(expected), abs=1e-6)
 
 
-def test_audit_fail_under_exit_codes(pruned_run: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]) -> None:
+def test_audit_fail_under_exit_codes(
+    pruned_run: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
     run_dir, _ = pruned_run
     value = json.loads((run_dir / "audit.json").read_text())["members"]["vgg"]["mean_purity"]
     for threshold, expected in ((value, 0), (value + 1e-6, 3), (value - 0.5, 0)):

@@ -61,5 +61,8 @@ def test_duplicate_pairs() -> None:
     vectors = np.array([[0.0, 0.0], [0.0, 0.001], [1.0, 1.0], [5.0, 5.0]])
     sources = np.array([[0, 1, 1], [1, 0, 0], [2, 2, 2], [2, 2, 2]])
     pairs = duplicate_pairs(vectors, sources, tolerance=1e-5)
-    assert [(i, j, reason) for i, j, reason, _ in pairs] == [(0, 1, "within tolerance"), (2, 3, "same source patch")]
+    assert [(i, j, reason) for i, j, reason, _ in pairs] == [
+        (0, 1, "within tolerance"),
+        (2, 3, "same source patch"),
+    ]
     assert pairs[0][3] == pytest.approx(1e-6)
