@@ -5,7 +5,7 @@ the accuracy table, the wall time and the goal check (ProtoPNet test top-1 >= 90
 baseline; Li et al. 2018 report 89.95 % for a prototype network).
 
     apt-get install -y dataset-fashion-mnist
-    .venv/bin/python bench/fashion_mnist.py --threads 2
+    .venv/bin/python bench/fashion_mnist.py --threads 1   # on a busy machine one thread is far faster
     .venv/bin/python bench/fashion_mnist.py --threads 1 --set data.max_train_per_class=500 --set schedule.epochs=2
 """
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "fashion_mnist.toml")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads (1: best on a busy machine)")
     parser.add_argument("--out", default="reports/bench")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", type=Path, help="also write the result here")
