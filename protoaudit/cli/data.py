@@ -70,7 +70,8 @@ def check_command(
             table.add_row(str(row["class"]), row["name"], *[str(row[s]) for s in splits])
         if result.class_names:
             table.add_row("", "[bold]total[/bold]", *[str(document["totals"][s]) for s in splits])
-        out_console.print(table)
+        if result.class_names:  # a dataset that could not be listed has no table, only its problem
+            out_console.print(table)
         for problem in result.problems:
             colour = "red" if problem.severity == "error" else "yellow"
             where = f" ({problem.path})" if problem.path else ""
