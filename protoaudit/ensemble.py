@@ -80,6 +80,12 @@ def train_ensemble(
     for member in recipe.members:  # fail before any work: pretrained weights must be reachable
         if member.weights not in ("none", "imagenet") and not Path(member.weights).expanduser().is_file():
             raise InputError(f"members.{member.name}.weights: file {member.weights} does not exist")
+        if (
+            member.weights == "imagenet"
+        ):  # downloaded into torch's cache now, or a clear line before any write
+            from protoaudit.trunks import fetch_imagenet_weights
+
+            fetch_imagenet_weights(member.trunk)
     if recipe.data.kind != "parts":  # fail fast, before anything is written: the checks of `data check`
         from protoaudit.data.check import check_data
 

@@ -258,11 +258,29 @@ def _download_imagenet(name: str) -> nn.Module:
     try:
         return torchvision.models.get_model(name, weights=enum)
     except (OSError, RuntimeError) as exc:  # URLError is an OSError; a corrupt cache file is a RuntimeError
-        cache = Path(torch.hub.get_dir()) / "checkpoints"
-        raise WeightsUnavailableError(
-            f"cannot obtain ImageNet weights for {name} ({enum}): {_reason(exc)}; without a network, put "
-            f'{Path(enum.url).name} in {cache} or set weights = "/path/to/{name}.pth" (a torchvision state dict)'
-        ) from exc
+        raise _imagenet_unavailable(name, enum, exc) from exc
+
+
+def fetch_imagenet_weights(name: str) -> None:
+    """Make sure trunk ``name``'s ImageNet weights are in torch's cache (downloading them once), before a run
+    writes anything; raises :class:`WeightsUnavailableError` with the way out when they cannot be had."""
+    import torchvision
+
+    if not trunk_info(name).pretrained:
+        raise WeightsUnavailableError(f'no ImageNet weights exist for {name}; use weights = "none" or a file')
+    enum = torchvision.models.get_model_weights(name).DEFAULT
+    try:
+        enum.get_state_dict(progress=False, check_hash=False)
+    except (OSError, RuntimeError) as exc:
+        raise _imagenet_unavailable(name, enum, exc) from exc
+
+
+def _imagenet_unavailable(name: str, enum: Any, exc: BaseException) -> WeightsUnavailableError:
+    cache = Path(torch.hub.get_dir()) / "checkpoints"
+    return WeightsUnavailableError(
+        f"cannot obtain ImageNet weights for {name} ({enum}): {_reason(exc)}; without a network, put "
+        f'{Path(enum.url).name} in {cache} or set weights = "/path/to/{name}.pth" (a torchvision state dict)'
+    )
 
 
 def _reason(exc: BaseException) -> str:

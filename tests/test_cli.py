@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import signal
 import subprocess
@@ -172,3 +173,12 @@ def test_ctrl_c_leaves_no_half_written_file(tmp_path: Path) -> None:
     from protoaudit.run import load_member
 
     load_member(run_dir / "members" / "vgg")  # the finished member is whole and loads
+
+
+def test_error_line_keeps_brackets(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Key paths and the count of further problems are printed as written, not read as rich markup."""
+    recipe = tmp_path / "bad.toml"
+    recipe.write_text(VALID.replace("epochs = 3", "epochs = -1").replace("batch_size = 8", "batch_size = 0"))
+    code, _, err = run_cli(["train-ensemble", str(recipe)], capsys)
+    assert code == 2
+    assert re.search(r"\[and \d+ more problem\(s\)\]$", err.strip())

@@ -106,3 +106,27 @@ def test_imagenet_for_a_tiny_trunk_says_none_exist() -> None:
 
     with pytest.raises(WeightsUnavailableError, match="no ImageNet weights exist for TinyVGG"):
         create_trunk("tiny_vgg", "imagenet")
+
+
+def test_imagenet_without_network_stops_training_before_any_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import torch.hub
+
+    from protoaudit.cli import main
+
+    def no_network(url: str, dst: str, *args: object, **kwargs: object) -> None:
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_network)
+    monkeypatch.setattr(torch.hub, "_hub_dir", str(tmp_path / "hub"))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "tiny.toml"
+    args = ["train-ensemble", str(recipe), "--out", str(tmp_path / "runs"), "--quiet"]
+    args += ["--set", "members.vgg.trunk=resnet18", "--set", 'members.vgg.weights="imagenet"']
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "cannot obtain ImageNet weights for resnet18" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -79,13 +79,17 @@ def main(argv: list[str] | None = None) -> None:
     except ProtoauditError as exc:
         if debug:
             raise
-        err_console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True, markup=True)
+        from rich.markup import escape  # messages hold key paths like members[0] and "[and 2 more …]"
+
+        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except Exception as exc:
         if debug:
             raise
+        from rich.markup import escape
+
         err_console.print(
-            f"[red]internal error:[/red] {type(exc).__name__}: {exc} (PROTOAUDIT_DEBUG=1 shows the traceback)",
+            f"[red]internal error:[/red] {type(exc).__name__}: {escape(str(exc))} (PROTOAUDIT_DEBUG=1 shows the traceback)",
             highlight=False,
             soft_wrap=True,
         )
