@@ -105,20 +105,21 @@ def push_prototypes(
         if best_map is None:
             best_map = torch.zeros(m, hh, ww, device=device)
         # each image's closest patch to each prototype, then the closest image of the prototype's class
-        per_image, where = d.flatten(2).min(dim=2)  # (B, m)
+        per_image = d.flatten(2).amin(dim=2)  # (B, m), as the forward pass computes it
         per_image = per_image.masked_fill(y[:, None] != proto_class[None, :], float("inf"))
         value, bi = per_image.min(dim=0)  # (m,)
         better = value < best
         if bool(better.any()):
             sel = better.nonzero().flatten()
             b_sel = bi[sel]
-            hw = where[b_sel, sel]
+            maps = d[b_sel, rows[sel]]  # (n, H, W): the winning images' maps, where to find the patch
+            hw = maps.flatten(1).argmin(dim=1)
             hi, wi = hw // ww, hw % ww
             best[sel] = value[sel]
             best_vec[sel] = z[b_sel, :, hi, wi]
             best_img[sel] = indices.to(device)[b_sel]
             best_h[sel], best_w[sel] = hi, wi
-            best_map[sel] = d[b_sel, rows[sel]]
+            best_map[sel] = maps
         if advance is not None:
             advance(len(indices))
     if dist.enabled:
