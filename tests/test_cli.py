@@ -165,6 +165,7 @@ def test_ctrl_c_leaves_no_half_written_file(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err.decode()[-2000:]
+    assert "--resume" in err.decode().strip().splitlines()[-1]
     assert not [p for p in run_dir.rglob("*") if p.name.endswith(".tmp")]
     meta = json.loads((run_dir / "run.json").read_text())
     assert meta["status"] == "interrupted"

@@ -71,7 +71,17 @@ def train_ensemble_command(
     main_rank = os.environ.get("RANK", "0") == "0"  # under torchrun only rank 0 reports
     with Reporter(err_console, quiet=quiet or not main_rank) as reporter:
         reporter.log(f"run directory: {loaded.run_dir()}")
-        result = train_ensemble(loaded, reporter=reporter, force=force, resume=resume)
+        try:
+            result = train_ensemble(loaded, reporter=reporter, force=force, resume=resume)
+        except KeyboardInterrupt:
+            if main_rank:
+                err_console.print(
+                    f"interrupted: every file in {loaded.run_dir()} is whole and run.json says so; "
+                    f"continue with: protoaudit train-ensemble {recipe} --resume",
+                    highlight=False,
+                    soft_wrap=True,
+                )
+            raise
     if not main_rank:
         return
     if result.already_complete:
