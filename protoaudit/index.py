@@ -72,6 +72,12 @@ def _cell_edges(size: int, cells: int) -> np.ndarray:
     return (np.arange(cells + 1) * size) // cells
 
 
+def _neighbourhood(edges: np.ndarray, i: int, size: int) -> tuple[int, int]:
+    """Pixel range of cell i widened by half a cell on each side, clipped to the image."""
+    half = (edges[i + 1] - edges[i]) // 2
+    return max(0, int(edges[i] - half)), min(size, int(edges[i + 1] + half))
+
+
 def patch_parts(
     mask: np.ndarray | None, grid: int | tuple[int, int], min_fraction: float = PART_MIN_FRACTION
 ) -> np.ndarray:
@@ -87,12 +93,14 @@ def patch_parts(
     out = np.zeros((hh, ww), dtype=np.int64)
     n_ids = int(mask.max()) + 1
     for h in range(hh):
+        y0, y1 = _neighbourhood(ys, h, mask.shape[0])
         for w in range(ww):
-            cell = mask[ys[h] : ys[h + 1], xs[w] : xs[w + 1]]
-            counts = np.bincount(cell.ravel(), minlength=n_ids)
+            x0, x1 = _neighbourhood(xs, w, mask.shape[1])
+            counts = np.bincount(mask[y0:y1, x0:x1].ravel(), minlength=n_ids)
             counts[0] = 0  # background never wins against a part
             best = int(counts.argmax())
-            if counts[best] > 0 and counts[best] >= min_fraction * cell.size:
+            cell_area = (ys[h + 1] - ys[h]) * (xs[w + 1] - xs[w])
+            if counts[best] > 0 and counts[best] >= min_fraction * cell_area:
                 out[h, w] = best
     return out
 
@@ -107,9 +115,11 @@ def patch_part(
     """The ground-truth part "at" latent patch (h, w) of an image, or -1 when the image has no part mask.
 
     The patch's *cell* is its share of the input image under the latent grid: rows ⌊h·S/H⌋ … ⌊(h+1)·S/H⌋ − 1
-    and columns ⌊w·S/W⌋ … ⌊(w+1)·S/W⌋ − 1 (the patch's receptive field is larger; the cell is what it sits on).
-    The part at the patch is the most frequent non-background part id in the cell (ties: the lower id) when
-    it covers at least ``min_fraction`` (default 1/4) of the cell's pixels, else 0 (background).
+    and columns ⌊w·S/W⌋ … ⌊(w+1)·S/W⌋ − 1. A latent patch sees far more than its cell (its receptive field
+    spans several cells) and a part rarely falls on cell boundaries, so the part is looked for in the cell's
+    neighbourhood: the cell widened by half a cell on each side. The part at the patch is the most frequent
+    non-background part id there (ties: the lower id) when it covers at least ``min_fraction`` (default 1/4) of
+    a cell's area, else 0 (background).
 
     mask: (S, S) uint8 (0 = background) or None; grid: H (square) or (H, W).
     """
@@ -118,13 +128,7 @@ def patch_part(
         raise ValueError(f"patch ({h}, {w}) is outside the {hh}×{ww} latent grid")
     if mask is None:
         return -1
-    mask = np.asarray(mask)
-    ys, xs = _cell_edges(mask.shape[0], hh), _cell_edges(mask.shape[1], ww)
-    cell = mask[ys[h] : ys[h + 1], xs[w] : xs[w + 1]]
-    counts = np.bincount(cell.ravel(), minlength=1)
-    counts[0] = 0
-    best = int(counts.argmax())
-    return best if counts[best] > 0 and counts[best] >= min_fraction * cell.size else 0
+    return int(patch_parts(mask, (hh, ww), min_fraction)[h, w])
 
 
 def patch_parts_from_keypoints(

@@ -74,22 +74,25 @@ def run_copy(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def test_patch_part_definition() -> None:
-    mask = np.zeros((8, 8), dtype=np.uint8)  # a 2×2 grid of 4×4-pixel cells
-    mask[0:4, 0:4] = 3  # cell (0, 0): all part 3
-    mask[0:1, 4:8] = 5  # cell (0, 1): part 5 on 4 of 16 pixels (exactly 1/4) and part 6 on 3
-    mask[1, 4:7] = 6
-    mask[4:6, 0:1] = 2  # cell (1, 0): part 2 on 2 of 16 pixels: below 1/4 → background
-    mask[4:8, 4:8] = 7  # cell (1, 1): parts 7 (12 px) and 1 (4 px)
-    mask[7, 4:8] = 1
-    assert patch_part(mask, 0, 0, 2) == 3
-    assert patch_part(mask, 0, 1, 2) == 5
-    assert patch_part(mask, 1, 0, 2) == 0
-    assert patch_part(mask, 1, 1, (2, 2)) == 7
+    """A 12×12 mask on a 3×3 grid of 4×4 cells; each patch looks at its cell widened by 2 px on each side and
+    needs a part on at least 4 pixels (a quarter of a cell). Expected values counted by hand."""
+    mask = np.zeros((12, 12), dtype=np.uint8)
+    mask[0:4, 0:4] = 3  # fills cell (0, 0)
+    mask[6:8, 10:12] = 5  # 4 px inside cell (1, 2), also within the neighbourhood of (2, 2)
+    mask[10:12, 0] = 2  # 2 px: too few anywhere
+    expected = [[3, 3, 0], [3, 3, 5], [0, 0, 5]]
+    assert patch_parts(mask, 3).tolist() == expected
+    for h in range(3):
+        for w in range(3):
+            assert patch_part(mask, h, w, (3, 3)) == expected[h][w]
+    mask[9, 8:11] = 7  # 3 px of part 7 next to part 5's 4 px in (2, 2)'s neighbourhood: part 5 still wins
+    assert patch_part(mask, 2, 2, 3) == 5
+    mask[9, 6:8] = 7  # now 5 px of part 7: it wins
+    assert patch_part(mask, 2, 2, 3) == 7
     assert patch_part(None, 0, 0, 2) == -1
-    assert patch_parts(mask, 2).tolist() == [[3, 5], [0, 7]]
     assert (patch_parts(None, (2, 3)) == -1).all()
     with pytest.raises(ValueError, match="outside"):
-        patch_part(mask, 2, 0, 2)
+        patch_part(mask, 3, 0, 3)
 
 
 # -- the index written by training ----------------------------------------------------------------------
@@ -294,7 +297,9 @@ def test_patch_metadata_order() -> None:
         [1, 1, 0],
         [1, 1, 1],
     ]
-    assert meta["part"].tolist() == [0, 0, 0, 0, 0, 9, 0, 0]
+    # part 9 fills cell (0, 1) of image 1 and reaches into every other cell's neighbourhood (±1 px) with at
+    # least a quarter cell (1 px): cells (0, 0) 2 px, (1, 0) 1 px, (1, 1) 2 px
+    assert meta["part"].tolist() == [0, 0, 0, 0, 9, 9, 9, 9]
     assert meta["label"].tolist() == [1] * 4 + [0] * 4
     assert latents_to_patches(torch.arange(8.0).view(1, 2, 2, 2)).tolist() == [[0, 4], [1, 5], [2, 6], [3, 7]]
 
