@@ -12,6 +12,7 @@ cache once, which needs a network) or a path to a local torchvision state dict (
 from __future__ import annotations
 
 import fnmatch
+import pickle
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -302,6 +303,16 @@ def _load_local_state_dict(model: nn.Module, path: str) -> None:
             state = load_tensors(p)
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        if "error: unsupported global" not in str(exc).lower():  # not a torch checkpoint at all
+            raise WeightsUnavailableError(
+                f"weights file {p} is not a readable state dict (not a torch checkpoint)"
+            ) from exc
+        # weights_only refused a pickled object: it is never unpickled
+        raise WeightsUnavailableError(
+            f"weights file {p} holds pickled Python objects, not a plain state dict; save model.state_dict() "
+            "(or a .safetensors file) and pass that"
+        ) from exc
     except Exception as exc:
         raise WeightsUnavailableError(
             f"weights file {p} is not a readable state dict: {_reason(exc)}"

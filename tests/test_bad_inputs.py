@@ -443,7 +443,7 @@ CASES = [
     Case("read-only output directory", read_only_output, 4, "Read-only file system" if os.geteuid() == 0 else "Permission denied"),
     Case("full disk", full_disk_while_saving_a_member, 4, "model.safetensors: No space left on device", unchanged=False, check=full_disk_check, skip=NO_DEV_FULL),
     # weights and foreign checkpoints
-    Case("trunk weights are a pickle", weights_file_is_a_pickle, 2, "is not a readable state dict", unchanged=False, check=payload_not_executed),
+    Case("trunk weights are a pickle", weights_file_is_a_pickle, 2, "holds pickled Python objects", unchanged=False, check=payload_not_executed),
     Case("import: pickle payload .pth", imported(lambda d: write_payload(d / "model.pth")), 2, "holds pickled Python objects", check=payload_not_executed),
     Case("import: pickle renamed .safetensors", imported(lambda d: write_payload(d / "model.safetensors")), 2, "not a readable safetensors file", check=payload_not_executed),
     Case("import: truncated .pth", imported(truncated_pth), 2, "is not a readable torch checkpoint"),

@@ -35,7 +35,8 @@ def list_imagefolder(
     """Read a class-per-folder tree into an :class:`ImageListing`."""
     base = Path(root).expanduser()
     if not base.is_dir():
-        raise DatasetError(f"image folder {base} does not exist; set data.root to a folder of class folders")
+        what = "is a file, not a folder" if base.exists() else "does not exist"
+        raise DatasetError(f"image folder {base} {what}; set data.root to a folder of class folders")
     paths: list[Path] = []
     labels: list[int] = []
     is_train: list[bool] = []
