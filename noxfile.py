@@ -1,6 +1,7 @@
 """Developer tasks. ``nox -s tests`` runs the suite; ``nox -s quickstart`` the main job on the embedded dataset.
 
 nox's default virtualenv backend uses pip, which finds the torch build that lies on this project's machines.
+Sessions use the Python that runs nox (3.10 or newer).
 """
 
 from __future__ import annotations
@@ -10,10 +11,8 @@ import nox
 nox.options.sessions = ["lint", "tests"]
 nox.options.reuse_existing_virtualenvs = True
 
-PYTHON = "3.11"
 
-
-@nox.session(python=PYTHON)
+@nox.session
 def tests(session: nox.Session) -> None:
     """Run the test suite (pass pytest arguments after --)."""
     session.install("-e", ".[test]")
@@ -21,7 +20,7 @@ def tests(session: nox.Session) -> None:
     session.run("pytest", *args)
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def lint(session: nox.Session) -> None:
     """ruff (lint and format check) and mypy."""
     session.install("-e", ".[lint]")
@@ -30,7 +29,7 @@ def lint(session: nox.Session) -> None:
     session.run("mypy")
 
 
-@nox.session(python=PYTHON)
+@nox.session
 def quickstart(session: nox.Session) -> None:
     """The main job on the embedded dataset: train the quick-start ensemble, prune it, write its report
     (reports/quickstart/report.html)."""
@@ -40,7 +39,7 @@ def quickstart(session: nox.Session) -> None:
     session.run("protoaudit", "report", "reports/quickstart", "--html")
 
 
-@nox.session(python=PYTHON, default=False)
+@nox.session(default=False)
 def bench(session: nox.Session) -> None:
     """Speed checks P1-P6, each printed as ratios measured side by side (minutes on 2 cores)."""
     session.install("-e", ".")
