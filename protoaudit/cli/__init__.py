@@ -76,6 +76,8 @@ def main(argv: list[str] | None = None) -> None:
     debug = os.environ.get("PROTOAUDIT_DEBUG", "") not in ("", "0")
     try:
         app(args=argv)  # standalone: usage errors exit 2, Ctrl-C exits 130
+    except KeyboardInterrupt:  # an interruption that reached past the command's own handling
+        sys.exit(130)
     except ProtoauditError as exc:
         if debug:
             raise
