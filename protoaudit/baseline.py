@@ -29,6 +29,7 @@ from protoaudit.data import DatasetBundle, ImageSplit, iter_batches
 from protoaudit.errors import CheckpointError
 from protoaudit.progress import NULL_REPORTER, Reporter
 from protoaudit.recipe import MemberRecipe, Recipe
+from protoaudit.train import top1
 from protoaudit.trunks import create_trunk, trunk_info
 
 BASELINE_DIR = "baselines"
@@ -82,12 +83,6 @@ def predict_baseline(
     batches = iter_batches(split, torch.arange(len(split)), batch_size, workers, device.type == "cuda")
     out = [model(x.to(device)).cpu() for _, x in batches]
     return torch.cat(out) if out else torch.zeros(0, model.config.n_classes)
-
-
-def _top1(logits: torch.Tensor, labels: np.ndarray) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    return float((logits.argmax(1).numpy() == np.asarray(labels)).mean())
 
 
 def train_baseline(
@@ -158,7 +153,7 @@ def train_baseline(
         if epoch in selection:
             t0 = time.perf_counter()
             val = (
-                _top1(
+                top1(
                     predict_baseline(model, bundle.val, sched.eval_batch_size, device, sched.workers),
                     bundle.val.labels,
                 )
@@ -251,7 +246,7 @@ def train_baselines(
         if resume and (directory / "model.json").is_file():
             model, _ = load_baseline(directory, device)
             test_logits = predict_baseline(model, bundle.test, sched.eval_batch_size, device, sched.workers)
-            test_top1 = _top1(test_logits, bundle.test.labels)
+            test_top1 = top1(test_logits, bundle.test.labels)
             reporter.log(f"[bold]{member.name}[/bold]: finished before the interruption; reloaded")
         else:
             reporter.log(f"[bold]{member.name}[/bold]: baseline, {member.trunk} trunk with a linear head")
@@ -260,7 +255,7 @@ def train_baselines(
             test_logits = predict_baseline(
                 trained.model, bundle.test, sched.eval_batch_size, device, sched.workers
             )
-            test_top1 = _top1(test_logits, bundle.test.labels)
+            test_top1 = top1(test_logits, bundle.test.labels)
             trained.seconds["eval"] += time.perf_counter() - t0
             save_baseline(
                 directory,

@@ -132,7 +132,7 @@ def train_ensemble(
     writer = RunWriter(run_dir, document, enabled=info.is_main)
     if previous is not None:
         writer.update(started=previous.get("started"))
-    try:
+    with writer:  # records interrupted / failed when an exception ends the run
         rows, logits = _train_members(recipe, bundle, device, reporter, run_dir, writer, resume, info)
         combined = ensemble_logits(logits)
         rows.append(
@@ -156,12 +156,6 @@ def train_ensemble(
         barrier(info)
         seconds = time.perf_counter() - started
         writer.finish("complete", seconds=seconds)
-    except KeyboardInterrupt:
-        writer.finish("interrupted")
-        raise
-    except BaseException as exc:
-        writer.finish("failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise
     return EnsembleResult(run_dir, accuracy, seconds)
 
 

@@ -400,7 +400,7 @@ def import_protopnet(
     )
     sched = run_recipe.schedule
     seconds: dict[str, float] = {}
-    try:
+    with writer:  # records interrupted / failed when an exception ends the run
         t0 = time.perf_counter()
         with reporter.task(f"{name} nearest push patches", len(bundle.push)) as advance:
             nearest, push_latents = nearest_push_patches(
@@ -487,12 +487,6 @@ def import_protopnet(
         write_csv(run_dir / "accuracy.csv", accuracy)
         elapsed = time.perf_counter() - started
         writer.finish("complete", seconds=elapsed, timings={name: seconds})
-    except KeyboardInterrupt:
-        writer.finish("interrupted")
-        raise
-    except BaseException as exc:
-        writer.finish("failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
-        raise
     far = float(nearest.distance.max()) if len(nearest.distance) else 0.0
     reporter.log(
         f"{name}: test top-1 {test_top1:.4f}; largest distance from a prototype to its nearest own-class push patch "

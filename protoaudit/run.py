@@ -208,6 +208,18 @@ class RunWriter:
     def finish(self, status: str, **changes: Any) -> None:
         self.update(status=status, finished=_now(), **changes)
 
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        """Record how the run ended when it ends by an exception: interrupted (Ctrl-C) or failed."""
+        if exc is None:
+            return
+        if isinstance(exc, KeyboardInterrupt):
+            self.finish("interrupted")
+        else:
+            self.finish("failed", error=str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+
     def flush(self) -> None:
         if self.enabled:
             write_json(self.path / "run.json", self.document)
