@@ -139,6 +139,22 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
     return np.sort(np.array(keep, dtype=np.int64)), np.sort(np.array(held, dtype=np.int64))
 
 
+def four_splits(
+    everything: Any, labels: np.ndarray, is_train: np.ndarray, val_fraction: float, seed: int, augment: Any
+) -> dict[str, Any]:
+    """train (augmented), push (the same images, never augmented), val (carved from train) and test, from a
+    split of every image with its labels and train/test flags; ``everything`` has ``subset(indices, augment)``."""
+    train_idx = np.flatnonzero(is_train)
+    test_idx = np.flatnonzero(~np.asarray(is_train))
+    keep, val = stratified_holdout(labels[train_idx], val_fraction, seed)
+    return {
+        "train": everything.subset(train_idx[keep], augment),
+        "push": everything.subset(train_idx[keep]),
+        "val": everything.subset(train_idx[val]),
+        "test": everything.subset(test_idx),
+    }
+
+
 def build_dataset(config: Any, seed: int) -> DatasetBundle:
     """Build the splits the recipe's ``[data]`` table describes."""
     if config.kind == "parts":
@@ -225,15 +241,9 @@ def _build_parts(config: Any, seed: int) -> DatasetBundle:
     data = load_parts(spec)
     ids = [f"{'train' if t else 'test'}/{i:06d}" for i, t in enumerate(data.is_train)]
     everything = TensorSplit(data.images, data.labels, ids, data.masks)
-    train_idx = np.flatnonzero(data.is_train)
-    test_idx = np.flatnonzero(~data.is_train)
-    keep, val = stratified_holdout(data.labels[train_idx], config.val_fraction, seed)
     augment = _flip_augment(seed) if config.augment else None
     return DatasetBundle(
-        train=everything.subset(train_idx[keep], augment),
-        push=everything.subset(train_idx[keep]),
-        val=everything.subset(train_idx[val]),
-        test=everything.subset(test_idx),
+        **four_splits(everything, data.labels, data.is_train, config.val_fraction, seed, augment),
         class_names=list(data.class_names),
         image_size=spec.image_size,
         fingerprint=data.fingerprint,

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protoaudit.data import DatasetBundle, stratified_holdout
+from protoaudit.data import DatasetBundle, four_splits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -264,19 +264,13 @@ def bundle_from_listing(
     fingerprint_extra: tuple[object, ...] = (),
 ) -> DatasetBundle:
     """The four splits of a listing: train (augmented), push (same images, never augmented), val (carved
-    from train by :func:`stratified_holdout`) and test (never augmented)."""
+    from train by :func:`four_splits`) and test (never augmented)."""
     everything = FileSplit(
         listing.paths, listing.labels, listing.image_ids, image_size, listing.boxes, listing.parts
     )
-    train_idx = np.flatnonzero(listing.is_train)
-    test_idx = np.flatnonzero(~listing.is_train)
-    keep, val = stratified_holdout(listing.labels[train_idx], val_fraction, seed)
     part_names = None if listing.part_names is None else ["background", *listing.part_names]
     return DatasetBundle(
-        train=everything.subset(train_idx[keep], augment),
-        push=everything.subset(train_idx[keep]),
-        val=everything.subset(train_idx[val]),
-        test=everything.subset(test_idx),
+        **four_splits(everything, listing.labels, listing.is_train, val_fraction, seed, augment),
         class_names=list(listing.class_names),
         image_size=image_size,
         fingerprint=listing.fingerprint(image_size, *fingerprint_extra),
