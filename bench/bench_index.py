@@ -43,8 +43,8 @@ def p50(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def quickstart(run_dir: Path) -> None:
-    from protoaudit.index import build_member_indexes, collect_latents, index_run
-    from protoaudit.run import load_run
+    from protoaudit.engine.index import build_member_indexes, collect_latents, index_run
+    from protoaudit.engine.run import load_run
 
     print(f"\n== 1. index build on the quick start ({run_dir}) ==")
     if not (run_dir / "run.json").is_file():
@@ -87,7 +87,11 @@ def quickstart(run_dir: Path) -> None:
         f"standalone rebuild of every index (protoaudit index --force, forward passes included): {rebuild:.2f} s"
     )
 
-    from protoaudit.index import load_query_image, nearest_patches_to_image, nearest_prototypes_to_image
+    from protoaudit.engine.index import (
+        load_query_image,
+        nearest_patches_to_image,
+        nearest_prototypes_to_image,
+    )
 
     query = load_query_image(run, bundle.test.image_ids[0], bundle)
     member = run.member_names[0]
@@ -101,7 +105,7 @@ def quickstart(run_dir: Path) -> None:
 
 
 def large(n_patches: int, dim: int, repeat: int, seed: int = 0) -> dict[str, float]:
-    from protoaudit.index import PatchIndex, exact_knn_torch
+    from protoaudit.engine.index import PatchIndex, exact_knn_torch
 
     rng = np.random.default_rng(seed)
     grid = 7
@@ -131,7 +135,7 @@ def large(n_patches: int, dim: int, repeat: int, seed: int = 0) -> dict[str, flo
     latent_map = torch.from_numpy(image.T.reshape(1, dim, grid, grid).copy())
 
     def nearest_prototypes() -> None:
-        from protoaudit.model import squared_distances
+        from protoaudit.core.model import squared_distances
 
         d = squared_distances(latent_map, prototypes)[0]  # (m, H, W)
         d.permute(1, 2, 0).reshape(grid * grid, -1).topk(3, dim=1, largest=False)

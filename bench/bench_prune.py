@@ -23,8 +23,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from protoaudit.index import PatchIndex
-from protoaudit.purity import knn_class_purity, prune_decision
+from protoaudit.core.purity import knn_class_purity, prune_decision
+from protoaudit.engine.index import PatchIndex
 
 
 def best_of(repeat: int, fn):  # type: ignore[no-untyped-def]

@@ -72,8 +72,8 @@ def main() -> int:
     started = time.perf_counter()
     import torch
 
+    from protoaudit.engine.run import load_run
     from protoaudit.report import build_report, write_report
-    from protoaudit.run import load_run
 
     torch.set_num_threads(args.threads)
     imports = time.perf_counter() - started

@@ -44,9 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from protoaudit.cli.common import err_console
-    from protoaudit.ensemble import train_ensemble
-    from protoaudit.progress import Reporter
-    from protoaudit.recipe import load_recipe
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.progress import Reporter
+    from protoaudit.engine.recipe import load_recipe
 
     recipe = load_recipe(
         args.recipe, overrides=args.overrides, out=args.out, threads=args.threads, device="cpu"
@@ -115,9 +115,9 @@ def finished_models(run_dir: Path) -> pd.DataFrame:
     of the finished ProtoPNet members (their test logits added)."""
     import torch
 
-    from protoaudit.io import read_json
-    from protoaudit.run import ACCURACY_COLUMNS, load_run
-    from protoaudit.train import predict, top1
+    from protoaudit.engine.io import read_json
+    from protoaudit.engine.run import ACCURACY_COLUMNS, load_run
+    from protoaudit.engine.train import predict, top1
 
     rows = []
     n_test = read_json(run_dir / "run.json").get("dataset", {}).get("splits", {}).get("test")

@@ -22,13 +22,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from protoaudit.data import TensorSplit
-from protoaudit.index import PatchIndex, exact_knn_torch, latents_to_patches, patch_metadata
-from protoaudit.losses import protopnet_loss
-from protoaudit.model import MemberConfig, ProtoPNet
-from protoaudit.push import push_prototypes
-from protoaudit.train import predict
-from protoaudit.trunks import create_trunk, trunk_info
+from protoaudit.core.losses import protopnet_loss
+from protoaudit.core.model import MemberConfig, ProtoPNet
+from protoaudit.core.trunks import create_trunk, trunk_info
+from protoaudit.engine.data import TensorSplit
+from protoaudit.engine.index import PatchIndex, exact_knn_torch, latents_to_patches, patch_metadata
+from protoaudit.engine.push import push_prototypes
+from protoaudit.engine.train import predict
 
 DIMS = {"vgg19": 128, "resnet34": 256, "densenet121": 128}
 

@@ -20,8 +20,8 @@ def _dataset_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory: pytest.TempPathFactory, _dataset_cache: None) -> Path:
     """One trained tiny run (two members and their ensemble), shared by the tests that only read it."""
-    from protoaudit.ensemble import train_ensemble
-    from protoaudit.recipe import load_recipe
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.recipe import load_recipe
 
     out = tmp_path_factory.mktemp("runs")
     recipe = load_recipe(TINY_RECIPE, out=str(out))

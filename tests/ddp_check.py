@@ -11,8 +11,8 @@ import sys
 
 import torch
 
-from protoaudit.distributed import from_env
-from protoaudit.io import save_tensors
+from protoaudit.engine.distributed import from_env
+from protoaudit.engine.io import save_tensors
 from tests.ddp_common import run_steps
 
 

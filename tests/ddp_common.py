@@ -7,11 +7,11 @@ import copy
 import numpy as np
 import torch
 
-from protoaudit.data import build_dataset
-from protoaudit.distributed import SINGLE, DistInfo
-from protoaudit.push import push_prototypes
-from protoaudit.recipe import load_recipe
-from protoaudit.train import _optimizers, _sgd_epoch, build_member, predict, set_stage
+from protoaudit.engine.data import build_dataset
+from protoaudit.engine.distributed import SINGLE, DistInfo
+from protoaudit.engine.push import push_prototypes
+from protoaudit.engine.recipe import load_recipe
+from protoaudit.engine.train import _optimizers, _sgd_epoch, build_member, predict, set_stage
 
 from .conftest import TINY_RECIPE
 

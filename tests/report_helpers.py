@@ -26,7 +26,7 @@ def copy_run(run_dir: Path, dest: Path) -> Path:
 def write_contract_files(run_dir: Path, hostile: bool = False) -> None:
     """purity.csv, audit.json, duplicates.csv and members/vgg/nearest_train.csv, written to the team's file
     contracts from the run's own prototypes (values are arbitrary but consistent: purity < 3 → pruned)."""
-    from protoaudit.run import load_run
+    from protoaudit.engine.run import load_run
 
     run = load_run(run_dir)
     bundle = run.dataset()

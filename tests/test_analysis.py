@@ -10,10 +10,10 @@ import pandas as pd
 import pytest
 import torch
 
-from protoaudit.analysis import NEAREST_COLUMNS, global_analysis, nearest_to_prototypes, strip_path
-from protoaudit.index import collect_latents
-from protoaudit.model import squared_distances
-from protoaudit.run import load_run
+from protoaudit.core.model import squared_distances
+from protoaudit.engine.analysis import NEAREST_COLUMNS, global_analysis, nearest_to_prototypes, strip_path
+from protoaudit.engine.index import collect_latents
+from protoaudit.engine.run import load_run
 
 
 @pytest.mark.parametrize("split", ["train", "test"])

@@ -216,7 +216,7 @@ def truncated_pth(base: Path) -> Path:
 
 
 def truncated_safetensors(base: Path) -> Path:
-    from protoaudit.io import save_tensors
+    from protoaudit.engine.io import save_tensors
 
     base.mkdir(parents=True, exist_ok=True)
     save_tensors(base / "model.safetensors", {"prototype_vectors": torch.rand(6, 16, 1, 1)})
@@ -304,8 +304,8 @@ def pickle_checkpoint(run_dir: Path) -> None:
 
 def checkpoint_of_other_architecture(run_dir: Path) -> None:
     """The checkpoint of a tiny_vgg member, relabelled as the resnet member's."""
-    from protoaudit.checkpoint import MemberCheckpoint, capture
-    from protoaudit.model import MemberConfig, ProtoPNet
+    from protoaudit.core.model import MemberConfig, ProtoPNet
+    from protoaudit.engine.checkpoint import MemberCheckpoint, capture
 
     pointer, doc = _pointer(run_dir)
     model = ProtoPNet(MemberConfig("tiny_vgg", 3, 4, 16, image_size=32))
@@ -481,11 +481,11 @@ def checkpoint_run(tmp_path_factory: pytest.TempPathFactory, tiny_run: Path) -> 
     def make() -> Path:
         if made:
             return made[0]
-        from protoaudit.checkpoint import MemberCheckpoint
-        from protoaudit.data import build_dataset
-        from protoaudit.ensemble import training_sha256
-        from protoaudit.recipe import load_recipe
-        from protoaudit.train import train_member
+        from protoaudit.engine.checkpoint import MemberCheckpoint
+        from protoaudit.engine.data import build_dataset
+        from protoaudit.engine.ensemble import training_sha256
+        from protoaudit.engine.recipe import load_recipe
+        from protoaudit.engine.train import train_member
 
         run_dir = tmp_path_factory.mktemp("interrupted") / "tiny"
         shutil.copytree(tiny_run, run_dir)

@@ -21,7 +21,7 @@ def tiny_with_baseline(out: Path) -> dict[str, object]:
 
 
 def test_baseline_net_shapes_and_normalisation() -> None:
-    from protoaudit.baseline import BaselineConfig, BaselineNet
+    from protoaudit.engine.baseline import BaselineConfig, BaselineNet
 
     net = BaselineNet(BaselineConfig("tiny_vgg", n_classes=4, image_size=32)).eval()
     logits = net(torch.rand(3, 3, 32, 32))
@@ -32,8 +32,8 @@ def test_baseline_net_shapes_and_normalisation() -> None:
 
 
 def test_recipe_needs_a_protopnet_member() -> None:
+    from protoaudit.engine.recipe import recipe_from_dict
     from protoaudit.errors import RecipeError
-    from protoaudit.recipe import recipe_from_dict
 
     with pytest.raises(RecipeError, match="at least one member must be a ProtoPNet"):
         recipe_from_dict({"name": "x", "members": [{"name": "b", "kind": "baseline", "trunk": "tiny_vgg"}]})
@@ -43,11 +43,11 @@ def test_recipe_needs_a_protopnet_member() -> None:
 
 def test_baseline_rows_are_outside_the_ensemble(tmp_path: Path) -> None:
     """accuracy.csv has the baseline row; the ensemble row equals the sum of the two ProtoPNets' logits alone."""
-    from protoaudit.baseline import load_baseline, predict_baseline
-    from protoaudit.ensemble import train_ensemble
-    from protoaudit.recipe import recipe_from_dict
-    from protoaudit.run import load_run
-    from protoaudit.train import predict
+    from protoaudit.engine.baseline import load_baseline, predict_baseline
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.recipe import recipe_from_dict
+    from protoaudit.engine.run import load_run
+    from protoaudit.engine.train import predict
 
     result = train_ensemble(recipe_from_dict(tiny_with_baseline(tmp_path)))
     accuracy = pd.read_csv(result.run_dir / "accuracy.csv")
@@ -78,9 +78,9 @@ def test_baseline_rows_are_outside_the_ensemble(tmp_path: Path) -> None:
 
 def test_baseline_learns_on_separable_data() -> None:
     """Two classes told apart by brightness: after a few epochs the baseline beats chance clearly."""
-    from protoaudit.baseline import train_baseline
-    from protoaudit.data import DatasetBundle, TensorSplit
-    from protoaudit.recipe import recipe_from_dict
+    from protoaudit.engine.baseline import train_baseline
+    from protoaudit.engine.data import DatasetBundle, TensorSplit
+    from protoaudit.engine.recipe import recipe_from_dict
 
     rng = np.random.default_rng(0)
     labels = np.repeat([0, 1], 24).astype(np.int64)

@@ -173,7 +173,7 @@ def test_ctrl_c_leaves_no_half_written_file(tmp_path: Path) -> None:
     assert meta["status"] == "interrupted"
     for path in run_dir.rglob("*.json"):
         json.loads(path.read_text())
-    from protoaudit.run import load_member
+    from protoaudit.engine.run import load_member
 
     load_member(run_dir / "members" / "vgg")  # the finished member is whole and loads
 

@@ -80,7 +80,7 @@ def make_cars(root: Path, train_per_class: int = 4, test_per_class: int = 2, see
 
 def test_devkit_listing_and_box_convention(tmp_path: Path) -> None:
     """MATLAB box x1 = 11 … x2 = 50 (1-based, inclusive) is the continuous region x ∈ [10, 50]."""
-    from protoaudit.data.cars import list_cars
+    from protoaudit.engine.data.cars import list_cars
 
     make_cars(tmp_path)
     listing = list_cars(tmp_path, "bb")
@@ -99,8 +99,8 @@ def test_devkit_listing_and_box_convention(tmp_path: Path) -> None:
 def test_crop_keeps_only_the_car(tmp_path: Path) -> None:
     """Cropped to its box, every pixel of a training image is the class colour (JPEG noise aside);
     the whole image is mostly dark noise around it."""
-    from protoaudit.data.cars import list_cars
-    from protoaudit.data.files import bundle_from_listing
+    from protoaudit.engine.data.cars import list_cars
+    from protoaudit.engine.data.files import bundle_from_listing
 
     make_cars(tmp_path)
     push = bundle_from_listing(list_cars(tmp_path, "bb"), 16, 0.0, None, seed=0).push
@@ -113,7 +113,7 @@ def test_crop_keeps_only_the_car(tmp_path: Path) -> None:
 def test_missing_test_labels_and_single_file_layout(tmp_path: Path) -> None:
     import scipy.io
 
-    from protoaudit.data.cars import list_cars
+    from protoaudit.engine.data.cars import list_cars
     from protoaudit.errors import DatasetError
 
     make_cars(tmp_path / "devkit_layout")
@@ -143,8 +143,8 @@ def test_missing_test_labels_and_single_file_layout(tmp_path: Path) -> None:
 
 
 def test_short_run_from_the_cars_recipe(tmp_path: Path) -> None:
-    from protoaudit.ensemble import train_ensemble
-    from protoaudit.recipe import load_recipe
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.recipe import load_recipe
 
     make_cars(tmp_path / "cars")
     overrides = [

@@ -124,9 +124,9 @@ def test_missing_image_and_class_count_mismatch_in_cub(
 
 
 def test_training_fails_fast_and_writes_nothing(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from protoaudit.ensemble import train_ensemble
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.recipe import load_recipe
     from protoaudit.errors import DatasetError
-    from protoaudit.recipe import load_recipe
 
     make_tree(tmp_path / "pets")
     plant_problems(tmp_path / "pets")

@@ -90,7 +90,7 @@ def make_cub(
 
 
 def test_listing_reads_every_annotation_file(tmp_path: Path) -> None:
-    from protoaudit.data.cub import list_cub
+    from protoaudit.engine.data.cub import list_cub
 
     base = make_cub(tmp_path)
     listing = list_cub(tmp_path, "bb")  # the parent folder works too
@@ -113,8 +113,8 @@ def test_listing_reads_every_annotation_file(tmp_path: Path) -> None:
 def test_bounding_box_crop_matches_hand_computed_pixels(tmp_path: Path) -> None:
     """Box (10, 20) – (50, 60) resized to 20 × 20: output pixel (u, v) samples the source at
     x = 10 + 2(u + 0.5), y = 20 + 2(v + 0.5); with red = 2x at pixel centres x + 0.5, red = 2(x - 0.5)."""
-    from protoaudit.data.cub import list_cub
-    from protoaudit.data.files import bundle_from_listing
+    from protoaudit.engine.data.cub import list_cub
+    from protoaudit.engine.data.files import bundle_from_listing
 
     make_cub(tmp_path)
     bundle = bundle_from_listing(list_cub(tmp_path, "bb"), 20, 0.0, None, seed=0)
@@ -138,8 +138,8 @@ def test_bounding_box_crop_matches_hand_computed_pixels(tmp_path: Path) -> None:
 def test_part_locations_follow_crop_and_resize(tmp_path: Path) -> None:
     """Part (30, 40) in box (10, 20) – (50, 60) at 20 px: ((30 - 10) · 20 / 40, (40 - 20) · 20 / 40) = (10, 10).
     Part (5, 30) lies left of the box: flagged invisible. Part 3 was marked invisible by the annotators."""
-    from protoaudit.data.cub import list_cub
-    from protoaudit.data.files import bundle_from_listing
+    from protoaudit.engine.data.cub import list_cub
+    from protoaudit.engine.data.files import bundle_from_listing
 
     make_cub(tmp_path)
     split = bundle_from_listing(list_cub(tmp_path, "bb"), 20, 0.0, None, seed=0).test
@@ -166,9 +166,9 @@ def test_file_split_batches_and_workers(tmp_path: Path) -> None:
     """``batch`` and the DataLoader path (``item`` in a worker process) give the same images."""
     import torch
 
-    from protoaudit.data import iter_batches
-    from protoaudit.data.cub import list_cub
-    from protoaudit.data.files import bundle_from_listing
+    from protoaudit.engine.data import iter_batches
+    from protoaudit.engine.data.cub import list_cub
+    from protoaudit.engine.data.files import bundle_from_listing
 
     make_cub(tmp_path)
     push = bundle_from_listing(list_cub(tmp_path, "bb"), 24, 0.0, None, seed=0).push
@@ -182,7 +182,7 @@ def test_file_split_batches_and_workers(tmp_path: Path) -> None:
 
 
 def test_annotation_errors_name_the_file(tmp_path: Path) -> None:
-    from protoaudit.data.cub import list_cub
+    from protoaudit.engine.data.cub import list_cub
     from protoaudit.errors import DatasetError
 
     base = make_cub(tmp_path)
@@ -196,8 +196,8 @@ def test_annotation_errors_name_the_file(tmp_path: Path) -> None:
 
 def test_short_run_from_the_cub_bb_recipe(tmp_path: Path) -> None:
     """recipes/cub_bb.toml with size overrides trains three ProtoPNets, their ensemble and the baseline."""
-    from protoaudit.ensemble import train_ensemble
-    from protoaudit.recipe import load_recipe
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.recipe import load_recipe
 
     make_cub(tmp_path / "data")
     members = {"vgg19": "tiny_vgg", "resnet34": "tiny_resnet", "densenet121": "tiny_densenet"}

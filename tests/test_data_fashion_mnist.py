@@ -44,7 +44,7 @@ def make_fashion_mnist(
 
 @pytest.mark.parametrize("gz", [True, False])
 def test_reads_idx_files(tmp_path: Path, gz: bool) -> None:
-    from protoaudit.data.fashion_mnist import load_fashion_mnist
+    from protoaudit.engine.data.fashion_mnist import load_fashion_mnist
 
     make_fashion_mnist(tmp_path, gz=gz)
     data = load_fashion_mnist(tmp_path)
@@ -60,8 +60,8 @@ def test_reads_idx_files(tmp_path: Path, gz: bool) -> None:
 def test_splits_resize_and_grey_to_rgb(tmp_path: Path) -> None:
     import torch
 
-    from protoaudit.data.augment import batch_augment
-    from protoaudit.data.fashion_mnist import CLASS_NAMES, build_fashion_mnist
+    from protoaudit.engine.data.augment import batch_augment
+    from protoaudit.engine.data.fashion_mnist import CLASS_NAMES, build_fashion_mnist
 
     make_fashion_mnist(tmp_path, train_per_class=8)
     bundle = build_fashion_mnist(tmp_path, 32, 0.25, batch_augment("flip"), seed=0, max_train_per_class=6)
@@ -86,7 +86,7 @@ def test_splits_resize_and_grey_to_rgb(tmp_path: Path) -> None:
 
 
 def test_corrupt_idx_file_is_named(tmp_path: Path) -> None:
-    from protoaudit.data.fashion_mnist import load_fashion_mnist
+    from protoaudit.engine.data.fashion_mnist import load_fashion_mnist
     from protoaudit.errors import DatasetError
 
     make_fashion_mnist(tmp_path, gz=False)
@@ -103,9 +103,9 @@ def test_corrupt_idx_file_is_named(tmp_path: Path) -> None:
 
 
 def test_short_run_from_the_fashion_mnist_recipe(tmp_path: Path) -> None:
-    from protoaudit.data.check import check_data
-    from protoaudit.ensemble import train_ensemble
-    from protoaudit.recipe import load_recipe
+    from protoaudit.engine.data.check import check_data
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.recipe import load_recipe
 
     make_fashion_mnist(tmp_path / "fm", train_per_class=6)
     recipe = load_recipe(

@@ -35,7 +35,7 @@ def make_tree(root: Path, per_class: int = 6, seed: int = 0) -> Path:
 
 
 def test_fraction_split_is_stratified_and_seeded(tmp_path: Path) -> None:
-    from protoaudit.data.imagefolder import list_imagefolder
+    from protoaudit.engine.data.imagefolder import list_imagefolder
 
     make_tree(tmp_path)
     listing = list_imagefolder(tmp_path, test_fraction=1 / 3, seed=3)
@@ -51,8 +51,8 @@ def test_fraction_split_is_stratified_and_seeded(tmp_path: Path) -> None:
 
 
 def test_folder_split_and_modes(tmp_path: Path) -> None:
-    from protoaudit.data.files import bundle_from_listing
-    from protoaudit.data.imagefolder import list_imagefolder
+    from protoaudit.engine.data.files import bundle_from_listing
+    from protoaudit.engine.data.imagefolder import list_imagefolder
 
     make_tree(tmp_path / "train")
     make_tree(tmp_path / "test", per_class=2, seed=1)
@@ -71,8 +71,8 @@ def test_folder_split_and_modes(tmp_path: Path) -> None:
 
 
 def test_folder_split_needs_both_folders(tmp_path: Path) -> None:
+    from protoaudit.engine.recipe import recipe_from_dict
     from protoaudit.errors import RecipeError
-    from protoaudit.recipe import recipe_from_dict
 
     data = {"kind": "imagefolder", "root": str(tmp_path), "train_folder": "train"}
     with pytest.raises(RecipeError, match="data: give both train_folder and test_folder"):
@@ -80,8 +80,8 @@ def test_folder_split_needs_both_folders(tmp_path: Path) -> None:
 
 
 def test_short_run_on_an_image_folder(tmp_path: Path) -> None:
-    from protoaudit.ensemble import train_ensemble
-    from protoaudit.recipe import recipe_from_dict
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.recipe import recipe_from_dict
 
     make_tree(tmp_path / "pets")
     recipe = recipe_from_dict(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from protoaudit.io import load_tensors
+from protoaudit.engine.io import load_tensors
 
 from .conftest import ROOT, TINY_RECIPE
 from .ddp_common import run_steps
@@ -66,8 +66,8 @@ def test_torchrun_train_ensemble_writes_one_run(tmp_path: Path) -> None:
     assert meta["status"] == "complete"
     assert not list(run_dir.rglob("*.tmp"))
     assert not list(run_dir.rglob("checkpoint"))
-    from protoaudit.run import load_run
-    from protoaudit.train import predict, top1
+    from protoaudit.engine.run import load_run
+    from protoaudit.engine.train import predict, top1
 
     run = load_run(run_dir)
     bundle = run.dataset()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
-from protoaudit.explain import explain_image, render_sheet_html, render_sheet_png, sheet_basename
-from protoaudit.model import similarity
-from protoaudit.run import load_run
+from protoaudit.core.model import similarity
+from protoaudit.engine.explain import explain_image, render_sheet_html, render_sheet_png, sheet_basename
+from protoaudit.engine.run import load_run
 
 from .test_cli import run_cli
 

@@ -19,9 +19,9 @@ import torchvision
 from torch import nn
 
 from protoaudit.cli import main
-from protoaudit.importer import convert_state_dict, import_protopnet, read_state_dict
-from protoaudit.recipe import load_recipe
-from protoaudit.run import Run, load_run
+from protoaudit.engine.importer import convert_state_dict, import_protopnet, read_state_dict
+from protoaudit.engine.recipe import load_recipe
+from protoaudit.engine.run import Run, load_run
 
 from .conftest import TINY_RECIPE
 

@@ -10,8 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
-from protoaudit.errors import CheckpointError, InputError, StaleIndexError
-from protoaudit.index import (
+from protoaudit.engine.index import (
     META_COLUMNS,
     PatchIndex,
     build_faiss_index,
@@ -30,8 +29,9 @@ from protoaudit.index import (
     patch_parts,
     write_index,
 )
-from protoaudit.io import load_tensors, save_tensors
-from protoaudit.run import load_run
+from protoaudit.engine.io import load_tensors, save_tensors
+from protoaudit.engine.run import load_run
+from protoaudit.errors import CheckpointError, InputError, StaleIndexError
 
 
 def brute_force(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -281,7 +281,7 @@ def test_write_and_load_round_trip(tmp_path: Path) -> None:
 
 
 def test_patch_metadata_order() -> None:
-    from protoaudit.data import TensorSplit
+    from protoaudit.engine.data import TensorSplit
 
     masks = np.zeros((2, 4, 4), np.uint8)
     masks[1, :2, 2:] = 9
@@ -305,8 +305,8 @@ def test_patch_metadata_order() -> None:
 
 
 def test_parts_from_keypoints() -> None:
-    from protoaudit.data import TensorSplit
-    from protoaudit.index import patch_parts_from_keypoints
+    from protoaudit.engine.data import TensorSplit
+    from protoaudit.engine.index import patch_parts_from_keypoints
 
     # a 16 px image, 2 × 2 grid of 8 px cells; part 4 at (1, 1) and part 2 at (6, 7): both in cell (0, 0)
     keypoints = np.array([[4, 1, 1], [2, 6, 7], [9, 15, 8]])

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from protoaudit.engine.io import atomic_write, load_tensors, save_tensors
 from protoaudit.errors import CheckpointError
-from protoaudit.io import atomic_write, load_tensors, save_tensors
 
 
 def test_atomic_write_leaves_nothing_on_error(tmp_path: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from protoaudit.losses import cluster_cost, off_class_l1, protopnet_loss, separation_cost
+from protoaudit.core.losses import cluster_cost, off_class_l1, protopnet_loss, separation_cost
 
 
 def _case() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

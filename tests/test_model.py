@@ -7,7 +7,14 @@ import math
 import pytest
 import torch
 
-from protoaudit.model import EPSILON, MemberConfig, ProtoPNet, build_add_on, similarity, squared_distances
+from protoaudit.core.model import (
+    EPSILON,
+    MemberConfig,
+    ProtoPNet,
+    build_add_on,
+    similarity,
+    squared_distances,
+)
 
 
 def brute_force_distances(z: torch.Tensor, p: torch.Tensor) -> torch.Tensor:

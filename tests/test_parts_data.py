@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from protoaudit.data import parts
-from protoaudit.data.parts import (
+from protoaudit.engine.data import parts
+from protoaudit.engine.data.parts import (
     GENERATOR_VERSION,
     NOISE_AMPLITUDE,
     PartsData,

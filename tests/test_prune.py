@@ -13,9 +13,9 @@ import pytest
 import torch
 
 from protoaudit.cli import main
-from protoaudit.prune import min_distances_by_image, prune_run
-from protoaudit.run import load_run
-from protoaudit.train import predict, top1
+from protoaudit.engine.prune import min_distances_by_image, prune_run
+from protoaudit.engine.run import load_run
+from protoaudit.engine.train import predict, top1
 
 
 @pytest.fixture(scope="module")

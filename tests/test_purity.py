@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from protoaudit.purity import (
+from protoaudit.core.purity import (
     activated_parts,
     consistency,
     duplicate_pairs,

@@ -19,6 +19,8 @@ import torch
 from PIL import Image
 
 from protoaudit.cli import main
+from protoaudit.core.faithfulness import deletion_curves, trapezoid_auc
+from protoaudit.engine.run import load_run
 from protoaudit.report import (
     ReportOptions,
     build_report,
@@ -27,9 +29,7 @@ from protoaudit.report import (
     render_markdown,
     write_report,
 )
-from protoaudit.report.faithfulness import deletion_curves, trapezoid_auc
 from protoaudit.report.images import BOX_COLOUR, box_thumbnail, cell_footprint
-from protoaudit.run import load_run
 
 from .report_helpers import (
     HOSTILE_CLASS,
@@ -286,8 +286,8 @@ def test_report_of_a_run_whose_dataset_changed_still_renders_with_a_note(
 
 def test_report_of_a_really_pruned_run(tiny_run: Path, tmp_path: Path) -> None:
     """The files `protoaudit prune` and `global-analysis` write (not hand-made ones) reach the page, traced."""
-    from protoaudit.analysis import global_analysis
-    from protoaudit.prune import prune_run
+    from protoaudit.engine.analysis import global_analysis
+    from protoaudit.engine.prune import prune_run
 
     torch.set_num_threads(1)
     run_dir = copy_run(tiny_run, tmp_path)

@@ -15,8 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+from protoaudit.engine.run import load_run
 from protoaudit.report import ReportOptions, build_report, write_report
-from protoaudit.run import load_run
 
 from .report_helpers import HOSTILE_CLASS, HOSTILE_ID, copy_run, write_contract_files
 

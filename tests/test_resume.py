@@ -20,13 +20,13 @@ from typing import Any
 import pytest
 import torch
 
-from protoaudit.checkpoint import MemberCheckpoint, capture, pack, unpack
 from protoaudit.cli import main
-from protoaudit.data import build_dataset
+from protoaudit.engine.checkpoint import MemberCheckpoint, capture, pack, unpack
+from protoaudit.engine.data import build_dataset
+from protoaudit.engine.io import load_tensors
+from protoaudit.engine.recipe import load_recipe
+from protoaudit.engine.train import TrainedMember, train_member
 from protoaudit.errors import OutputError
-from protoaudit.io import load_tensors
-from protoaudit.recipe import load_recipe
-from protoaudit.train import TrainedMember, train_member
 
 from .conftest import TINY_RECIPE
 
@@ -152,8 +152,8 @@ def test_a_failed_checkpoint_write_keeps_the_previous_one(
     checkpoint.save(capture(1, "sgd", model, {"joint": opt}, sched, gen, [{"epoch": 1}], {}, None))
     before = sorted(p.name for p in checkpoint.directory.iterdir())
 
-    import protoaudit.checkpoint as ck
-    from protoaudit.io import write_text
+    import protoaudit.engine.checkpoint as ck
+    from protoaudit.engine.io import write_text
 
     def full_disk(path: Any, text: str) -> None:  # the pointer write hits a full disk half-way
         if str(path).endswith("latest.json"):

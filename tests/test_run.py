@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from protoaudit.ensemble import ensemble_logits, train_ensemble
+from protoaudit.engine.ensemble import ensemble_logits, train_ensemble
+from protoaudit.engine.recipe import load_recipe
+from protoaudit.engine.run import load_member, load_run
+from protoaudit.engine.train import predict, top1
 from protoaudit.errors import CheckpointError
-from protoaudit.recipe import load_recipe
-from protoaudit.run import load_member, load_run
-from protoaudit.train import predict, top1
 
 from .conftest import TINY_RECIPE
 

@@ -6,11 +6,18 @@ import numpy as np
 import pytest
 import torch
 
-from protoaudit.data import build_dataset
-from protoaudit.model import ProtoPNet
-from protoaudit.push import percentile_boxes, push_prototypes
-from protoaudit.recipe import load_recipe
-from protoaudit.train import _optimizers, _sgd_epoch, build_member, last_layer_stage, push_epochs, set_stage
+from protoaudit.core.model import ProtoPNet
+from protoaudit.engine.data import build_dataset
+from protoaudit.engine.push import percentile_boxes, push_prototypes
+from protoaudit.engine.recipe import load_recipe
+from protoaudit.engine.train import (
+    _optimizers,
+    _sgd_epoch,
+    build_member,
+    last_layer_stage,
+    push_epochs,
+    set_stage,
+)
 
 from .conftest import TINY_RECIPE
 

@@ -12,7 +12,7 @@ import torch
 def test_local_pth_state_dict_loads_the_same_tensors(tmp_path: Path) -> None:
     import torchvision
 
-    from protoaudit.trunks import create_trunk
+    from protoaudit.core.trunks import create_trunk
 
     torch.manual_seed(1)
     reference = torchvision.models.resnet18(weights=None)
@@ -33,8 +33,8 @@ def test_local_pth_state_dict_loads_the_same_tensors(tmp_path: Path) -> None:
 
 
 def test_local_safetensors_file_loads_the_same_tensors(tmp_path: Path) -> None:
-    from protoaudit.io import save_tensors
-    from protoaudit.trunks import create_trunk
+    from protoaudit.core.trunks import create_trunk
+    from protoaudit.engine.io import save_tensors
 
     source = create_trunk("tiny_vgg")
     with torch.no_grad():
@@ -49,9 +49,9 @@ def test_local_safetensors_file_loads_the_same_tensors(tmp_path: Path) -> None:
 
 
 def test_member_with_a_weights_file_uses_it(tmp_path: Path) -> None:
-    from protoaudit.io import save_tensors
-    from protoaudit.model import MemberConfig, ProtoPNet
-    from protoaudit.trunks import create_trunk
+    from protoaudit.core.model import MemberConfig, ProtoPNet
+    from protoaudit.core.trunks import create_trunk
+    from protoaudit.engine.io import save_tensors
 
     source = create_trunk("tiny_resnet")
     with torch.no_grad():
@@ -64,9 +64,9 @@ def test_member_with_a_weights_file_uses_it(tmp_path: Path) -> None:
 
 
 def test_wrong_weights_files_are_one_line_errors(tmp_path: Path) -> None:
+    from protoaudit.core.trunks import create_trunk
+    from protoaudit.engine.io import save_tensors
     from protoaudit.errors import WeightsUnavailableError
-    from protoaudit.io import save_tensors
-    from protoaudit.trunks import create_trunk
 
     save_tensors(tmp_path / "vgg.safetensors", dict(create_trunk("tiny_vgg").state_dict()))
     with pytest.raises(WeightsUnavailableError, match="does not fit this trunk") as info:
@@ -82,8 +82,8 @@ def test_imagenet_without_network_is_one_line(tmp_path: Path, monkeypatch: pytes
     and torch's cache points at an empty folder."""
     import torch.hub
 
+    from protoaudit.core.trunks import create_trunk
     from protoaudit.errors import WeightsUnavailableError
-    from protoaudit.trunks import create_trunk
 
     def no_network(url: str, dst: str, *args: object, **kwargs: object) -> None:
         raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
@@ -101,8 +101,8 @@ def test_imagenet_without_network_is_one_line(tmp_path: Path, monkeypatch: pytes
 
 
 def test_imagenet_for_a_tiny_trunk_says_none_exist() -> None:
+    from protoaudit.core.trunks import create_trunk
     from protoaudit.errors import WeightsUnavailableError
-    from protoaudit.trunks import create_trunk
 
     with pytest.raises(WeightsUnavailableError, match="no ImageNet weights exist for TinyVGG"):
         create_trunk("tiny_vgg", "imagenet")

@@ -44,7 +44,7 @@ def frame_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") ->
 
 
 def resolve_run(run: Path | None, root: Path) -> Any:
-    from protoaudit.run import load_run
+    from protoaudit.engine.run import load_run
 
     loaded = load_run(run, root=root)
     if run is None:

@@ -48,8 +48,8 @@ def check_command(
     training (the same checks run before train-ensemble starts)."""
     from rich.table import Table
 
-    from protoaudit.data.check import check_data
-    from protoaudit.recipe import load_recipe
+    from protoaudit.engine.data.check import check_data
+    from protoaudit.engine.recipe import load_recipe
 
     loaded = load_recipe(recipe, overrides=set_)
     result = check_data(loaded.data, loaded.seed, verify=decode)

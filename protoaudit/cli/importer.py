@@ -68,9 +68,9 @@ def import_protopnet_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Import a ProtoPNet trained with the original code as a run that index, prune, explain and report work on."""
-    from protoaudit.importer import import_protopnet
-    from protoaudit.progress import Reporter
-    from protoaudit.recipe import load_recipe
+    from protoaudit.engine.importer import import_protopnet
+    from protoaudit.engine.progress import Reporter
+    from protoaudit.engine.recipe import load_recipe
 
     loaded = load_recipe(
         recipe,

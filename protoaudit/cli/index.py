@@ -119,8 +119,8 @@ def index_command(
 ) -> None:
     """(Re)build the patch index of every member: FAISS over every latent patch of the push and test splits."""
     from protoaudit.cli.common import resolve_run
-    from protoaudit.index import SPLITS, index_run
-    from protoaudit.progress import Reporter
+    from protoaudit.engine.index import SPLITS, index_run
+    from protoaudit.engine.progress import Reporter
 
     _threads(threads)
     loaded = resolve_run(run, root)
@@ -159,8 +159,8 @@ def nearest_patches_command(
 ) -> None:
     """The nearest latent patches of the training (or test) split to a prototype, or to each patch of an image."""
     from protoaudit.cli.common import resolve_run
+    from protoaudit.engine.index import nearest_patches_to_image, nearest_patches_to_prototype
     from protoaudit.errors import InputError
-    from protoaudit.index import nearest_patches_to_image, nearest_patches_to_prototype
 
     if (prototype is None) == (image is None):
         raise InputError("give exactly one query: --prototype J or --image IMAGE")
@@ -202,7 +202,7 @@ def nearest_prototypes_command(
     json_: JsonOpt = False,
 ) -> None:
     """The nearest prototypes of every member to each patch of an image (distances compare within a member)."""
-    from protoaudit.index import nearest_prototypes_to_image
+    from protoaudit.engine.index import nearest_prototypes_to_image
 
     _threads(threads)
     loaded, image = _run_and_image(args, root)
@@ -230,8 +230,8 @@ def explain_command(
 ) -> None:
     """The reasoning sheet for one image (paper Fig. 3): per top class, each prototype's similarity × weight =
     points, per member and for the ensemble; written as PNG and as an HTML fragment."""
-    from protoaudit.explain import explain_image, render_sheet_html, render_sheet_png, sheet_basename
-    from protoaudit.io import write_text
+    from protoaudit.engine.explain import explain_image, render_sheet_html, render_sheet_png, sheet_basename
+    from protoaudit.engine.io import write_text
 
     _threads(threads)
     loaded, image = _run_and_image(args, root)
@@ -279,9 +279,9 @@ def global_analysis_command(
 ) -> None:
     """For every prototype its k nearest training and test images, each by its closest patch (paper Fig. 5b):
     members/<m>/nearest_train.csv, nearest_test.csv and members/<m>/nearest/<split>/<prototype>.png."""
-    from protoaudit.analysis import global_analysis
     from protoaudit.cli.common import resolve_run
-    from protoaudit.progress import Reporter
+    from protoaudit.engine.analysis import global_analysis
+    from protoaudit.engine.progress import Reporter
 
     _threads(threads)
     loaded = resolve_run(run, root)

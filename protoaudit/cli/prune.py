@@ -60,8 +60,8 @@ def prune_command(
 ) -> None:
     """Prune background prototypes by k-NN class purity (paper §2.6), retrain the last layer, evaluate again."""
     from protoaudit.cli.common import resolve_run
-    from protoaudit.progress import Reporter
-    from protoaudit.prune import prune_run
+    from protoaudit.engine.progress import Reporter
+    from protoaudit.engine.prune import prune_run
 
     loaded = resolve_run(run, root)
     with Reporter(err_console, quiet=quiet) as reporter:
@@ -114,8 +114,8 @@ def audit_command(
     import pandas as pd
 
     from protoaudit.cli.common import resolve_run
+    from protoaudit.engine.prune import flat_metrics, load_audit
     from protoaudit.errors import AuditFailedError, InputError
-    from protoaudit.prune import flat_metrics, load_audit
 
     loaded = resolve_run(run, root)
     metrics = flat_metrics(load_audit(loaded))

@@ -52,7 +52,7 @@ def report_command(
 
     import torch
 
-    from protoaudit.progress import Reporter
+    from protoaudit.engine.progress import Reporter
     from protoaudit.report import ReportOptions, build_report, write_report
 
     if threads is not None:

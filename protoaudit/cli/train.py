@@ -54,9 +54,9 @@ def train_ensemble_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Train every member of RECIPE through warm, joint, push and last-layer stages, then their ensemble."""
-    from protoaudit.ensemble import train_ensemble
-    from protoaudit.progress import Reporter
-    from protoaudit.recipe import load_recipe
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.progress import Reporter
+    from protoaudit.engine.recipe import load_recipe
 
     loaded = load_recipe(
         recipe,

@@ -26,11 +26,11 @@ import pandas as pd
 import tomllib
 import torch
 
+from protoaudit.engine.progress import NULL_REPORTER, Reporter
+from protoaudit.engine.run import Run
 from protoaudit.errors import CheckpointError, InputError
-from protoaudit.progress import NULL_REPORTER, Reporter
 from protoaudit.report.definitions import BOX_CAVEAT, DEFINITIONS
 from protoaudit.report.images import box_thumbnail, patch_thumbnail, png_data_uri, to_uint8
-from protoaudit.run import Run
 
 REPORT_FORMAT = "protoaudit-report"
 REPORT_FORMAT_VERSION = 1
@@ -325,7 +325,7 @@ class _Builder:
         audit_path = self.run.path / "audit.json"
         threshold = pruning.get("threshold")
         if threshold is None and audit_path.is_file():
-            from protoaudit.io import read_json
+            from protoaudit.engine.io import read_json
 
             audit = read_json(audit_path)
             threshold = audit.get("threshold") if isinstance(audit, dict) else None
@@ -505,9 +505,9 @@ class _Builder:
         frame = _read_csv(member_dir / "nearest_train.csv")
         if frame is not None:
             return frame, "nearest_train.csv"
-        if importlib.util.find_spec("protoaudit.index") is None:
+        if importlib.util.find_spec("protoaudit.engine.index") is None:
             return None, None
-        from protoaudit import index as patch_index
+        from protoaudit.engine import index as patch_index
 
         if patch_index.index_status(self.run, name, "train") != "fresh":
             return None, None
@@ -668,8 +668,8 @@ class _Builder:
         labels: np.ndarray,
         class_names: list[str],
     ) -> dict[str, Any]:
-        from protoaudit.model import similarity
-        from protoaudit.push import percentile_boxes
+        from protoaudit.core.model import similarity
+        from protoaudit.engine.push import percentile_boxes
 
         predicted = ensemble.argmax(dim=1).numpy()
         correct = np.flatnonzero(predicted == labels)
@@ -766,7 +766,7 @@ class _Builder:
         }
 
     def _sheet(self, explain: Any, index: int, image: torch.Tensor) -> dict[str, Any] | None:
-        from protoaudit.index import QueryImage
+        from protoaudit.engine.index import QueryImage
 
         test = self.bundle.test
         query = QueryImage(
@@ -782,7 +782,7 @@ class _Builder:
         _add_sheet_subtotals(document, SHEET_PROTOTYPES)
         if "<script" in fragment.lower():
             raise ValueError(
-                "protoaudit.explain returned a reasoning sheet with a script; refusing to embed it"
+                "protoaudit.engine.explain returned a reasoning sheet with a script; refusing to embed it"
             )
         key = f"sheet/test/{index}"
         self.fragments[key] = fragment
@@ -790,7 +790,7 @@ class _Builder:
 
     # -- faithfulness ---------------------------------------------------------------------------------
     def _faithfulness(self, members: list[dict[str, Any]]) -> dict[str, Any]:
-        from protoaudit.report.faithfulness import deletion_curves, trapezoid_auc
+        from protoaudit.core.faithfulness import deletion_curves, trapezoid_auc
 
         options = self.options
         base = {
@@ -872,7 +872,7 @@ class _Builder:
                 "data": None,
                 "members_table": None,
             }
-        from protoaudit.io import read_json
+        from protoaudit.engine.io import read_json
 
         data = jsonable(read_json(path))
         members_table = None
@@ -915,9 +915,9 @@ def _add_sheet_subtotals(document: Any, shown: int) -> None:
 
 def _explain_module() -> Any:
     """:mod:`protoaudit.explain` when it is installed and provides the reasoning-sheet API, else None."""
-    if importlib.util.find_spec("protoaudit.explain") is None:
+    if importlib.util.find_spec("protoaudit.engine.explain") is None:
         return None
-    import protoaudit.explain as explain
+    import protoaudit.engine.explain as explain
 
     needed = ("explain_image", "render_sheet_html")
     return explain if all(hasattr(explain, n) for n in needed) else None

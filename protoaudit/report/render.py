@@ -19,7 +19,7 @@ from typing import Any
 import jinja2
 from markupsafe import Markup, escape
 
-from protoaudit.io import write_text
+from protoaudit.engine.io import write_text
 from protoaudit.report.build import Report, dumps_report
 
 NA = Markup('<span class="na">—</span>')

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from protoaudit.trunks import create_trunk, trunk_info
+from protoaudit.core.trunks import create_trunk, trunk_info
 
 EPSILON = 1e-4  # the ε of the similarity log((d + 1) / (d + ε))
 AddOnKind = Literal["bottleneck", "regular"]

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from protoaudit.data.files import ImageListing, Problem
+from protoaudit.engine.data.files import ImageListing, Problem
 from protoaudit.errors import DatasetError, InputError
 
 MAX_DECODE_THREADS = 8
@@ -24,15 +24,15 @@ MAX_DECODE_THREADS = 8
 def list_dataset(config: Any, seed: int) -> ImageListing:
     """The :class:`ImageListing` of a file-backed data kind (cub, cars, imagefolder)."""
     if config.kind == "cub":
-        from protoaudit.data.cub import list_cub
+        from protoaudit.engine.data.cub import list_cub
 
         return list_cub(config.root, config.variant)
     if config.kind == "cars":
-        from protoaudit.data.cars import list_cars
+        from protoaudit.engine.data.cars import list_cars
 
         return list_cars(config.root, config.variant)
     if config.kind == "imagefolder":
-        from protoaudit.data.imagefolder import list_imagefolder
+        from protoaudit.engine.data.imagefolder import list_imagefolder
 
         return list_imagefolder(
             config.root,
@@ -129,7 +129,7 @@ class DataCheck:
 def _split_counts(
     labels: np.ndarray, is_train: np.ndarray, k: int, val_fraction: float, seed: int
 ) -> dict[str, list[int]]:
-    from protoaudit.data import stratified_holdout
+    from protoaudit.engine.data import stratified_holdout
 
     train_labels = labels[is_train]
     keep, val = stratified_holdout(train_labels, val_fraction, seed) if len(train_labels) else ([], [])
@@ -145,7 +145,7 @@ def check_data(config: Any, seed: int, verify: bool = True) -> DataCheck:
 
     Problems are collected, not raised (a dataset folder that cannot be read at all is one problem).
     """
-    from protoaudit.data import class_count_problems
+    from protoaudit.engine.data import class_count_problems
 
     expected = getattr(config, "n_classes", None)
     root = getattr(config, "root", None)
@@ -167,7 +167,7 @@ def check_data(config: Any, seed: int, verify: bool = True) -> DataCheck:
             config.kind, str(listing.root), listing.class_names, expected, counts, problems, verified
         )
     if config.kind == "fashion_mnist":
-        from protoaudit.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
+        from protoaudit.engine.data.fashion_mnist import CLASS_NAMES, load_fashion_mnist
 
         try:
             data = load_fashion_mnist(config.root)
@@ -184,7 +184,7 @@ def check_data(config: Any, seed: int, verify: bool = True) -> DataCheck:
         counts = _split_counts(labels, is_train, len(CLASS_NAMES), config.val_fraction, seed)
         return DataCheck(config.kind, root, list(CLASS_NAMES), expected, counts, problems, len(labels))
     if config.kind == "parts":
-        from protoaudit.data import build_dataset
+        from protoaudit.engine.data import build_dataset
 
         bundle = build_dataset(config, seed)
         k = bundle.n_classes

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protoaudit.data import DatasetBundle, four_splits
+from protoaudit.engine.data import DatasetBundle, four_splits
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 

@@ -12,15 +12,23 @@ from typing import Any
 import pandas as pd
 import torch
 
-from protoaudit.checkpoint import MemberCheckpoint
-from protoaudit.data import DatasetBundle, build_dataset
-from protoaudit.distributed import SINGLE, DistInfo, all_ok, barrier, device_for, from_env, threads_per_rank
+from protoaudit.core.trunks import trunk_info
+from protoaudit.engine.checkpoint import MemberCheckpoint
+from protoaudit.engine.data import DatasetBundle, build_dataset
+from protoaudit.engine.distributed import (
+    SINGLE,
+    DistInfo,
+    all_ok,
+    barrier,
+    device_for,
+    from_env,
+    threads_per_rank,
+)
+from protoaudit.engine.progress import NULL_REPORTER, Reporter
+from protoaudit.engine.recipe import Recipe
+from protoaudit.engine.run import ACCURACY_COLUMNS, RunWriter, load_member, save_member, versions, write_csv
+from protoaudit.engine.train import predict, predict_with_latents, resolve_device, top1, train_member
 from protoaudit.errors import CheckpointError, InputError, OutputError
-from protoaudit.progress import NULL_REPORTER, Reporter
-from protoaudit.recipe import Recipe
-from protoaudit.run import ACCURACY_COLUMNS, RunWriter, load_member, save_member, versions, write_csv
-from protoaudit.train import predict, predict_with_latents, resolve_device, top1, train_member
-from protoaudit.trunks import trunk_info
 
 
 def ensemble_logits(member_logits: list[torch.Tensor]) -> torch.Tensor:
@@ -83,11 +91,11 @@ def train_ensemble(
         if (
             member.weights == "imagenet"
         ):  # downloaded into torch's cache now, or a clear line before any write
-            from protoaudit.trunks import fetch_imagenet_weights
+            from protoaudit.core.trunks import fetch_imagenet_weights
 
             fetch_imagenet_weights(member.trunk)
     if recipe.data.kind != "parts":  # fail fast, before anything is written: the checks of `data check`
-        from protoaudit.data.check import check_data
+        from protoaudit.engine.data.check import check_data
 
         reporter.log("checking the dataset (every image is decoded once)")
         check_data(recipe.data, recipe.seed).raise_for_problems()
@@ -146,7 +154,7 @@ def train_ensemble(
                 "n_test": len(bundle.test),
             }
         )
-        from protoaudit.baseline import train_baselines  # not part of the ensemble (paper Table 1)
+        from protoaudit.engine.baseline import train_baselines  # not part of the ensemble (paper Table 1)
 
         if info.is_main:  # baselines are trained by rank 0 alone
             rows += train_baselines(recipe, bundle, device, reporter, run_dir, writer, resume)
@@ -160,7 +168,7 @@ def train_ensemble(
 
 
 def write_text_recipe(run_dir: Path, recipe: Recipe) -> None:
-    from protoaudit.io import write_text
+    from protoaudit.engine.io import write_text
 
     write_text(run_dir / "recipe.toml", recipe.to_toml())
 
@@ -193,8 +201,8 @@ def _train_members(
             if (
                 recipe.index.build and info.is_main
             ):  # the interruption may have come while its indexes were built
-                from protoaudit.index import index_run
-                from protoaudit.run import load_run
+                from protoaudit.engine.index import index_run
+                from protoaudit.engine.run import load_run
 
                 index_run(load_run(run_dir), [member.name], device=str(device), reporter=reporter)
             rows.append(row)
@@ -265,7 +273,7 @@ def _train_members(
         checkpoint.remove()  # the member is finished: model.json is the contract from here on
         trained.model.to(device)
         if recipe.index.build:  # from the selected push pass's and the test pass's latents
-            from protoaudit.index import build_member_indexes
+            from protoaudit.engine.index import build_member_indexes
 
             t0 = time.perf_counter()
             build_member_indexes(
@@ -311,8 +319,8 @@ def _reload_finished_member(
 
 def resumable_run(run_dir: Path, recipe: Recipe, force: bool) -> dict[str, Any]:
     """The run.json of the run ``--resume`` continues; refuses a run of another recipe or format."""
-    from protoaudit.io import read_json
-    from protoaudit.run import check_format
+    from protoaudit.engine.io import read_json
+    from protoaudit.engine.run import check_format
 
     if force:
         raise InputError("--resume and --force contradict each other: --force starts the run anew")

@@ -25,12 +25,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from protoaudit.data import DatasetBundle, ImageSplit, iter_batches
+from protoaudit.core.trunks import create_trunk, trunk_info
+from protoaudit.engine.data import DatasetBundle, ImageSplit, iter_batches
+from protoaudit.engine.progress import NULL_REPORTER, Reporter
+from protoaudit.engine.recipe import MemberRecipe, Recipe
+from protoaudit.engine.train import top1
 from protoaudit.errors import CheckpointError
-from protoaudit.progress import NULL_REPORTER, Reporter
-from protoaudit.recipe import MemberRecipe, Recipe
-from protoaudit.train import top1
-from protoaudit.trunks import create_trunk, trunk_info
 
 BASELINE_DIR = "baselines"
 
@@ -94,7 +94,7 @@ def train_baseline(
     reporter: Reporter = NULL_REPORTER,
 ) -> TrainedBaseline:
     """Train a baseline through warm and joint epochs; returns the state with the best validation top-1."""
-    from protoaudit.train import push_epochs
+    from protoaudit.engine.train import push_epochs
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -180,8 +180,8 @@ def train_baseline(
 
 def save_baseline(directory: Path, model: BaselineNet, meta: dict[str, Any]) -> None:
     """Write ``model.safetensors`` then ``model.json`` (with the weights' sha256), atomically."""
-    from protoaudit.io import save_tensors, sha256_file, write_json
-    from protoaudit.run import FORMAT_VERSION
+    from protoaudit.engine.io import save_tensors, sha256_file, write_json
+    from protoaudit.engine.run import FORMAT_VERSION
 
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "model.safetensors"
@@ -204,8 +204,8 @@ def load_baseline(
     directory: str | Path, device: str | torch.device = "cpu"
 ) -> tuple[BaselineNet, dict[str, Any]]:
     """Rebuild a baseline from ``model.json`` + ``model.safetensors``; raises CheckpointError on a mismatch."""
-    from protoaudit.io import load_tensors, read_json
-    from protoaudit.run import check_format
+    from protoaudit.engine.io import load_tensors, read_json
+    from protoaudit.engine.run import check_format
 
     d = Path(directory)
     meta = read_json(d / "model.json")

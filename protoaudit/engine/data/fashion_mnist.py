@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from protoaudit.data import DatasetBundle, stratified_holdout
+from protoaudit.engine.data import DatasetBundle, stratified_holdout
 from protoaudit.errors import DatasetError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"

@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from protoaudit.data.files import ImageListing, Problem
+from protoaudit.engine.data.files import ImageListing, Problem
 from protoaudit.errors import DatasetError
 
 REQUIRED_FILES = ("images.txt", "image_class_labels.txt", "train_test_split.txt", "classes.txt")

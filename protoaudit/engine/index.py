@@ -41,15 +41,15 @@ import numpy as np
 import pandas as pd
 import torch
 
+from protoaudit.engine.io import sha256_file, write_bytes
 from protoaudit.errors import CheckpointError, InputError, StaleIndexError
-from protoaudit.io import sha256_file, write_bytes
 
 if TYPE_CHECKING:
-    from protoaudit.data import DatasetBundle, ImageSplit
-    from protoaudit.model import ProtoPNet
-    from protoaudit.progress import Reporter
-    from protoaudit.recipe import IndexConfig
-    from protoaudit.run import Run
+    from protoaudit.core.model import ProtoPNet
+    from protoaudit.engine.data import DatasetBundle, ImageSplit
+    from protoaudit.engine.progress import Reporter
+    from protoaudit.engine.recipe import IndexConfig
+    from protoaudit.engine.run import Run
 
 INDEX_FORMAT_VERSION = 1
 SPLITS = ("train", "test")
@@ -214,7 +214,7 @@ def collect_latents(
     advance: Callable[[int], None] | None = None,
 ) -> torch.Tensor:
     """One forward pass: the (N, D, H, W) float32 latents of every image of ``split``, on the CPU."""
-    from protoaudit.data import iter_batches
+    from protoaudit.engine.data import iter_batches
 
     model.eval()
     parts = []
@@ -741,7 +741,7 @@ def index_run(
 
     Returns one row per member and split: member, split, status (built, fresh), n_patches, seconds.
     """
-    from protoaudit.train import resolve_device
+    from protoaudit.engine.train import resolve_device
 
     recipe = run.recipe()
     names = list(members) if members else member_names(run)
@@ -951,7 +951,7 @@ def nearest_prototypes_to_image(
 
     Columns: member, h, w, rank, prototype, class, class_name, distance, similarity.
     """
-    from protoaudit.model import similarity, squared_distances
+    from protoaudit.core.model import similarity, squared_distances
 
     query = image if isinstance(image, QueryImage) else load_query_image(run, image)
     frames = []

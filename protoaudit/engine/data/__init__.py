@@ -160,8 +160,8 @@ def build_dataset(config: Any, seed: int) -> DatasetBundle:
     if config.kind == "parts":
         return _build_parts(config, seed)
     if config.kind == "fashion_mnist":
-        from protoaudit.data.augment import batch_augment
-        from protoaudit.data.fashion_mnist import build_fashion_mnist
+        from protoaudit.engine.data.augment import batch_augment
+        from protoaudit.engine.data.fashion_mnist import build_fashion_mnist
 
         bundle = build_fashion_mnist(
             config.root,
@@ -174,9 +174,9 @@ def build_dataset(config: Any, seed: int) -> DatasetBundle:
         _check_class_count(config, bundle.class_names)
         return bundle
     if config.kind in ("cub", "cars", "imagefolder"):
-        from protoaudit.data.augment import image_augment
-        from protoaudit.data.check import list_dataset, raise_for_problems
-        from protoaudit.data.files import bundle_from_listing
+        from protoaudit.engine.data.augment import image_augment
+        from protoaudit.engine.data.check import list_dataset, raise_for_problems
+        from protoaudit.engine.data.files import bundle_from_listing
 
         listing = list_dataset(config, seed)
         raise_for_problems([*listing.problems, *class_count_problems(config, listing.class_names)])
@@ -193,7 +193,7 @@ def build_dataset(config: Any, seed: int) -> DatasetBundle:
 
 def class_count_problems(config: Any, class_names: list[str]) -> list[Any]:
     """An error when the recipe's ``data.n_classes`` differs from the classes the dataset holds."""
-    from protoaudit.data.files import Problem
+    from protoaudit.engine.data.files import Problem
 
     expected = getattr(config, "n_classes", None)
     if config.kind == "parts" or expected is None or expected == len(class_names):
@@ -208,13 +208,13 @@ def class_count_problems(config: Any, class_names: list[str]) -> list[Any]:
 
 
 def _check_class_count(config: Any, class_names: list[str]) -> None:
-    from protoaudit.data.check import raise_for_problems
+    from protoaudit.engine.data.check import raise_for_problems
 
     raise_for_problems(class_count_problems(config, class_names))
 
 
 def _build_parts(config: Any, seed: int) -> DatasetBundle:
-    from protoaudit.data.parts import PartsSpec, load_parts
+    from protoaudit.engine.data.parts import PartsSpec, load_parts
 
     fields = {
         k: getattr(config, k)

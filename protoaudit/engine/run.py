@@ -26,9 +26,9 @@ from typing import Any
 import pandas as pd
 import torch
 
+from protoaudit.core.model import MemberConfig, ProtoPNet
+from protoaudit.engine.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
 from protoaudit.errors import CheckpointError, InputError
-from protoaudit.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
-from protoaudit.model import MemberConfig, ProtoPNet
 
 FORMAT_VERSION = 1
 ACCURACY_COLUMNS = ["model", "kind", "backbone", "pruned", "top1", "n_prototypes", "n_test"]
@@ -133,7 +133,7 @@ class Run:
         return list(self.meta.get("members", []))
 
     def recipe(self) -> Any:
-        from protoaudit.recipe import load_recipe
+        from protoaudit.engine.recipe import load_recipe
 
         return load_recipe(self.path / "recipe.toml")
 
@@ -161,7 +161,7 @@ class Run:
 
     def dataset(self) -> Any:
         """Rebuild the run's dataset from its recipe (deterministic) and check its fingerprint."""
-        from protoaudit.data import build_dataset
+        from protoaudit.engine.data import build_dataset
 
         recipe = self.recipe()
         bundle = build_dataset(recipe.data, recipe.seed)

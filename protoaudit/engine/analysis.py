@@ -27,9 +27,9 @@ import torch
 from protoaudit.errors import InputError
 
 if TYPE_CHECKING:
-    from protoaudit.data import DatasetBundle
-    from protoaudit.progress import Reporter
-    from protoaudit.run import Run
+    from protoaudit.engine.data import DatasetBundle
+    from protoaudit.engine.progress import Reporter
+    from protoaudit.engine.run import Run
 
 NEAREST_COLUMNS = ["prototype", "rank", "image_index", "image_id", "label", "h", "w", "distance"]
 STRIP_GAP = 4
@@ -48,7 +48,7 @@ def nearest_to_prototypes(run: Run, member: str, split: str = "train", k: int = 
     """The k nearest images of ``split`` to every prototype of ``member`` (each image by its closest patch):
     one row per prototype and rank, the columns of :data:`NEAREST_COLUMNS`. Missing ranks (k larger than the
     split) are left out."""
-    from protoaudit.index import load_index
+    from protoaudit.engine.index import load_index
 
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
@@ -109,11 +109,11 @@ def write_strips(
     bundle: DatasetBundle,
 ) -> list[Path]:
     """One PNG strip per prototype of ``table`` (see :func:`strip_path`); returns the paths written."""
-    from protoaudit.explain import crop, draw_boxes, png_bytes
-    from protoaudit.index import load_index
-    from protoaudit.io import write_bytes
-    from protoaudit.model import similarity
-    from protoaudit.push import percentile_boxes
+    from protoaudit.core.model import similarity
+    from protoaudit.engine.explain import crop, draw_boxes, png_bytes
+    from protoaudit.engine.index import load_index
+    from protoaudit.engine.io import write_bytes
+    from protoaudit.engine.push import percentile_boxes
 
     index = load_index(run, member, split, check=False)  # checked by nearest_to_prototypes
     model = run.member(member)
@@ -164,7 +164,7 @@ def _short(name: str, label: int, width: int = 18) -> str:
 
 
 def _load_pixels(split: Any, indices: list[int], batch: int = 256) -> dict[int, np.ndarray]:
-    from protoaudit.explain import _to_uint8
+    from protoaudit.engine.explain import _to_uint8
 
     out: dict[int, np.ndarray] = {}
     for start in range(0, len(indices), batch):
@@ -185,7 +185,7 @@ def global_analysis(
     """Write ``nearest_<split>.csv`` (and the strips) for every member and split; returns a summary with one
     row per member and split: member, split, prototypes, k, own_class (the fraction of the listed nearest
     images that are of the prototype's class), csv."""
-    from protoaudit.run import write_csv
+    from protoaudit.engine.run import write_csv
 
     bundle = run.dataset() if thumbnails else None
     rows = []

@@ -22,15 +22,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protoaudit.checkpoint import MemberCheckpoint, capture, restore
-from protoaudit.data import DatasetBundle, ImageSplit, iter_batches
-from protoaudit.distributed import SINGLE, DistInfo, all_gather_rows, shard, sync_buffers, unshard
+from protoaudit.core.losses import off_class_l1, protopnet_loss
+from protoaudit.core.model import MemberConfig, ProtoPNet, squared_distances
+from protoaudit.engine.checkpoint import MemberCheckpoint, capture, restore
+from protoaudit.engine.data import DatasetBundle, ImageSplit, iter_batches
+from protoaudit.engine.distributed import SINGLE, DistInfo, all_gather_rows, shard, sync_buffers, unshard
+from protoaudit.engine.progress import NULL_REPORTER, Reporter
+from protoaudit.engine.push import PushResult, push_prototypes
+from protoaudit.engine.recipe import MemberRecipe, Recipe
 from protoaudit.errors import ProtoauditError
-from protoaudit.losses import off_class_l1, protopnet_loss
-from protoaudit.model import MemberConfig, ProtoPNet, squared_distances
-from protoaudit.progress import NULL_REPORTER, Reporter
-from protoaudit.push import PushResult, push_prototypes
-from protoaudit.recipe import MemberRecipe, Recipe
 
 LATENT_CACHE_BYTES = 2 << 30  # keep the push pass's latents for the last-layer stage up to this size
 
@@ -222,7 +222,7 @@ def last_layer_stage(
 ) -> dict[str, float]:
     """Train only h on fixed similarities: CE + l1·Σ|off-class weights| (convex). Returns final metrics."""
     set_stage(model, "last_layer")
-    from protoaudit.model import similarity
+    from protoaudit.core.model import similarity
 
     sims = similarity(min_distances).detach()
     identity = model.class_identity()

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from protoaudit.data.files import ImageListing, list_image_files
+from protoaudit.engine.data.files import ImageListing, list_image_files
 from protoaudit.errors import DatasetError
 
 

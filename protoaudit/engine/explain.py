@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from protoaudit.errors import InputError
 
 if TYPE_CHECKING:
-    from protoaudit.data import DatasetBundle
-    from protoaudit.index import QueryImage
-    from protoaudit.run import Run
+    from protoaudit.engine.data import DatasetBundle
+    from protoaudit.engine.index import QueryImage
+    from protoaudit.engine.run import Run
 
 Box = tuple[int, int, int, int]  # (y0, y1, x0, x1) in input pixels, end-exclusive
 BOX_NOTE = (
@@ -176,9 +176,9 @@ def explain_image(
 ) -> ReasoningSheet:
     """The reasoning sheet of the run's ensemble (or of ``members``) for one image: an image file or a dataset
     image id (see :func:`protoaudit.index.load_query_image`)."""
-    from protoaudit.index import load_query_image
-    from protoaudit.model import similarity
-    from protoaudit.push import percentile_boxes
+    from protoaudit.core.model import similarity
+    from protoaudit.engine.index import load_query_image
+    from protoaudit.engine.push import percentile_boxes
 
     if top_classes < 1:
         raise InputError(f"top_classes must be >= 1, got {top_classes}")
@@ -410,7 +410,7 @@ def render_sheet_png(
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
 
-    from protoaudit.io import write_bytes
+    from protoaudit.engine.io import write_bytes
 
     layout: list[tuple[str, Any]] = [("head", None)]
     for cls in sheet.classes:

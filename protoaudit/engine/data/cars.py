@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from protoaudit.data.files import ImageListing, Problem
+from protoaudit.engine.data.files import ImageListing, Problem
 from protoaudit.errors import DatasetError
 
 TEST_LABEL_FILES = ("cars_test_annos_withlabels.mat", "devkit/cars_test_annos_withlabels.mat")

@@ -183,7 +183,7 @@ class MemberRecipe(_Strict):
     @field_validator("trunk")
     @classmethod
     def _known_trunk(cls, value: str) -> str:
-        from protoaudit.trunks import list_trunks
+        from protoaudit.core.trunks import list_trunks
 
         if value not in list_trunks():
             raise ValueError(f"unknown trunk {value!r}; known: {', '.join(list_trunks())}")

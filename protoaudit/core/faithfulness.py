@@ -14,7 +14,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protoaudit.model import ProtoPNet, similarity
+from protoaudit.core.model import ProtoPNet, similarity
 
 
 @dataclass

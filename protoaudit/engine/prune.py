@@ -20,12 +20,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from protoaudit.ensemble import ensemble_logits
-from protoaudit.errors import InputError
-from protoaudit.io import read_json, write_json
-from protoaudit.model import ProtoPNet
-from protoaudit.progress import NULL_REPORTER, Reporter
-from protoaudit.purity import (
+from protoaudit.core.model import ProtoPNet
+from protoaudit.core.purity import (
     activated_parts,
     consistency,
     duplicate_pairs,
@@ -36,8 +32,12 @@ from protoaudit.purity import (
     prune_decision,
     stability,
 )
-from protoaudit.run import ACCURACY_COLUMNS, Run, save_member, write_csv
-from protoaudit.train import last_layer_stage, predict, top1
+from protoaudit.engine.ensemble import ensemble_logits
+from protoaudit.engine.io import read_json, write_json
+from protoaudit.engine.progress import NULL_REPORTER, Reporter
+from protoaudit.engine.run import ACCURACY_COLUMNS, Run, save_member, write_csv
+from protoaudit.engine.train import last_layer_stage, predict, top1
+from protoaudit.errors import InputError
 
 PRUNED_SUFFIX = "-pruned"
 PART_PURITY_TOP = 10  # PIP-Net's top-10 patches
@@ -99,7 +99,7 @@ def prune_member(
     reporter: Reporter = NULL_REPORTER,
 ) -> MemberPruning:
     """k-NN class purity of every prototype of member ``name``, the pruned member, and its test logits."""
-    from protoaudit.index import load_index
+    from protoaudit.engine.index import load_index
 
     model = run.member(name)
     index = load_index(run.path, name, "train")
@@ -192,7 +192,7 @@ def ground_truth_audit(
 ) -> dict[str, Any]:
     """Precision/recall of pruning against background/shared-part prototypes, PIP-Net part purity, and
     Huang et al.'s consistency and stability — only where ground-truth parts are known."""
-    from protoaudit.index import load_index
+    from protoaudit.engine.index import load_index
 
     audit: dict[str, Any] = {}
     known = table["source_part_kind"] != "unknown"
@@ -280,7 +280,7 @@ def _consistency_stability(
         noisy = perturb(x, model.std.cpu(), generator)
         maps_clean.append(model.distances(model.latent(x.to(device))).cpu())
         maps_noisy.append(model.distances(model.latent(noisy.to(device))).cpu())
-    from protoaudit.model import similarity
+    from protoaudit.core.model import similarity
 
     sim_clean, sim_noisy = similarity(torch.cat(maps_clean)), similarity(torch.cat(maps_noisy))
     labels = np.asarray(test.labels)

@@ -37,11 +37,11 @@ from typing import Any
 import pandas as pd
 import torch
 
+from protoaudit.core.model import AddOnKind, MemberConfig, ProtoPNet, build_add_on, similarity
+from protoaudit.core.trunks import list_trunks, trunk_info
+from protoaudit.engine.progress import NULL_REPORTER, Reporter
+from protoaudit.engine.recipe import Recipe, recipe_from_dict
 from protoaudit.errors import CheckpointError, InputError
-from protoaudit.model import AddOnKind, MemberConfig, ProtoPNet, build_add_on, similarity
-from protoaudit.progress import NULL_REPORTER, Reporter
-from protoaudit.recipe import Recipe, recipe_from_dict
-from protoaudit.trunks import list_trunks, trunk_info
 
 FAMILIES = ("vgg", "resnet", "densenet")
 ORIGINAL_FORMAT = "cfchen-duke/ProtoPNet PPNet.state_dict()"
@@ -69,7 +69,7 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if not p.is_file():
         raise InputError(f"state dict {p} does not exist")
     if p.suffix == ".safetensors":
-        from protoaudit.io import load_tensors
+        from protoaudit.engine.io import load_tensors
 
         obj: Any = load_tensors(p)
     else:
@@ -202,7 +202,7 @@ def convert_state_dict(
     state["prototype_vectors"] = protos.reshape(m, dim).clone()
     state["last_layer.weight"] = weight.clone()
 
-    from protoaudit.trunks import create_trunk
+    from protoaudit.core.trunks import create_trunk
 
     with torch.device("meta"):  # shapes only: no memory, no initialisation cost
         trunk = create_trunk(arch, None)
@@ -316,11 +316,16 @@ def import_protopnet(
     accuracy.csv, members/<m>/model.safetensors + model.json + prototypes.csv, patch indexes when the recipe's
     ``index.build`` is on).
     """
-    from protoaudit.data import build_dataset
-    from protoaudit.ensemble import configure_threads, ensemble_logits, prepare_run_dir, write_text_recipe
-    from protoaudit.io import sha256_file
-    from protoaudit.run import ACCURACY_COLUMNS, RunWriter, save_member, versions, write_csv
-    from protoaudit.train import predict, predict_with_latents, resolve_device, top1
+    from protoaudit.engine.data import build_dataset
+    from protoaudit.engine.ensemble import (
+        configure_threads,
+        ensemble_logits,
+        prepare_run_dir,
+        write_text_recipe,
+    )
+    from protoaudit.engine.io import sha256_file
+    from protoaudit.engine.run import ACCURACY_COLUMNS, RunWriter, save_member, versions, write_csv
+    from protoaudit.engine.train import predict, predict_with_latents, resolve_device, top1
 
     started = time.perf_counter()
     source = Path(path)
@@ -448,7 +453,7 @@ def import_protopnet(
         )
         model.to(device)
         if run_recipe.index.build:
-            from protoaudit.index import build_member_indexes
+            from protoaudit.engine.index import build_member_indexes
 
             t0 = time.perf_counter()
             build_member_indexes(
@@ -511,7 +516,7 @@ def nearest_push_patches(
     map and 95th-percentile box are those of the unchanged prototype on its source image) and, with
     ``keep_latents``, the push split's (N, D, H, W) float32 latents on the CPU (for the patch index).
     """
-    from protoaudit.push import percentile_boxes, push_prototypes
+    from protoaudit.engine.push import percentile_boxes, push_prototypes
 
     kept: list[torch.Tensor] = []
 

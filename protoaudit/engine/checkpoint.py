@@ -33,8 +33,8 @@ from typing import Any
 
 import torch
 
+from protoaudit.engine.io import load_tensors, read_json, sha256_file, write_bytes, write_text
 from protoaudit.errors import CheckpointError, OutputError
-from protoaudit.io import load_tensors, read_json, sha256_file, write_bytes, write_text
 
 CHECKPOINT_FORMAT = 1
 POINTER = "latest.json"
@@ -357,7 +357,7 @@ def restore(
 
     Call it after everything that draws from torch's RNG at start-up: it sets the global RNG state last.
     """
-    from protoaudit.push import PushResult
+    from protoaudit.engine.push import PushResult
 
     mismatch = state_dict_mismatch(model.state_dict(), state.model)
     if mismatch:

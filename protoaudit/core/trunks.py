@@ -298,7 +298,7 @@ def _load_local_state_dict(model: nn.Module, path: str) -> None:
         )
     try:
         if p.suffix == ".safetensors":
-            from protoaudit.io import load_tensors
+            from protoaudit.engine.io import load_tensors
 
             state = load_tensors(p)
         else:

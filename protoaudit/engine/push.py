@@ -15,9 +15,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from protoaudit.data import ImageSplit, iter_batches
-from protoaudit.distributed import SINGLE, DistInfo, all_gather_rows, shard
-from protoaudit.model import ProtoPNet, similarity
+from protoaudit.core.model import ProtoPNet, similarity
+from protoaudit.engine.data import ImageSplit, iter_batches
+from protoaudit.engine.distributed import SINGLE, DistInfo, all_gather_rows, shard
 
 BatchConsumer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None]
 
