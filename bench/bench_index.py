@@ -43,7 +43,7 @@ def p50(fn, repeat: int) -> float:  # type: ignore[no-untyped-def]
 
 
 def quickstart(run_dir: Path) -> None:
-    from protoaudit.engine.index import build_member_indexes, collect_latents, index_run
+    from protoaudit.engine.index.build import build_member_indexes, collect_latents, index_run
     from protoaudit.engine.run import load_run
 
     print(f"\n== 1. index build on the quick start ({run_dir}) ==")
@@ -87,7 +87,7 @@ def quickstart(run_dir: Path) -> None:
         f"standalone rebuild of every index (protoaudit index --force, forward passes included): {rebuild:.2f} s"
     )
 
-    from protoaudit.engine.index import (
+    from protoaudit.engine.index.queries import (
         load_query_image,
         nearest_patches_to_image,
         nearest_prototypes_to_image,
@@ -105,7 +105,8 @@ def quickstart(run_dir: Path) -> None:
 
 
 def large(n_patches: int, dim: int, repeat: int, seed: int = 0) -> dict[str, float]:
-    from protoaudit.engine.index import PatchIndex, exact_knn_torch
+    from protoaudit.core.knn import exact_knn_torch
+    from protoaudit.engine.index.search import PatchIndex
 
     rng = np.random.default_rng(seed)
     grid = 7

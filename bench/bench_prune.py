@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 
 from protoaudit.core.purity import knn_class_purity, prune_decision
-from protoaudit.engine.index import PatchIndex
+from protoaudit.engine.index.search import PatchIndex
 
 
 def best_of(repeat: int, fn):  # type: ignore[no-untyped-def]

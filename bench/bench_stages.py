@@ -25,12 +25,14 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from protoaudit.core.knn import latents_to_patches
 from protoaudit.core.losses import protopnet_loss
 from protoaudit.core.model import MemberConfig, ProtoPNet
 from protoaudit.core.purity import knn_class_purity
 from protoaudit.core.trunks import create_trunk, trunk_info
 from protoaudit.engine.data import TensorSplit
-from protoaudit.engine.index import PatchIndex, build_faiss_index, latents_to_patches, patch_metadata
+from protoaudit.engine.index.build import build_faiss_index, patch_metadata
+from protoaudit.engine.index.search import PatchIndex
 from protoaudit.engine.push import push_prototypes
 from protoaudit.engine.train import predict
 

@@ -115,9 +115,10 @@ def finished_models(run_dir: Path) -> pd.DataFrame:
     of the finished ProtoPNet members (their test logits added)."""
     import torch
 
+    from protoaudit.core.metrics import top1
     from protoaudit.engine.io import read_json
     from protoaudit.engine.run import ACCURACY_COLUMNS, load_run
-    from protoaudit.engine.train import predict, top1
+    from protoaudit.engine.train import predict
 
     rows = []
     n_test = read_json(run_dir / "run.json").get("dataset", {}).get("splits", {}).get("test")

@@ -22,11 +22,13 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from protoaudit.core.knn import exact_knn_torch, latents_to_patches
 from protoaudit.core.losses import protopnet_loss
 from protoaudit.core.model import MemberConfig, ProtoPNet
 from protoaudit.core.trunks import create_trunk, trunk_info
 from protoaudit.engine.data import TensorSplit
-from protoaudit.engine.index import PatchIndex, exact_knn_torch, latents_to_patches, patch_metadata
+from protoaudit.engine.index.build import patch_metadata
+from protoaudit.engine.index.search import PatchIndex
 from protoaudit.engine.push import push_prototypes
 from protoaudit.engine.train import predict
 

@@ -11,9 +11,10 @@ import pytest
 import torch
 
 from protoaudit.core.model import squared_distances
-from protoaudit.engine.analysis import NEAREST_COLUMNS, global_analysis, nearest_to_prototypes, strip_path
-from protoaudit.engine.index import collect_latents
+from protoaudit.engine.analysis import NEAREST_COLUMNS, global_analysis, nearest_to_prototypes
+from protoaudit.engine.index.build import collect_latents
 from protoaudit.engine.run import load_run
+from protoaudit.report.strips import strip_path, write_strips
 
 
 @pytest.mark.parametrize("split", ["train", "test"])
@@ -51,7 +52,10 @@ def test_global_analysis_files(tiny_run: Path, tmp_path: Path) -> None:
     target = tmp_path / "tiny"
     shutil.copytree(tiny_run, target)
     run = load_run(target)
-    summary = global_analysis(run, k=3, members=["vgg"])
+    bundle = run.dataset()
+    summary = global_analysis(
+        run, k=3, members=["vgg"], on_table=lambda m, split, t: write_strips(run, m, split, t, bundle)
+    )
     assert summary[["member", "split"]].values.tolist() == [["vgg", "train"], ["vgg", "test"]]
     classes = np.asarray(run.member("vgg").config.prototype_class)
     for split in ("train", "test"):

@@ -66,8 +66,9 @@ def test_torchrun_train_ensemble_writes_one_run(tmp_path: Path) -> None:
     assert meta["status"] == "complete"
     assert not list(run_dir.rglob("*.tmp"))
     assert not list(run_dir.rglob("checkpoint"))
+    from protoaudit.core.metrics import top1
     from protoaudit.engine.run import load_run
-    from protoaudit.engine.train import predict, top1
+    from protoaudit.engine.train import predict
 
     run = load_run(run_dir)
     bundle = run.dataset()

@@ -10,8 +10,9 @@ import pytest
 import torch
 
 from protoaudit.core.model import similarity
-from protoaudit.engine.explain import explain_image, render_sheet_html, render_sheet_png, sheet_basename
+from protoaudit.engine.explain import explain_image
 from protoaudit.engine.run import load_run
+from protoaudit.report.sheet import render_sheet_html, render_sheet_png, sheet_basename
 
 from .test_cli import run_cli
 

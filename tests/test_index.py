@@ -10,25 +10,23 @@ import pandas as pd
 import pytest
 import torch
 
-from protoaudit.engine.index import (
-    META_COLUMNS,
-    PatchIndex,
+from protoaudit.core.geometry import patch_part, patch_parts
+from protoaudit.core.knn import exact_knn_torch, latents_to_patches
+from protoaudit.engine.index.build import (
     build_faiss_index,
     collect_latents,
-    exact_knn_torch,
     index_run,
-    index_status,
-    latents_to_patches,
-    load_index,
+    patch_metadata,
+    write_index,
+)
+from protoaudit.engine.index.files import META_COLUMNS
+from protoaudit.engine.index.queries import (
     load_query_image,
     nearest_patches_to_image,
     nearest_patches_to_prototype,
     nearest_prototypes_to_image,
-    patch_metadata,
-    patch_part,
-    patch_parts,
-    write_index,
 )
+from protoaudit.engine.index.search import PatchIndex, index_status, load_index
 from protoaudit.engine.io import load_tensors, save_tensors
 from protoaudit.engine.run import load_run
 from protoaudit.errors import CheckpointError, InputError, StaleIndexError
@@ -305,8 +303,8 @@ def test_patch_metadata_order() -> None:
 
 
 def test_parts_from_keypoints() -> None:
+    from protoaudit.core.geometry import patch_parts_from_keypoints
     from protoaudit.engine.data import TensorSplit
-    from protoaudit.engine.index import patch_parts_from_keypoints
 
     # a 16 px image, 2 × 2 grid of 8 px cells; part 4 at (1, 1) and part 2 at (6, 7): both in cell (0, 0)
     keypoints = np.array([[4, 1, 1], [2, 6, 7], [9, 15, 8]])

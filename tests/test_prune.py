@@ -13,9 +13,11 @@ import pytest
 import torch
 
 from protoaudit.cli import main
-from protoaudit.engine.prune import min_distances_by_image, prune_run
+from protoaudit.core.knn import min_distances_by_image
+from protoaudit.core.metrics import top1
+from protoaudit.engine.prune import prune_run
 from protoaudit.engine.run import load_run
-from protoaudit.engine.train import predict, top1
+from protoaudit.engine.train import predict
 
 
 @pytest.fixture(scope="module")

@@ -20,6 +20,7 @@ from PIL import Image
 
 from protoaudit.cli import main
 from protoaudit.core.faithfulness import deletion_curves, trapezoid_auc
+from protoaudit.core.geometry import cell_footprint
 from protoaudit.engine.run import load_run
 from protoaudit.report import (
     ReportOptions,
@@ -29,7 +30,7 @@ from protoaudit.report import (
     render_markdown,
     write_report,
 )
-from protoaudit.report.images import BOX_COLOUR, box_thumbnail, cell_footprint
+from protoaudit.report.images import BOX_COLOUR, box_thumbnail
 
 from .report_helpers import (
     HOSTILE_CLASS,
@@ -292,7 +293,7 @@ def test_report_of_a_really_pruned_run(tiny_run: Path, tmp_path: Path) -> None:
     torch.set_num_threads(1)
     run_dir = copy_run(tiny_run, tmp_path)
     prune_run(load_run(run_dir))
-    global_analysis(load_run(run_dir), thumbnails=False)
+    global_analysis(load_run(run_dir))
     report = build_report(load_run(run_dir), FAST)
     data = report.data
     assert data["purity"]["available"]

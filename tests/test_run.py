@@ -10,10 +10,11 @@ import pandas as pd
 import pytest
 import torch
 
-from protoaudit.engine.ensemble import ensemble_logits, train_ensemble
+from protoaudit.core.metrics import ensemble_logits, top1
+from protoaudit.engine.ensemble import train_ensemble
 from protoaudit.engine.recipe import load_recipe
 from protoaudit.engine.run import load_member, load_run
-from protoaudit.engine.train import predict, top1
+from protoaudit.engine.train import predict
 from protoaudit.errors import CheckpointError
 
 from .conftest import TINY_RECIPE

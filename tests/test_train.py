@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
+from protoaudit.core.geometry import percentile_boxes
 from protoaudit.core.model import ProtoPNet
 from protoaudit.engine.data import build_dataset
-from protoaudit.engine.push import percentile_boxes, push_prototypes
+from protoaudit.engine.push import push_prototypes
 from protoaudit.engine.recipe import load_recipe
 from protoaudit.engine.train import (
     _optimizers,

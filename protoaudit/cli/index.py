@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -17,6 +17,9 @@ from protoaudit.cli.common import (
     out_console,
     print_json,
 )
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 INDEX_EXAMPLES = """
 [bold]Examples[/bold]
@@ -119,7 +122,8 @@ def index_command(
 ) -> None:
     """(Re)build the patch index of every member: FAISS over every latent patch of the push and test splits."""
     from protoaudit.cli.common import resolve_run
-    from protoaudit.engine.index import SPLITS, index_run
+    from protoaudit.engine.index.build import index_run
+    from protoaudit.engine.index.files import SPLITS
     from protoaudit.engine.progress import Reporter
 
     _threads(threads)
@@ -159,7 +163,7 @@ def nearest_patches_command(
 ) -> None:
     """The nearest latent patches of the training (or test) split to a prototype, or to each patch of an image."""
     from protoaudit.cli.common import resolve_run
-    from protoaudit.engine.index import nearest_patches_to_image, nearest_patches_to_prototype
+    from protoaudit.engine.index.queries import nearest_patches_to_image, nearest_patches_to_prototype
     from protoaudit.errors import InputError
 
     if (prototype is None) == (image is None):
@@ -202,7 +206,7 @@ def nearest_prototypes_command(
     json_: JsonOpt = False,
 ) -> None:
     """The nearest prototypes of every member to each patch of an image (distances compare within a member)."""
-    from protoaudit.engine.index import nearest_prototypes_to_image
+    from protoaudit.engine.index.queries import nearest_prototypes_to_image
 
     _threads(threads)
     loaded, image = _run_and_image(args, root)
@@ -230,8 +234,9 @@ def explain_command(
 ) -> None:
     """The reasoning sheet for one image (paper Fig. 3): per top class, each prototype's similarity × weight =
     points, per member and for the ensemble; written as PNG and as an HTML fragment."""
-    from protoaudit.engine.explain import explain_image, render_sheet_html, render_sheet_png, sheet_basename
+    from protoaudit.engine.explain import explain_image
     from protoaudit.engine.io import write_text
+    from protoaudit.report.sheet import render_sheet_html, render_sheet_png, sheet_basename
 
     _threads(threads)
     loaded, image = _run_and_image(args, root)
@@ -287,7 +292,16 @@ def global_analysis_command(
     loaded = resolve_run(run, root)
     names = [_member(loaded, m) for m in member] if member else None
     with Reporter(err_console, quiet=quiet) as reporter:
-        table = global_analysis(loaded, k, names, thumbnails=thumbnails, reporter=reporter)
+        strips = None
+        if thumbnails:
+            from protoaudit.report.strips import write_strips
+
+            bundle = loaded.dataset()
+
+            def strips(member: str, split: str, table: pd.DataFrame) -> None:
+                write_strips(loaded, member, split, table, bundle)
+
+        table = global_analysis(loaded, k, names, reporter=reporter, on_table=strips)
     if json_:
         print_json({"run": str(loaded.path), "k": k, "files": table.to_dict(orient="records")})
     else:

@@ -298,9 +298,9 @@ def _load_local_state_dict(model: nn.Module, path: str) -> None:
         )
     try:
         if p.suffix == ".safetensors":
-            from protoaudit.engine.io import load_tensors
+            from safetensors.torch import load_file
 
-            state = load_tensors(p)
+            state = load_file(p)
         else:
             state = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:

@@ -25,11 +25,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from protoaudit.core.metrics import top1
 from protoaudit.core.trunks import create_trunk, trunk_info
 from protoaudit.engine.data import DatasetBundle, ImageSplit, iter_batches
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.recipe import MemberRecipe, Recipe
-from protoaudit.engine.train import top1
 from protoaudit.errors import CheckpointError
 
 BASELINE_DIR = "baselines"

@@ -12,6 +12,7 @@ from typing import Any
 import pandas as pd
 import torch
 
+from protoaudit.core.metrics import ensemble_logits, top1
 from protoaudit.core.trunks import trunk_info
 from protoaudit.engine.checkpoint import MemberCheckpoint
 from protoaudit.engine.data import DatasetBundle, build_dataset
@@ -27,13 +28,8 @@ from protoaudit.engine.distributed import (
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.recipe import Recipe
 from protoaudit.engine.run import ACCURACY_COLUMNS, RunWriter, load_member, save_member, versions, write_csv
-from protoaudit.engine.train import predict, predict_with_latents, resolve_device, top1, train_member
+from protoaudit.engine.train import predict, predict_with_latents, resolve_device, train_member
 from protoaudit.errors import CheckpointError, InputError, OutputError
-
-
-def ensemble_logits(member_logits: list[torch.Tensor]) -> torch.Tensor:
-    """Sum of the members' (N, K) logits (the original combine step)."""
-    return torch.stack(member_logits).sum(dim=0)
 
 
 @dataclass
@@ -201,7 +197,7 @@ def _train_members(
             if (
                 recipe.index.build and info.is_main
             ):  # the interruption may have come while its indexes were built
-                from protoaudit.engine.index import index_run
+                from protoaudit.engine.index.build import index_run
                 from protoaudit.engine.run import load_run
 
                 index_run(load_run(run_dir), [member.name], device=str(device), reporter=reporter)
@@ -273,7 +269,7 @@ def _train_members(
         checkpoint.remove()  # the member is finished: model.json is the contract from here on
         trained.model.to(device)
         if recipe.index.build:  # from the selected push pass's and the test pass's latents
-            from protoaudit.engine.index import build_member_indexes
+            from protoaudit.engine.index.build import build_member_indexes
 
             t0 = time.perf_counter()
             build_member_indexes(

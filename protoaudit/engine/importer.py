@@ -316,16 +316,12 @@ def import_protopnet(
     accuracy.csv, members/<m>/model.safetensors + model.json + prototypes.csv, patch indexes when the recipe's
     ``index.build`` is on).
     """
+    from protoaudit.core.metrics import ensemble_logits, top1
     from protoaudit.engine.data import build_dataset
-    from protoaudit.engine.ensemble import (
-        configure_threads,
-        ensemble_logits,
-        prepare_run_dir,
-        write_text_recipe,
-    )
+    from protoaudit.engine.ensemble import configure_threads, prepare_run_dir, write_text_recipe
     from protoaudit.engine.io import sha256_file
     from protoaudit.engine.run import ACCURACY_COLUMNS, RunWriter, save_member, versions, write_csv
-    from protoaudit.engine.train import predict, predict_with_latents, resolve_device, top1
+    from protoaudit.engine.train import predict, predict_with_latents, resolve_device
 
     started = time.perf_counter()
     source = Path(path)
@@ -453,7 +449,7 @@ def import_protopnet(
         )
         model.to(device)
         if run_recipe.index.build:
-            from protoaudit.engine.index import build_member_indexes
+            from protoaudit.engine.index.build import build_member_indexes
 
             t0 = time.perf_counter()
             build_member_indexes(
@@ -516,7 +512,8 @@ def nearest_push_patches(
     map and 95th-percentile box are those of the unchanged prototype on its source image) and, with
     ``keep_latents``, the push split's (N, D, H, W) float32 latents on the CPU (for the patch index).
     """
-    from protoaudit.engine.push import percentile_boxes, push_prototypes
+    from protoaudit.core.geometry import percentile_boxes
+    from protoaudit.engine.push import push_prototypes
 
     kept: list[torch.Tensor] = []
 

@@ -20,6 +20,9 @@ import numpy as np
 import pandas as pd
 import torch
 
+from protoaudit.core.geometry import box_iou
+from protoaudit.core.knn import min_distances_by_image
+from protoaudit.core.metrics import ensemble_logits, top1
 from protoaudit.core.model import ProtoPNet
 from protoaudit.core.purity import (
     activated_parts,
@@ -32,11 +35,10 @@ from protoaudit.core.purity import (
     prune_decision,
     stability,
 )
-from protoaudit.engine.ensemble import ensemble_logits
 from protoaudit.engine.io import read_json, write_json
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.run import ACCURACY_COLUMNS, Run, save_member, write_csv
-from protoaudit.engine.train import last_layer_stage, predict, top1
+from protoaudit.engine.train import last_layer_stage, predict
 from protoaudit.errors import InputError
 
 PRUNED_SUFFIX = "-pruned"
@@ -65,28 +67,6 @@ class PruneResult:
     seconds: float
 
 
-def min_distances_by_image(
-    vectors: torch.Tensor,
-    image_index: torch.Tensor,
-    n_images: int,
-    prototypes: torch.Tensor,
-    chunk: int = 65536,
-) -> torch.Tensor:
-    """Smallest squared distance from each prototype to any patch of each image, from stored patches.
-
-    vectors: (P, D) float32 patches; image_index: (P,) int64 their image; prototypes: (m, D) → (n_images, m).
-    """
-    m = prototypes.shape[0]
-    out = torch.full((n_images, m), float("inf"))
-    p2 = (prototypes * prototypes).sum(1)
-    for start in range(0, len(vectors), chunk):
-        v = vectors[start : start + chunk]
-        d = torch.clamp((v * v).sum(1, keepdim=True) - 2 * v @ prototypes.t() + p2, min=0.0)
-        idx = image_index[start : start + chunk, None].expand(-1, m)
-        out.scatter_reduce_(0, idx, d, reduce="amin")
-    return out
-
-
 def prune_member(
     run: Run,
     name: str,
@@ -99,7 +79,7 @@ def prune_member(
     reporter: Reporter = NULL_REPORTER,
 ) -> MemberPruning:
     """k-NN class purity of every prototype of member ``name``, the pruned member, and its test logits."""
-    from protoaudit.engine.index import load_index
+    from protoaudit.engine.index.search import load_index
 
     model = run.member(name)
     index = load_index(run.path, name, "train")
@@ -192,7 +172,7 @@ def ground_truth_audit(
 ) -> dict[str, Any]:
     """Precision/recall of pruning against background/shared-part prototypes, PIP-Net part purity, and
     Huang et al.'s consistency and stability — only where ground-truth parts are known."""
-    from protoaudit.engine.index import load_index
+    from protoaudit.engine.index.search import load_index
 
     audit: dict[str, Any] = {}
     known = table["source_part_kind"] != "unknown"
@@ -327,7 +307,7 @@ def find_duplicates(run: Run, names: list[str], tolerance: float = 1e-4) -> pd.D
             ta, tb = tables[a], tables[b]
             merged = ta.merge(tb, on="source_index", suffixes=("_a", "_b"))
             for r in merged.itertuples(index=False):
-                iou = _iou(
+                iou = box_iou(
                     (r.box_y0_a, r.box_y1_a, r.box_x0_a, r.box_x1_a),
                     (r.box_y0_b, r.box_y1_b, r.box_x0_b, r.box_x1_b),
                 )
@@ -345,12 +325,6 @@ def find_duplicates(run: Run, names: list[str], tolerance: float = 1e-4) -> pd.D
     return pd.DataFrame(
         rows, columns=["member_a", "prototype_a", "member_b", "prototype_b", "reason", "distance"]
     )
-
-
-def _iou(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> float:
-    inter = max(0, min(a[1], b[1]) - max(a[0], b[0])) * max(0, min(a[3], b[3]) - max(a[2], b[2]))
-    area = (a[1] - a[0]) * (a[3] - a[2]) + (b[1] - b[0]) * (b[3] - b[2]) - inter
-    return inter / area if area > 0 else 0.0
 
 
 def prunable_members(run: Run) -> list[str]:

@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
+from protoaudit.core.geometry import percentile_boxes
 from protoaudit.core.model import ProtoPNet, similarity
 from protoaudit.engine.data import ImageSplit, iter_batches
 from protoaudit.engine.distributed import SINGLE, DistInfo, all_gather_rows, shard
@@ -168,31 +168,3 @@ def _gather_best(
     choice = order.gather(0, torch.argmin(key.gather(0, order), dim=0, keepdim=True))[0]
     rows = torch.arange(m)
     return tuple(t[choice, rows].to(device) for t in gathered)  # type: ignore[return-value]
-
-
-def percentile_boxes(
-    maps: torch.Tensor, image_size: int, percentile: float = 95.0, chunk: int = 256
-) -> torch.Tensor:
-    """The paper's visualisation box: upsample each (H, W) map to the image (bicubic), keep pixels at or
-    above the map's 95th percentile, return the smallest enclosing rectangle (y0, y1, x0, x1), end-exclusive.
-
-    maps: (m, H, W) float → (m, 4) int64. Not a faithful attribution (Xu-Darme et al. 2023): it shows where
-    the upsampled map is high, not which pixels caused the similarity.
-    """
-    out = []
-    for start in range(0, maps.shape[0], chunk):
-        up = F.interpolate(
-            maps[start : start + chunk, None],
-            size=(image_size, image_size),
-            mode="bicubic",
-            align_corners=False,
-        )[:, 0]
-        threshold = torch.quantile(up.flatten(1), percentile / 100.0, dim=1)
-        mask = up >= threshold[:, None, None]
-        rows, cols = mask.any(dim=2), mask.any(dim=1)  # (c, S)
-        y0 = rows.float().argmax(dim=1)
-        y1 = image_size - rows.flip(1).float().argmax(dim=1)
-        x0 = cols.float().argmax(dim=1)
-        x1 = image_size - cols.flip(1).float().argmax(dim=1)
-        out.append(torch.stack([y0, y1, x0, x1], dim=1).long())
-    return torch.cat(out) if out else torch.zeros(0, 4, dtype=torch.long)

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from protoaudit.core.losses import off_class_l1, protopnet_loss
+from protoaudit.core.metrics import top1
 from protoaudit.core.model import MemberConfig, ProtoPNet, squared_distances
 from protoaudit.engine.checkpoint import MemberCheckpoint, capture, restore
 from protoaudit.engine.data import DatasetBundle, ImageSplit, iter_batches
@@ -202,12 +203,6 @@ def predict_with_latents(
     if not logits:
         return torch.zeros(0, model.n_classes), torch.zeros(0)
     return torch.cat(logits), torch.cat(latents)
-
-
-def top1(logits: torch.Tensor, labels: np.ndarray) -> float:
-    if len(labels) == 0:
-        return float("nan")
-    return float((logits.argmax(1).numpy() == np.asarray(labels)).mean())
 
 
 def last_layer_stage(

@@ -11,7 +11,6 @@ Files written by other steps are read when they exist and reported as "not compu
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import time
@@ -505,13 +504,11 @@ class _Builder:
         frame = _read_csv(member_dir / "nearest_train.csv")
         if frame is not None:
             return frame, "nearest_train.csv"
-        if importlib.util.find_spec("protoaudit.engine.index") is None:
-            return None, None
-        from protoaudit.engine import index as patch_index
+        from protoaudit.engine.index.search import index_status, load_index
 
-        if patch_index.index_status(self.run, name, "train") != "fresh":
+        if index_status(self.run, name, "train") != "fresh":
             return None, None
-        loaded = patch_index.load_index(self.run, name, "train", backend="faiss")
+        loaded = load_index(self.run, name, "train", backend="faiss")
         queries = model.prototype_vectors.detach().float().cpu().numpy()
         distances, rows = loaded.search(queries, self.options.nearest, per_image=True)
         meta = loaded.meta
@@ -668,8 +665,8 @@ class _Builder:
         labels: np.ndarray,
         class_names: list[str],
     ) -> dict[str, Any]:
+        from protoaudit.core.geometry import percentile_boxes
         from protoaudit.core.model import similarity
-        from protoaudit.engine.push import percentile_boxes
 
         predicted = ensemble.argmax(dim=1).numpy()
         correct = np.flatnonzero(predicted == labels)
@@ -766,7 +763,7 @@ class _Builder:
         }
 
     def _sheet(self, explain: Any, index: int, image: torch.Tensor) -> dict[str, Any] | None:
-        from protoaudit.engine.index import QueryImage
+        from protoaudit.engine.index.queries import QueryImage
 
         test = self.bundle.test
         query = QueryImage(
@@ -914,10 +911,10 @@ def _add_sheet_subtotals(document: Any, shown: int) -> None:
 
 
 def _explain_module() -> Any:
-    """:mod:`protoaudit.explain` when it is installed and provides the reasoning-sheet API, else None."""
-    if importlib.util.find_spec("protoaudit.engine.explain") is None:
-        return None
-    import protoaudit.engine.explain as explain
+    """The reasoning-sheet API: the engine computes a sheet, :mod:`protoaudit.report.sheet` draws it."""
+    from types import SimpleNamespace
 
-    needed = ("explain_image", "render_sheet_html")
-    return explain if all(hasattr(explain, n) for n in needed) else None
+    from protoaudit.engine.explain import explain_image
+    from protoaudit.report.sheet import render_sheet_html
+
+    return SimpleNamespace(explain_image=explain_image, render_sheet_html=render_sheet_html)

@@ -12,6 +12,8 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from protoaudit.core.geometry import cell_footprint
+
 BOX_COLOUR = (255, 230, 0)
 MAX_SIDE = 128  # larger images are shrunk before encoding; the report shows thumbnails, not originals
 
@@ -55,19 +57,6 @@ def box_thumbnail(image: np.ndarray, box: Sequence[int] | None) -> bytes:
             outline=BOX_COLOUR,
         )
     return encode_png(pil)
-
-
-def cell_footprint(h: int, w: int, grid: tuple[int, int], image_size: int) -> tuple[int, int, int, int]:
-    """The input pixels (y0, y1, x0, x1), end-exclusive, that latent cell (h, w) of an H × W grid tiles.
-
-    This is the cell's share of the image, not its receptive field (which is much larger)."""
-    gh, gw = grid
-    return (
-        h * image_size // gh,
-        (h + 1) * image_size // gh,
-        w * image_size // gw,
-        (w + 1) * image_size // gw,
-    )
 
 
 def patch_thumbnail(image: np.ndarray, h: int, w: int, grid: tuple[int, int]) -> bytes:

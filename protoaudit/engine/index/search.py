@@ -1,0 +1,329 @@
+"""Loading a patch index (refusing a stale one) and searching it: FAISS on CPU or GPU, or exact k-NN in torch."""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import pandas as pd
+import torch
+
+from protoaudit.core.knn import exact_knn_torch
+from protoaudit.engine.index.files import INDEX_FORMAT_VERSION, META_KEY, index_paths
+from protoaudit.engine.io import sha256_file
+from protoaudit.errors import CheckpointError, InputError, StaleIndexError
+
+if TYPE_CHECKING:
+    from protoaudit.engine.run import Run
+
+
+GPU_FAISS_MAX_K = 2048  # GPU faiss answers at most this many neighbours per query
+
+
+Backend = Literal["auto", "faiss", "faiss-gpu", "torch"]
+
+
+def _run_root(run_dir: str | os.PathLike[str] | Run) -> Path:
+    path = getattr(run_dir, "path", None)
+    return Path(path) if path is not None else Path(run_dir)  # type: ignore[arg-type]
+
+
+def _rebuild_hint(run_dir: Path) -> str:
+    return f"rebuild it with: protoaudit index {run_dir}"
+
+
+def read_index_info(meta_path: Path) -> dict[str, Any]:
+    """The information recorded in a ``patches*.parquet`` file's schema metadata."""
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(meta_path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{meta_path}: file not found") from None
+    except Exception as exc:
+        raise CheckpointError(f"{meta_path}: not a readable parquet file ({exc})") from None
+    raw = (schema.metadata or {}).get(META_KEY)
+    if raw is None:
+        raise CheckpointError(f"{meta_path}: not a protoaudit patch index (no {META_KEY.decode()} metadata)")
+    info: dict[str, Any] = json.loads(raw)
+    return info
+
+
+def resolve_backend(backend: Backend, kind: str) -> tuple[str, torch.device]:
+    """The search backend to use and the torch device of the ``torch`` backend."""
+    import faiss
+
+    cuda = torch.cuda.is_available()
+    device = torch.device("cuda" if cuda else "cpu")
+    gpu_faiss = cuda and hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+    if backend == "auto":
+        if gpu_faiss:
+            return "faiss-gpu", device
+        return ("torch" if cuda and kind == "flat" else "faiss"), device
+    if backend == "faiss-gpu" and not gpu_faiss:
+        raise InputError("backend faiss-gpu needs CUDA and a GPU-enabled faiss; use --backend auto")
+    if backend == "torch" and kind != "flat":
+        raise InputError(
+            "backend torch searches exactly and needs a flat index (recipe [index] kind = 'flat')"
+        )
+    if backend not in ("faiss", "faiss-gpu", "torch"):
+        raise InputError(f"backend must be auto, faiss, faiss-gpu or torch, got {backend!r}")
+    return backend, device
+
+
+@dataclass
+class PatchIndex:
+    """A loaded patch index of one member and split.
+
+    ``meta``: one row per patch (:data:`META_COLUMNS`); ``info``: what was recorded at build time
+    (checkpoint sha256, kind, dim, grid, image size…); ``index``: the faiss index.
+    """
+
+    index: Any
+    meta: pd.DataFrame
+    info: dict[str, Any]
+    path: Path
+    backend: str = "faiss"
+    device: torch.device = torch.device("cpu")  # noqa: RUF009  (immutable)
+
+    def __post_init__(self) -> None:
+        self._image_of_row = self.meta["image_index"].to_numpy(dtype=np.int64)
+        counts = np.bincount(self._image_of_row) if len(self._image_of_row) else np.zeros(1, np.int64)
+        self.max_patches_per_image = int(counts.max()) if len(counts) else 0
+        # rows of each image: image i's rows are order[starts[i]:starts[i + 1]]
+        self._row_order = np.argsort(self._image_of_row, kind="stable")
+        n_images = int(self._image_of_row.max()) + 1 if len(self._image_of_row) else 0
+        self._row_starts = np.searchsorted(self._image_of_row[self._row_order], np.arange(n_images + 1))
+        self._database: torch.Tensor | None = None
+        self._norms: torch.Tensor | None = None
+        self._gpu_index: Any = None
+
+    @property
+    def member(self) -> str:
+        return str(self.info["member"])
+
+    @property
+    def split(self) -> str:
+        return str(self.info["split"])
+
+    @property
+    def dim(self) -> int:
+        return int(self.info["dim"])
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        hh, ww = self.info["grid"]
+        return int(hh), int(ww)
+
+    @property
+    def ntotal(self) -> int:
+        return int(self.index.ntotal)
+
+    def vectors(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """(len(rows), D) float32 patches (all of them when ``rows`` is None)."""
+        if self.info["kind"] == "flat":  # read from the index's own storage (the result is a copy)
+            import faiss
+
+            stored = faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim).reshape(
+                self.ntotal, self.dim
+            )
+            return stored.copy() if rows is None else stored[np.asarray(rows, dtype=np.int64)]
+        if rows is None:
+            return np.asarray(self.index.reconstruct_n(0, self.ntotal), dtype=np.float32)
+        rows = np.asarray(rows, dtype=np.int64)
+        self.index.make_direct_map()
+        return (
+            np.stack([self.index.reconstruct(int(r)) for r in rows])
+            if len(rows)
+            else np.zeros((0, self.dim), np.float32)
+        )
+
+    def image_rows(self, image_index: int) -> np.ndarray:
+        """(H·W,) int64 rows of one image's patches, in h, w order."""
+        if not 0 <= image_index < len(self._row_starts) - 1:
+            return np.zeros(0, dtype=np.int64)
+        return self._row_order[self._row_starts[image_index] : self._row_starts[image_index + 1]]
+
+    def image_latents(self, image_index: int) -> np.ndarray:
+        """(D, H, W) float32 latent map of one image of the split, read back from the index."""
+        hh, ww = self.grid
+        rows = self.image_rows(image_index)
+        if len(rows) != hh * ww:
+            raise InputError(f"image {image_index} is not in the {self.split} index of {self.member}")
+        return self.vectors(rows).reshape(hh, ww, self.dim).transpose(2, 0, 1).copy()
+
+    # -- search ----------------------------------------------------------------------------------------
+    def search(
+        self, queries: np.ndarray | torch.Tensor, k: int, per_image: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """The k nearest patches to each query by squared L2.
+
+        queries: (n, D) float32. Returns (distances (n, k) float32 ascending, rows (n, k) int64 into ``meta``);
+        places without a result hold ``inf`` and -1.
+
+        ``per_image=True``: each image contributes at most its closest patch, so the answer is the k nearest
+        *images* (paper §2.6: pruning's k nearest training images). It searches k' patches, keeps the first
+        occurrence of each image in distance order (that image's closest patch), and doubles k' for the
+        queries that found fewer than k distinct images. k' starts at 4k and never needs to exceed
+        (k − 1)·P + 1 (P = patches per image): among that many nearest patches at most (k − 1)·P belong to
+        the first k − 1 images, so the k-th distinct image is always among them — the answer is exact on a
+        flat index (approximate on IVF, as IVF search itself).
+        """
+        q = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
+        q = np.ascontiguousarray(q, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise ValueError(f"queries must be (n, {self.dim}) float32, got shape {q.shape}")
+        if k < 1:
+            raise ValueError(f"k must be >= 1, got {k}")
+        if not per_image:
+            return self._search(q, k)
+        return self._search_per_image(q, k)
+
+    def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(q)
+        out_d = np.full((n, k), np.inf, dtype=np.float32)
+        out_r = np.full((n, k), -1, dtype=np.int64)
+        kk = min(k, self.ntotal)
+        if n == 0 or kk == 0:
+            return out_d, out_r
+        if self.backend == "torch" or (
+            self.backend == "faiss-gpu" and kk > GPU_FAISS_MAX_K and self.info["kind"] == "flat"
+        ):
+            d_t, r_t = self._torch_search(q, kk)
+            d, r = d_t.cpu().numpy(), r_t.cpu().numpy()
+        elif self.backend == "faiss-gpu" and kk <= GPU_FAISS_MAX_K:
+            d, r = self._faiss_gpu().search(q, kk)
+        else:
+            d, r = self.index.search(q, kk)
+        out_d[:, :kk] = np.where(r >= 0, d, np.inf)
+        out_r[:, :kk] = r
+        return out_d, out_r
+
+    def _torch_search(self, q: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._database is None:
+            self._database = torch.from_numpy(self.vectors()).to(self.device)
+            self._norms = (self._database * self._database).sum(1)
+        return exact_knn_torch(self._database, torch.from_numpy(q).to(self.device), k, self._norms)
+
+    def _faiss_gpu(self) -> Any:  # pragma: no cover - needs CUDA and a GPU faiss
+        import faiss
+
+        if self._gpu_index is None:
+            resources = faiss.StandardGpuResources()
+            self._gpu_index = faiss.index_cpu_to_gpu(resources, self.device.index or 0, self.index)
+            self._gpu_resources = resources
+        return self._gpu_index
+
+    def _search_per_image(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        n = len(q)
+        out_d = np.full((n, k), np.inf, dtype=np.float32)
+        out_r = np.full((n, k), -1, dtype=np.int64)
+        if n == 0 or self.ntotal == 0:
+            return out_d, out_r
+        bound = min(self.ntotal, (k - 1) * self.max_patches_per_image + 1)
+        kk = min(bound, 4 * k)
+        todo = np.arange(n)
+        while len(todo):
+            d, r = self._search(q[todo], kk)
+            finished = np.zeros(len(todo), dtype=bool)
+            for i, (dist, rows) in enumerate(zip(d, r, strict=True)):
+                rows = rows[rows >= 0]
+                _, first = np.unique(self._image_of_row[rows], return_index=True)
+                first = np.sort(first)[:k]
+                if len(first) == k or kk >= bound:
+                    out_d[todo[i], : len(first)] = dist[first]
+                    out_r[todo[i], : len(first)] = rows[first]
+                    finished[i] = True
+            todo = todo[~finished]
+            kk = min(bound, 2 * kk)
+        return out_d, out_r
+
+
+def load_index(
+    run_dir: str | os.PathLike[str] | Run,
+    member: str,
+    split: str = "train",
+    backend: Backend = "auto",
+    check: bool = True,
+) -> PatchIndex:
+    """Open the patch index of ``member`` and ``split`` ("train": the push split, or "test") of a run.
+
+    Raises :class:`StaleIndexError` when the member's ``model.safetensors`` changed since the index was built
+    (``check=False`` skips that test), and :class:`CheckpointError` when the files are missing or damaged.
+    """
+    import faiss
+
+    root = _run_root(run_dir)
+    member_dir = root / "members" / member
+    faiss_path, meta_path = index_paths(member_dir, split)
+    if not (member_dir / "model.json").is_file():
+        raise InputError(f"run {root} has no member {member!r}")
+    if not meta_path.is_file() or not faiss_path.is_file():
+        raise CheckpointError(
+            f"member {member} of {root} has no {split} patch index; build it with: protoaudit index {root}"
+        )
+    info = read_index_info(meta_path)
+    version = info.get("format_version")
+    if not isinstance(version, int) or version > INDEX_FORMAT_VERSION:
+        raise CheckpointError(
+            f"{meta_path}: index format {version!r} is not readable here; {_rebuild_hint(root)}"
+        )
+    if check:
+        current = sha256_file(member_dir / "model.safetensors")
+        if current != info.get("checkpoint_sha256"):
+            raise StaleIndexError(
+                f"the {split} patch index of member {member} was built from another checkpoint than "
+                f"members/{member}/model.safetensors; {_rebuild_hint(root)}"
+            )
+    if faiss_path.stat().st_size != info.get("faiss_bytes"):
+        raise StaleIndexError(
+            f"{faiss_path} does not belong to {meta_path.name} (interrupted build?); {_rebuild_hint(root)}"
+        )
+    try:
+        index: Any = faiss.read_index(str(faiss_path))
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
+        raise CheckpointError(
+            f"{faiss_path}: not a readable faiss index ({first}); {_rebuild_hint(root)}"
+        ) from None
+    import pyarrow.parquet as pq
+
+    meta = pq.read_table(meta_path).to_pandas()
+    if index.ntotal != len(meta) or index.d != info.get("dim"):
+        raise StaleIndexError(
+            f"{faiss_path} and {meta_path.name} disagree on the patches; {_rebuild_hint(root)}"
+        )
+    if info.get("kind") == "ivf" and info.get("nprobe"):
+        index.nprobe = int(info["nprobe"])
+    chosen, device = resolve_backend(backend, str(info.get("kind", "flat")))
+    return PatchIndex(index, meta, info, meta_path, chosen, device)
+
+
+def index_status(run_dir: str | os.PathLike[str] | Run, member: str, split: str) -> str:
+    """ "fresh", "stale" or "missing": whether a member's index of a split can be queried as it is."""
+    try:
+        root = _run_root(run_dir)
+        faiss_path, meta_path = index_paths(root / "members" / member, split)
+        if not meta_path.is_file() or not faiss_path.is_file():
+            return "missing"
+        info = read_index_info(meta_path)
+        sha = sha256_file(root / "members" / member / "model.safetensors")
+        fresh = info.get("checkpoint_sha256") == sha and faiss_path.stat().st_size == info.get("faiss_bytes")
+        return "fresh" if fresh else "stale"
+    except CheckpointError:
+        return "stale"
+
+
+def member_names(run: Run) -> list[str]:
+    """Every member of a run with a checkpoint: the recipe's members, then others (e.g. pruned members)."""
+    names = [m for m in run.member_names if (run.path / "members" / m / "model.json").is_file()]
+    members_dir = run.path / "members"
+    if members_dir.is_dir():
+        names += sorted(
+            p.name for p in members_dir.iterdir() if (p / "model.json").is_file() and p.name not in names
+        )
+    return names
