@@ -151,3 +151,28 @@ def test_ground_truth_audit_is_recorded(pruned_run: tuple[Path, dict[str, str]])
         assert 0.0 <= member["stability"] <= 1.0
         assert member["n_pruned"] == int(t["pruned"].sum())
     assert np.isfinite(audit["ensemble"]["top1_pruned"])
+
+
+def test_one_search_serves_every_k(pruned_run: tuple[Path, dict[str, str]]) -> None:
+    """The k nearest images of a smaller k are the first columns of a larger k's search, and prune's
+    nearest_train.csv and purity.csv come from that one search."""
+    from protoaudit.engine.index.search import load_index, nearest_images
+
+    run_dir, _ = pruned_run
+    run = load_run(run_dir)
+    index = load_index(run, "vgg", "train")
+    prototypes = run.member("vgg").prototype_vectors
+    wide = nearest_images(index, prototypes, 10)
+    narrow = nearest_images(index, prototypes, 6)
+    np.testing.assert_array_equal(wide.first(6).rows, narrow.rows)
+    np.testing.assert_array_equal(wide.first(6).distances, narrow.distances)
+    written = pd.read_csv(run_dir / "members" / "vgg" / "nearest_train.csv")
+    assert written.groupby("prototype")["rank"].max().min() == 10
+    purity = pd.read_csv(run_dir / "purity.csv")
+    vgg = purity[purity["member"] == "vgg"].set_index("prototype")
+    own = np.asarray(run.member("vgg").config.prototype_class)
+    first6 = written[written["rank"] <= 6]
+    counted = (first6["label"].to_numpy() == own[first6["prototype"].to_numpy()]).reshape(-1, 6).sum(1)
+    np.testing.assert_array_equal(vgg["purity"].to_numpy(), counted)
+    with pytest.raises(ValueError, match="asked for 11"):
+        wide.first(11)

@@ -4,6 +4,7 @@ steps are named, the faithfulness check and the thumbnails are right, and the CL
 from __future__ import annotations
 
 import base64
+import dataclasses
 import hashlib
 import io
 import json
@@ -312,6 +313,13 @@ def test_report_of_a_really_pruned_run(tiny_run: Path, tmp_path: Path) -> None:
     assert all(
         c["matches_accuracy_csv"] for c in data["confusion"]["checkpoints"] + data["confusion"]["models"]
     )
+    # by default from the saved logits; --verify runs every checkpoint again, and both agree with accuracy.csv
+    assert {c["source"] for c in data["confusion"]["checkpoints"]} == {"saved logits"}
+    verified = build_report(load_run(run_dir), dataclasses.replace(FAST, verify=True)).data["confusion"]
+    assert {c["source"] for c in verified["checkpoints"]} == {"checkpoint re-run"}
+    assert [c["top1_recomputed"] for c in verified["checkpoints"]] == [
+        c["top1_recomputed"] for c in data["confusion"]["checkpoints"]
+    ]
     assert all(m["nearest_source"] == "nearest_train.csv" for m in data["members"])
     write_report(report, run_dir)
     html = (run_dir / "report.html").read_text(encoding="utf-8")

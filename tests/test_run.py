@@ -49,6 +49,12 @@ def test_accuracy_csv_matches_reloaded_members(tiny_run: Path) -> None:
         member_logits = predict(model, bundle.test, 64, torch.device("cpu"))
         assert top1(member_logits, bundle.test.labels) == pytest.approx(acc.loc[name, "top1"], abs=1e-12)
         assert acc.loc[name, "n_prototypes"] == model.n_prototypes
+        saved = run.logits(name)  # saved once at training: what reports and audits read instead
+        assert saved is not None
+        # the same predictions; logits agree to float32 rounding magnified by log((d + 1)/(d + 1e-4)) near d = 0
+        assert saved["test"].argmax(1).tolist() == member_logits.argmax(1).tolist()
+        torch.testing.assert_close(saved["test"], member_logits, rtol=0, atol=1e-2)
+        assert saved["labels.test"].tolist() == list(bundle.test.labels)
         logits.append(member_logits)
     combined = ensemble_logits(logits)
     torch.testing.assert_close(combined, logits[0] + logits[1])

@@ -41,6 +41,14 @@ def report_command(
     seed: Annotated[
         int, typer.Option(help="Seed of the samples (reasoning images, deletion prototypes).")
     ] = 0,
+    verify: Annotated[
+        bool,
+        typer.Option(
+            "--verify",
+            help="Run every saved checkpoint over the test split again and compare its top-1 with accuracy.csv "
+            "(default: recompute from the test logits saved beside each checkpoint).",
+        ),
+    ] = False,
     threads: Annotated[int | None, typer.Option(help="CPU threads torch uses.")] = None,
     root: RootOpt = Path("reports"),
     json_: JsonOpt = False,
@@ -69,6 +77,7 @@ def report_command(
         faithfulness_per_member=deletion,
         max_thumbnails=max_thumbnails,
         seed=seed,
+        verify=verify,
     )
     with Reporter(err_console, quiet=quiet) as reporter:
         report = build_report(loaded, options, reporter)

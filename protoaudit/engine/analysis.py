@@ -34,39 +34,21 @@ NEAREST_COLUMNS = ["prototype", "rank", "image_index", "image_id", "label", "h",
 
 
 def nearest_csv_path(run_dir: str | os.PathLike[str], member: str, split: str) -> Path:
-    return Path(run_dir) / "members" / member / f"nearest_{split}.csv"
+    from protoaudit.engine.run import member_path
+
+    return member_path(run_dir, member) / f"nearest_{split}.csv"
 
 
 def nearest_to_prototypes(run: Run, member: str, split: str = "train", k: int = 5) -> pd.DataFrame:
     """The k nearest images of ``split`` to every prototype of ``member`` (each image by its closest patch):
     one row per prototype and rank, the columns of :data:`NEAREST_COLUMNS`. Missing ranks (k larger than the
     split) are left out."""
-    from protoaudit.engine.index.search import load_index
+    from protoaudit.engine.index.search import load_index, nearest_images
 
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     index = load_index(run, member, split)
-    prototypes = run.member(member).prototype_vectors.detach().float()
-    distances, rows = index.search(prototypes, k, per_image=True)
-    m = len(prototypes)
-    proto = np.repeat(np.arange(m), k)
-    rank = np.tile(np.arange(1, k + 1), m)
-    flat_rows, flat_d = rows.ravel(), distances.ravel()
-    ok = flat_rows >= 0
-    meta = index.meta.iloc[flat_rows[ok]]
-    return pd.DataFrame(
-        {
-            "prototype": proto[ok],
-            "rank": rank[ok],
-            "image_index": meta["image_index"].to_numpy(),
-            "image_id": meta["image_id"].to_numpy(),
-            "label": meta["label"].to_numpy(),
-            "h": meta["h"].to_numpy(),
-            "w": meta["w"].to_numpy(),
-            "distance": flat_d[ok].astype(np.float64),
-        },
-        columns=NEAREST_COLUMNS,
-    )
+    return nearest_images(index, run.member(member).prototype_vectors, k).table()[NEAREST_COLUMNS]
 
 
 def global_analysis(

@@ -30,9 +30,10 @@ from protoaudit.core.trunks import create_trunk, trunk_info
 from protoaudit.engine.data import DatasetBundle, ImageSplit, iter_batches
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.recipe import MemberRecipe, Recipe
+from protoaudit.engine.run import accuracy_row, save_logits
 from protoaudit.errors import CheckpointError
 
-BASELINE_DIR = "baselines"
+BASELINE_DIR = "baselines"  # baselines/<name>/: model.safetensors, model.json, logits.safetensors
 
 
 @dataclass
@@ -270,17 +271,8 @@ def train_baselines(
                     "trunk_family": trunk_info(member.trunk).family,
                 },
             )
+            save_logits(directory, {"test": test_logits}, {"test": bundle.test.labels})
             writer.update(timings={**writer.document["timings"], member.name: trained.seconds})
-        rows.append(
-            {
-                "model": member.name,
-                "kind": "baseline",
-                "backbone": member.trunk,
-                "pruned": False,
-                "top1": test_top1,
-                "n_prototypes": 0,
-                "n_test": len(bundle.test),
-            }
-        )
+        rows.append(accuracy_row(member.name, "baseline", member.trunk, test_top1, 0, len(bundle.test)))
         reporter.log(f"[bold]{member.name}[/bold]: baseline test top-1 {test_top1:.4f}")
     return rows

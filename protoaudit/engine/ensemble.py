@@ -27,7 +27,18 @@ from protoaudit.engine.distributed import (
 )
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.recipe import Recipe
-from protoaudit.engine.run import ACCURACY_COLUMNS, RunWriter, load_member, save_member, versions, write_csv
+from protoaudit.engine.run import (
+    RunWriter,
+    accuracy_frame,
+    accuracy_row,
+    load_logits,
+    load_member,
+    member_path,
+    save_logits,
+    save_member,
+    versions,
+    write_csv,
+)
 from protoaudit.engine.train import predict, predict_with_latents, resolve_device, train_member
 from protoaudit.errors import CheckpointError, InputError, OutputError
 
@@ -140,21 +151,20 @@ def train_ensemble(
         rows, logits = _train_members(recipe, bundle, device, reporter, run_dir, writer, resume, info)
         combined = ensemble_logits(logits)
         rows.append(
-            {
-                "model": "ensemble",
-                "kind": "ensemble",
-                "backbone": "+".join(m.trunk for m in recipe.members if m.kind == "protopnet"),
-                "pruned": False,
-                "top1": top1(combined, bundle.test.labels),
-                "n_prototypes": sum(int(r["n_prototypes"]) for r in rows),
-                "n_test": len(bundle.test),
-            }
+            accuracy_row(
+                "ensemble",
+                "ensemble",
+                "+".join(m.trunk for m in recipe.members if m.kind == "protopnet"),
+                top1(combined, bundle.test.labels),
+                sum(int(r["n_prototypes"]) for r in rows),
+                len(bundle.test),
+            )
         )
         from protoaudit.engine.baseline import train_baselines  # not part of the ensemble (paper Table 1)
 
         if info.is_main:  # baselines are trained by rank 0 alone
             rows += train_baselines(recipe, bundle, device, reporter, run_dir, writer, resume)
-        accuracy = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+        accuracy = accuracy_frame(rows)
         if info.is_main:
             write_csv(run_dir / "accuracy.csv", accuracy)
         barrier(info)
@@ -186,10 +196,10 @@ def _train_members(
         if member.kind == "baseline":  # trained after the ensemble by protoaudit.baseline
             continue
         checkpoint = MemberCheckpoint(
-            run_dir / "members" / member.name / "checkpoint",
+            member_path(run_dir, member.name) / "checkpoint",
             {"member": member.name, "training_sha256": training_sha256(recipe), "seed": recipe.seed + i},
         )
-        if resume and (run_dir / "members" / member.name / "model.json").is_file():
+        if resume and (member_path(run_dir, member.name) / "model.json").is_file():
             row, test_logits = _reload_finished_member(
                 member.name, member.trunk, recipe, bundle, device, run_dir
             )
@@ -239,21 +249,15 @@ def _train_members(
         prototypes = pd.DataFrame(
             trained.push.rows(bundle.push, trained.model.config.prototype_class, bundle.class_names)
         )
-        row = {
-            "model": member.name,
-            "kind": "member",
-            "backbone": member.trunk,
-            "pruned": False,
-            "top1": test_top1,
-            "n_prototypes": trained.model.n_prototypes,
-            "n_test": len(bundle.test),
-        }
+        row = accuracy_row(
+            member.name, "member", member.trunk, test_top1, trained.model.n_prototypes, len(bundle.test)
+        )
         logits.append(test_logits)
         rows.append(row)
         if not info.is_main:  # the other ranks write nothing; they only take part in the collectives
             continue
         save_member(
-            run_dir / "members" / member.name,
+            member_path(run_dir, member.name),
             trained.model.cpu(),
             {
                 "name": member.name,
@@ -266,6 +270,7 @@ def _train_members(
             },
             prototypes,
         )
+        save_logits(member_path(run_dir, member.name), {"test": test_logits}, {"test": bundle.test.labels})
         checkpoint.remove()  # the member is finished: model.json is the contract from here on
         trained.model.to(device)
         if recipe.index.build:  # from the selected push pass's and the test pass's latents
@@ -273,7 +278,7 @@ def _train_members(
 
             t0 = time.perf_counter()
             build_member_indexes(
-                run_dir / "members" / member.name,
+                member_path(run_dir, member.name),
                 trained.model,
                 bundle,
                 recipe.index,
@@ -296,20 +301,19 @@ def _train_members(
 def _reload_finished_member(
     name: str, trunk: str, recipe: Recipe, bundle: DatasetBundle, device: torch.device, run_dir: Path
 ) -> tuple[dict[str, Any], torch.Tensor]:
-    """A member that finished before an interruption: its accuracy row and (N, K) test logits, recomputed."""
-    model, _ = load_member(run_dir / "members" / name, device)
-    test_logits = predict(
-        model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
+    """A member that finished before an interruption: its accuracy row and (N, K) test logits, read back (or
+    recomputed when the interruption came before they were saved)."""
+    model, _ = load_member(member_path(run_dir, name), device)
+    saved = load_logits(run_dir, name)
+    if saved is not None and "test" in saved and len(saved["test"]) == len(bundle.test):
+        test_logits = saved["test"]
+    else:
+        test_logits = predict(
+            model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
+        )
+    row = accuracy_row(
+        name, "member", trunk, top1(test_logits, bundle.test.labels), model.n_prototypes, len(bundle.test)
     )
-    row = {
-        "model": name,
-        "kind": "member",
-        "backbone": trunk,
-        "pruned": False,
-        "top1": top1(test_logits, bundle.test.labels),
-        "n_prototypes": model.n_prototypes,
-        "n_test": len(bundle.test),
-    }
     return row, test_logits
 
 

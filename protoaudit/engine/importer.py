@@ -320,7 +320,16 @@ def import_protopnet(
     from protoaudit.engine.data import build_dataset
     from protoaudit.engine.ensemble import configure_threads, prepare_run_dir, write_text_recipe
     from protoaudit.engine.io import sha256_file
-    from protoaudit.engine.run import ACCURACY_COLUMNS, RunWriter, save_member, versions, write_csv
+    from protoaudit.engine.run import (
+        RunWriter,
+        accuracy_frame,
+        accuracy_row,
+        member_path,
+        save_logits,
+        save_member,
+        versions,
+        write_csv,
+    )
     from protoaudit.engine.train import predict, predict_with_latents, resolve_device
 
     started = time.perf_counter()
@@ -424,7 +433,7 @@ def import_protopnet(
         )
         seconds["eval"] = time.perf_counter() - t0
         prototypes = pd.DataFrame(nearest.rows(bundle.push, config.prototype_class, bundle.class_names))
-        member_dir = run_dir / "members" / name
+        member_dir = member_path(run_dir, name)
         save_member(
             member_dir,
             model.cpu(),
@@ -447,6 +456,7 @@ def import_protopnet(
             },
             prototypes,
         )
+        save_logits(member_dir, {"test": test_logits}, {"test": bundle.test.labels})
         model.to(device)
         if run_recipe.index.build:
             from protoaudit.engine.index.build import build_member_indexes
@@ -465,26 +475,17 @@ def import_protopnet(
             )
             seconds["index"] = time.perf_counter() - t0
         rows = [
-            {
-                "model": name,
-                "kind": "member",
-                "backbone": arch,
-                "pruned": False,
-                "top1": test_top1,
-                "n_prototypes": model.n_prototypes,
-                "n_test": len(bundle.test),
-            },
-            {
-                "model": "ensemble",
-                "kind": "ensemble",
-                "backbone": arch,
-                "pruned": False,
-                "top1": top1(ensemble_logits([test_logits]), bundle.test.labels),
-                "n_prototypes": model.n_prototypes,
-                "n_test": len(bundle.test),
-            },
+            accuracy_row(name, "member", arch, test_top1, model.n_prototypes, len(bundle.test)),
+            accuracy_row(
+                "ensemble",
+                "ensemble",
+                arch,
+                top1(ensemble_logits([test_logits]), bundle.test.labels),
+                model.n_prototypes,
+                len(bundle.test),
+            ),
         ]
-        accuracy = pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+        accuracy = accuracy_frame(rows)
         write_csv(run_dir / "accuracy.csv", accuracy)
         elapsed = time.perf_counter() - started
         writer.finish("complete", seconds=elapsed, timings={name: seconds})

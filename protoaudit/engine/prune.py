@@ -11,7 +11,6 @@ member is saved as a new checkpoint ``members/<m>-pruned/`` — the unpruned one
 from __future__ import annotations
 
 import copy
-import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -35,13 +34,25 @@ from protoaudit.core.purity import (
     prune_decision,
     stability,
 )
+from protoaudit.engine.analysis import NEAREST_COLUMNS, nearest_csv_path
+from protoaudit.engine.index.search import NearestImages, PatchIndex, load_index, nearest_images
 from protoaudit.engine.io import read_json, write_json
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
-from protoaudit.engine.run import ACCURACY_COLUMNS, Run, save_member, write_csv
+from protoaudit.engine.run import (
+    ACCURACY_COLUMNS,
+    PRUNED_SUFFIX,
+    Run,
+    RunWriter,
+    accuracy_row,
+    member_path,
+    pruned_name,
+    save_logits,
+    save_member,
+    write_csv,
+)
 from protoaudit.engine.train import last_layer_stage, predict
 from protoaudit.errors import InputError
 
-PRUNED_SUFFIX = "-pruned"
 PART_PURITY_TOP = 10  # PIP-Net's top-10 patches
 CONSISTENCY_THRESHOLD = 0.8  # Huang et al.'s μ
 BAD_PART_KINDS = ("background", "shared")  # what pruning should remove, where parts are known
@@ -76,18 +87,18 @@ def prune_member(
     finetune_epochs: int,
     recipe: Any,
     device: torch.device,
+    index: PatchIndex,
+    nearest: NearestImages,
     reporter: Reporter = NULL_REPORTER,
 ) -> MemberPruning:
-    """k-NN class purity of every prototype of member ``name``, the pruned member, and its test logits."""
-    from protoaudit.engine.index.search import load_index
-
+    """k-NN class purity of every prototype of member ``name`` from its ``k`` nearest training images
+    (``nearest``, searched once in ``index``), the pruned member, and its test logits."""
     model = run.member(name)
-    index = load_index(run.path, name, "train")
     meta = index.meta
-    prototypes = model.prototype_vectors.detach().float()
-    distances, rows = index.search(prototypes.numpy(), k, per_image=True)
+    nearest = nearest.first(k)
+    distances, rows = nearest.distances, nearest.rows
     valid = rows >= 0
-    labels = np.where(valid, meta["label"].to_numpy()[np.maximum(rows, 0)], -1)
+    labels = nearest.column("label")
     image_ids = meta["image_id"].to_numpy()[np.maximum(rows, 0)]
     proto_class = np.asarray(model.config.prototype_class)
     purity = knn_class_purity(labels, proto_class)
@@ -168,12 +179,16 @@ def _add_ground_truth(
 
 
 def ground_truth_audit(
-    run: Run, name: str, model: ProtoPNet, table: pd.DataFrame, bundle: Any, recipe: Any, device: torch.device
+    model: ProtoPNet,
+    table: pd.DataFrame,
+    nearest: NearestImages,
+    bundle: Any,
+    recipe: Any,
+    device: torch.device,
 ) -> dict[str, Any]:
-    """Precision/recall of pruning against background/shared-part prototypes, PIP-Net part purity, and
-    Huang et al.'s consistency and stability — only where ground-truth parts are known."""
-    from protoaudit.engine.index.search import load_index
-
+    """Precision/recall of pruning against background/shared-part prototypes, PIP-Net part purity (over the
+    first :data:`PART_PURITY_TOP` of ``nearest``), and Huang et al.'s consistency and stability — only where
+    ground-truth parts are known."""
     audit: dict[str, Any] = {}
     known = table["source_part_kind"] != "unknown"
     if known.any():
@@ -190,12 +205,7 @@ def ground_truth_audit(
                 "pruning_recall": recall,
             }
         )
-        index = load_index(run.path, name, "train")
-        _, rows = index.search(
-            model.prototype_vectors.detach().float().numpy(), PART_PURITY_TOP, per_image=True
-        )
-        parts = np.where(rows >= 0, index.meta["part"].to_numpy()[np.maximum(rows, 0)], -1)
-        purity = part_purity(parts)
+        purity = part_purity(nearest.first(PART_PURITY_TOP).column("part"))
         table["part_purity"] = purity
         audit["part_purity"] = float(purity.mean())
         audit["part_purity_kept"] = (
@@ -350,24 +360,31 @@ def prune_run(
     """Prune every member of ``run``, write purity.csv, pruned checkpoints, accuracy rows, audit.json and
     duplicates.csv, and return them."""
     if k < 1:
-        raise InputError(f"--k must be >= 1, got {k}")
+        raise InputError(f"k must be >= 1, got {k}")
     if not 1 <= threshold <= k:
-        raise InputError(f"--threshold must be between 1 and k = {k}, got {threshold}")
+        raise InputError(f"the purity threshold must be between 1 and k = {k}, got {threshold}")
     started = time.perf_counter()
     device = torch.device(device)
     recipe = run.recipe()
     bundle = run.dataset()
     epochs = recipe.schedule.last_layer_epochs if finetune_epochs is None else finetune_epochs
     if epochs < 0:
-        raise InputError(f"--finetune-epochs must be >= 0, got {epochs}")
+        raise InputError(f"the last-layer fine-tuning epochs must be >= 0, got {epochs}")
     names = prunable_members(run)
     if not names:
         raise InputError(f"run {run.path} has no ProtoPNet member to prune")
     results = []
     audit: dict[str, Any] = {"k": k, "threshold": threshold, "finetune_epochs": epochs, "members": {}}
+    nearest_by_member: dict[str, NearestImages] = {}
     for name in names:
-        result = prune_member(run, name, bundle, k, threshold, epochs, recipe, device, reporter)
-        result.audit = ground_truth_audit(run, name, run.member(name), result.purity, bundle, recipe, device)
+        # one index load and one search per member, with the largest k any consumer needs
+        index = load_index(run.path, name, "train")
+        nearest = nearest_images(index, run.member(name).prototype_vectors, max(k, PART_PURITY_TOP))
+        result = prune_member(
+            run, name, bundle, k, threshold, epochs, recipe, device, index, nearest, reporter
+        )
+        result.audit = ground_truth_audit(run.member(name), result.purity, nearest, bundle, recipe, device)
+        nearest_by_member[name] = nearest
         results.append(result)
 
     # write: pruned checkpoints first, then the tables that refer to them
@@ -382,11 +399,12 @@ def prune_run(
         protos.insert(1, "parent_prototype", protos["prototype"].to_numpy())
         protos["prototype"] = np.arange(len(protos))
         test_top1 = top1(result.test_logits, bundle.test.labels)
+        pruned_dir = member_path(run.path, pruned_name(result.name))
         save_member(
-            run.path / "members" / f"{result.name}{PRUNED_SUFFIX}",
+            pruned_dir,
             result.pruned_model,
             {
-                "name": f"{result.name}{PRUNED_SUFFIX}",
+                "name": pruned_name(result.name),
                 "parent": result.name,
                 "pruning": {
                     "k": k,
@@ -402,16 +420,17 @@ def prune_run(
             },
             protos,
         )
+        save_logits(pruned_dir, {"test": result.test_logits}, {"test": bundle.test.labels})
         new_rows.append(
-            {
-                "model": result.name,
-                "kind": "member",
-                "backbone": result.pruned_model.config.trunk,
-                "pruned": True,
-                "top1": test_top1,
-                "n_prototypes": result.pruned_model.n_prototypes,
-                "n_test": len(bundle.test),
-            }
+            accuracy_row(
+                result.name,
+                "member",
+                result.pruned_model.config.trunk,
+                test_top1,
+                result.pruned_model.n_prototypes,
+                len(bundle.test),
+                pruned=True,
+            )
         )
         audit["members"][result.name] = {
             "n_prototypes": len(kept),
@@ -425,15 +444,15 @@ def prune_run(
         }
     combined = ensemble_logits([r.test_logits for r in results])
     new_rows.append(
-        {
-            "model": "ensemble",
-            "kind": "ensemble",
-            "backbone": "+".join(r.pruned_model.config.trunk for r in results),
-            "pruned": True,
-            "top1": top1(combined, bundle.test.labels),
-            "n_prototypes": sum(r.pruned_model.n_prototypes for r in results),
-            "n_test": len(bundle.test),
-        }
+        accuracy_row(
+            "ensemble",
+            "ensemble",
+            "+".join(r.pruned_model.config.trunk for r in results),
+            top1(combined, bundle.test.labels),
+            sum(r.pruned_model.n_prototypes for r in results),
+            len(bundle.test),
+            pruned=True,
+        )
     )
     accuracy = pd.concat([accuracy, pd.DataFrame(new_rows)], ignore_index=True)[ACCURACY_COLUMNS]
     audit["ensemble"] = {
@@ -448,18 +467,23 @@ def prune_run(
     purity = pd.concat([r.purity for r in results], ignore_index=True)
     duplicates = find_duplicates(run, names)
     audit["duplicates"] = len(duplicates)
+    for result in results:  # the nearest training images the report shows beside each prototype
+        write_csv(
+            nearest_csv_path(run.path, result.name, "train"),
+            nearest_by_member[result.name].table()[NEAREST_COLUMNS],
+        )
     write_csv(run.path / "purity.csv", purity)
     write_csv(run.path / "duplicates.csv", duplicates)
     write_json(run.path / "audit.json", _clean(audit))
     write_csv(run.path / "accuracy.csv", accuracy)
-    meta = read_json(run.path / "run.json")
-    meta["pruning"] = {
-        "k": k,
-        "threshold": threshold,
-        "finetune_epochs": epochs,
-        "members": [f"{n}{PRUNED_SUFFIX}" for n in names],
-    }
-    write_json(run.path / "run.json", meta)
+    RunWriter.reopen(run).update(
+        pruning={
+            "k": k,
+            "threshold": threshold,
+            "finetune_epochs": epochs,
+            "members": [pruned_name(n) for n in names],
+        }
+    )
     return PruneResult(run, purity, accuracy, audit, duplicates, time.perf_counter() - started)
 
 
@@ -513,7 +537,3 @@ def load_audit(run: Run) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")
     return data
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(_clean(obj), indent=2)

@@ -8,14 +8,18 @@
     reports/<name>/members/<m>/model.safetensors  weights (never pickle)
     reports/<name>/members/<m>/model.json         architecture, class names, stage history, metrics
     reports/<name>/members/<m>/prototypes.csv     one row per prototype after push
+    reports/<name>/members/<m>/logits.safetensors (N, K) test logits, saved once when the member is made
+    reports/<name>/members/<m>-pruned/...         the pruned copy of member m (protoaudit prune)
+    reports/<name>/purity.csv, audit.json, duplicates.csv   written by protoaudit prune
 
-Every file is written atomically.
+This module owns the layout: every other module finds a run file through the functions here (``member_path``,
+``pruned_name``, ``accuracy_row``, ``save_logits``/``load_logits``, ``RunWriter``). Every file is written
+atomically.
 """
 
 from __future__ import annotations
 
 import io
-import json
 import os
 import platform
 import time
@@ -32,6 +36,64 @@ from protoaudit.errors import CheckpointError, InputError
 
 FORMAT_VERSION = 1
 ACCURACY_COLUMNS = ["model", "kind", "backbone", "pruned", "top1", "n_prototypes", "n_test"]
+MEMBERS_DIR = "members"
+PRUNED_SUFFIX = "-pruned"  # members/<m>-pruned/: the pruned copy of member m
+LOGITS_FILE = "logits.safetensors"
+
+
+def member_path(run_dir: str | os.PathLike[str], name: str) -> Path:
+    """The folder of member (or pruned member, or imported member) ``name`` of a run."""
+    return Path(run_dir) / MEMBERS_DIR / name
+
+
+def pruned_name(name: str) -> str:
+    """The name of member ``name``'s pruned copy."""
+    return f"{name}{PRUNED_SUFFIX}"
+
+
+def accuracy_row(
+    model: str,
+    kind: str,
+    backbone: str,
+    top1: float,
+    n_prototypes: int,
+    n_test: int,
+    pruned: bool = False,
+) -> dict[str, Any]:
+    """One row of ``accuracy.csv`` (columns :data:`ACCURACY_COLUMNS`); kind is member, ensemble or baseline."""
+    return {
+        "model": model,
+        "kind": kind,
+        "backbone": backbone,
+        "pruned": pruned,
+        "top1": top1,
+        "n_prototypes": n_prototypes,
+        "n_test": n_test,
+    }
+
+
+def accuracy_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
+    return pd.DataFrame(rows, columns=ACCURACY_COLUMNS)
+
+
+def save_logits(member_dir: Path, logits: dict[str, torch.Tensor], labels: dict[str, Any]) -> None:
+    """Write ``logits.safetensors``: for each split, ``<split>`` (N, K) float32 and ``labels.<split>`` (N,)
+    int64, so that reports and audits read a member's predictions instead of running it again."""
+    tensors = {split: t.detach().to("cpu", torch.float32).contiguous() for split, t in logits.items()}
+    for split, y in labels.items():
+        tensors[f"labels.{split}"] = torch.as_tensor(y, dtype=torch.int64).contiguous()
+    save_tensors(
+        member_dir / LOGITS_FILE, tensors, metadata={"format": f"protoaudit-logits/{FORMAT_VERSION}"}
+    )
+
+
+def load_logits(run_dir: str | os.PathLike[str], name: str) -> dict[str, torch.Tensor] | None:
+    """A member's saved logits and labels (keys ``test``, ``labels.test``, …), or None for a run written
+    before they were saved."""
+    path = member_path(run_dir, name) / LOGITS_FILE
+    if not path.is_file():
+        return None
+    return dict(load_tensors(path))
 
 
 def versions() -> dict[str, str]:
@@ -139,11 +201,11 @@ class Run:
 
     def member(self, name: str, device: str | torch.device = "cpu") -> ProtoPNet:
         if name not in self._members:
-            if name not in self.member_names and not (self.path / "members" / name).is_dir():
+            if name not in self.member_names and not member_path(self.path, name).is_dir():
                 raise InputError(
                     f"run {self.path} has no member {name!r} (members: {', '.join(self.member_names)})"
                 )
-            self._members[name] = load_member(self.path / "members" / name, device)
+            self._members[name] = load_member(member_path(self.path, name), device)
         return self._members[name][0]
 
     def member_meta(self, name: str) -> dict[str, Any]:
@@ -157,7 +219,11 @@ class Run:
         return pd.read_csv(self.path / "accuracy.csv")
 
     def prototypes(self, name: str) -> pd.DataFrame:
-        return pd.read_csv(self.path / "members" / name / "prototypes.csv")
+        return pd.read_csv(member_path(self.path, name) / "prototypes.csv")
+
+    def logits(self, name: str) -> dict[str, torch.Tensor] | None:
+        """Member ``name``'s saved test logits (see :func:`load_logits`)."""
+        return load_logits(self.path, name)
 
     def dataset(self) -> Any:
         """Rebuild the run's dataset from its recipe (deterministic) and check its fingerprint."""
@@ -201,6 +267,14 @@ class RunWriter:
         self.document = {"format_version": FORMAT_VERSION, **document, "status": "running", "started": _now()}
         self.flush()
 
+    @classmethod
+    def reopen(cls, run: Run) -> RunWriter:
+        """A writer for a finished run's ``run.json`` (a later step such as prune records its part there);
+        the document is kept as it is until :meth:`update`."""
+        writer = cls.__new__(cls)
+        writer.path, writer.enabled, writer.document = run.path, True, dict(run.meta)
+        return writer
+
     def update(self, **changes: Any) -> None:
         self.document.update(changes)
         self.flush()
@@ -227,7 +301,3 @@ class RunWriter:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
-
-
-def dumps(obj: Any) -> str:
-    return json.dumps(obj, indent=2)

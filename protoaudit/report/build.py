@@ -26,14 +26,13 @@ import tomllib
 import torch
 
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
-from protoaudit.engine.run import Run
+from protoaudit.engine.run import PRUNED_SUFFIX, Run
 from protoaudit.errors import CheckpointError, InputError
 from protoaudit.report.definitions import BOX_CAVEAT, DEFINITIONS
 from protoaudit.report.images import box_thumbnail, patch_thumbnail, png_data_uri, to_uint8
 
 REPORT_FORMAT = "protoaudit-report"
 REPORT_FORMAT_VERSION = 1
-PRUNED_SUFFIX = "-pruned"  # members/<m>-pruned/: the pruned copy of member m (protoaudit prune)
 PRUNE_HINT = "not computed yet — run `protoaudit prune`"
 INDEX_HINT = "not computed yet — run `protoaudit index` (the patch index) or `protoaudit global-analysis`"
 SHEET_PROTOTYPES = 3  # prototypes listed per member and class on an embedded reasoning sheet
@@ -54,6 +53,7 @@ class ReportOptions:
     nearest: int = 6  # nearest training patches shown per prototype
     max_thumbnails: int = 400  # prototypes per member shown with thumbnails (the rest: numbers only)
     sparsity_threshold: float = 1e-3
+    verify: bool = False  # re-run every saved checkpoint over the test split instead of reading saved logits
     batch_size: int = 64
     seed: int = 0
 
@@ -163,6 +163,7 @@ class _Builder:
         self.grids: dict[str, tuple[int, int]] = {}
         self.prototype_thumbs: dict[tuple[str, int], str | None] = {}
         self.rng = np.random.default_rng(options.seed)
+        self.logits_source: dict[str, str] = {}
 
     # ------------------------------------------------------------------
     def build(self) -> Report:
@@ -504,33 +505,14 @@ class _Builder:
         frame = _read_csv(member_dir / "nearest_train.csv")
         if frame is not None:
             return frame, "nearest_train.csv"
-        from protoaudit.engine.index.search import index_status, load_index
+        from protoaudit.engine.index.search import index_status, load_index, nearest_images
 
         if index_status(self.run, name, "train") != "fresh":
             return None, None
         loaded = load_index(self.run, name, "train", backend="faiss")
-        queries = model.prototype_vectors.detach().float().cpu().numpy()
-        distances, rows = loaded.search(queries, self.options.nearest, per_image=True)
-        meta = loaded.meta
-        records = []
-        for j in range(len(rows)):
-            for rank, (d, row) in enumerate(zip(distances[j], rows[j], strict=True), start=1):
-                if row < 0:
-                    continue
-                m = meta.iloc[int(row)]
-                records.append(
-                    {
-                        "prototype": j,
-                        "rank": rank,
-                        "image_index": int(m["image_index"]),
-                        "image_id": str(m["image_id"]),
-                        "label": int(m["label"]),
-                        "h": int(m["h"]),
-                        "w": int(m["w"]),
-                        "distance": float(d),
-                    }
-                )
-        return pd.DataFrame(records), "patch index (members/<m>/patches.faiss)"
+        return nearest_images(loaded, model.prototype_vectors, self.options.nearest).table(), (
+            "patch index (members/<m>/patches.faiss)"
+        )
 
     def _asset(self, key: str, make: Callable[[], bytes]) -> str:
         if key not in self.assets:
@@ -564,17 +546,23 @@ class _Builder:
 
     # -- predictions: confusion matrices and reasoning samples -----------------------------------------
     @torch.no_grad()
-    def _forward(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """(N, K) logits and (N, m) min distances of checkpoint ``name`` on the test split."""
-        model = self.run.member(name)
+    def _forward(self, name: str) -> torch.Tensor:
+        """(N, K) test logits of checkpoint ``name``: the ones saved when it was made
+        (``members/<m>/logits.safetensors``), or — with ``verify``, or for a run that has none — from running
+        the saved checkpoint over the test split."""
+        saved = None if self.options.verify else self.run.logits(name)
         split = self.bundle.test
-        logits, distances = [], []
-        for start in range(0, len(split), self.options.batch_size):
-            x = split.batch(list(range(start, min(start + self.options.batch_size, len(split)))))
-            lg, md = model(x)
-            logits.append(lg)
-            distances.append(md)
-        return torch.cat(logits), torch.cat(distances)
+        if saved is not None and "test" in saved and len(saved["test"]) == len(split):
+            self.logits_source[name] = "saved logits"
+            return saved["test"]
+        self.logits_source[name] = "checkpoint re-run"
+        model = self.run.member(name)
+        logits = []
+        with torch.no_grad():
+            for start in range(0, len(split), self.options.batch_size):
+                x = split.batch(list(range(start, min(start + self.options.batch_size, len(split)))))
+                logits.append(model(x)[0])
+        return torch.cat(logits)
 
     def _predictions(
         self, rows: list[dict[str, Any]], pruned: list[str], class_names: list[str]
@@ -608,7 +596,7 @@ class _Builder:
             outputs.update({name: self._forward(name) for name in pruned_members})
         ensemble_rows = {r["pruned"]: r for r in rows if r["kind"] == "ensemble"}
         for is_pruned, names in groups:
-            logits = torch.stack([outputs[n][0] for n in names]).sum(dim=0)
+            logits = torch.stack([outputs[n] for n in names]).sum(dim=0)
             predicted = logits.argmax(dim=1).numpy()
             matrix = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
             top1 = float((predicted == labels).mean()) if len(labels) else None
@@ -633,7 +621,7 @@ class _Builder:
                 )
         recorded_rows = {(r["model"], r["pruned"]): r["top1"] for r in rows if r["kind"] == "member"}
         checkpoints = []
-        for name, (logits, _) in outputs.items():
+        for name, logits in outputs.items():
             top1 = float((logits.argmax(dim=1).numpy() == labels).mean()) if len(labels) else None
             is_pruned = name not in members
             recorded = recorded_rows.get(
@@ -643,6 +631,7 @@ class _Builder:
                 {
                     "checkpoint": name,
                     "pruned": is_pruned,
+                    "source": self.logits_source.get(name),
                     "top1_recomputed": top1,
                     "top1_recorded": recorded,
                     "matches_accuracy_csv": None
@@ -650,7 +639,7 @@ class _Builder:
                     else bool(abs(recorded - top1) < 1e-9),
                 }
             )
-        ensemble = torch.stack([outputs[n][0] for n in members]).sum(dim=0)
+        ensemble = torch.stack([outputs[n] for n in members]).sum(dim=0)
         return {
             "confusion": {"available": True, "note": None, "models": confusion, "checkpoints": checkpoints},
             "reasoning": self._reasoning(ensemble, outputs, members, labels, class_names),
@@ -660,7 +649,7 @@ class _Builder:
     def _reasoning(
         self,
         ensemble: torch.Tensor,
-        outputs: dict[str, tuple[torch.Tensor, torch.Tensor]],
+        outputs: dict[str, torch.Tensor],
         members: list[str],
         labels: np.ndarray,
         class_names: list[str],
@@ -714,8 +703,9 @@ class _Builder:
             }
             for name in members:
                 model = self.run.member(name)
-                logits, min_distances = outputs[name]
-                sims = similarity(min_distances[i])  # (m,)
+                logits = outputs[name]
+                with torch.no_grad():
+                    sims = similarity(model(x[None])[1][0])  # (m,) at each prototype's closest patch
                 contribution = sims * model.last_layer.weight[p]  # (m,) evidence for the predicted class
                 best = torch.topk(contribution, k=min(3, contribution.numel())).indices
                 with torch.no_grad():

@@ -88,7 +88,7 @@ DEFINITIONS: list[dict[str, str]] = [
     {
         "name": "confusion matrix",
         "definition": "Counts of test images by true class (rows) and predicted class (columns), for the "
-        "ensemble recomputed from the saved members.",
+        "ensemble, from the members' saved test logits (summed).",
         "source": "standard",
     },
     {

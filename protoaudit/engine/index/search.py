@@ -327,3 +327,59 @@ def member_names(run: Run) -> list[str]:
             p.name for p in members_dir.iterdir() if (p / "model.json").is_file() and p.name not in names
         )
     return names
+
+
+@dataclass
+class NearestImages:
+    """Each prototype's k nearest images of an indexed split, each image by its closest patch (paper §2.6).
+
+    distances: (m, k) float32 ascending (inf where the split has fewer than k images); rows: (m, k) int64 into
+    the index's ``meta`` (-1 there). A smaller k's answer is the first columns of a larger one's, so one search
+    with the largest k any consumer needs serves them all (:meth:`first`).
+    """
+
+    distances: np.ndarray
+    rows: np.ndarray
+    meta: pd.DataFrame
+
+    @property
+    def k(self) -> int:
+        return int(self.rows.shape[1])
+
+    def first(self, k: int) -> NearestImages:
+        if k > self.k:
+            raise ValueError(f"searched the {self.k} nearest images, asked for {k}")
+        return NearestImages(self.distances[:, :k], self.rows[:, :k], self.meta)
+
+    def column(self, name: str, missing: Any = -1) -> np.ndarray:
+        """(m, k) values of ``meta[name]`` at each neighbour, ``missing`` where there is none."""
+        values = self.meta[name].to_numpy()
+        return np.where(self.rows >= 0, values[np.maximum(self.rows, 0)], missing)
+
+    def table(self) -> pd.DataFrame:
+        """One row per prototype and rank (columns prototype, rank, image_index, image_id, label, h, w,
+        distance); missing ranks are left out."""
+        m, k = self.rows.shape
+        flat_rows, flat_d = self.rows.ravel(), self.distances.ravel()
+        ok = flat_rows >= 0
+        meta = self.meta.iloc[flat_rows[ok]]
+        return pd.DataFrame(
+            {
+                "prototype": np.repeat(np.arange(m), k)[ok],
+                "rank": np.tile(np.arange(1, k + 1), m)[ok],
+                "image_index": meta["image_index"].to_numpy(),
+                "image_id": meta["image_id"].to_numpy(),
+                "label": meta["label"].to_numpy(),
+                "h": meta["h"].to_numpy(),
+                "w": meta["w"].to_numpy(),
+                "distance": flat_d[ok].astype(np.float64),
+            }
+        )
+
+
+def nearest_images(index: PatchIndex, prototypes: torch.Tensor | np.ndarray, k: int) -> NearestImages:
+    """The k nearest images of the index's split to each prototype (m, D): the one search that prune, the
+    ground-truth audit, global analysis and the report share."""
+    vectors = prototypes.detach().float() if isinstance(prototypes, torch.Tensor) else prototypes
+    distances, rows = index.search(vectors, k, per_image=True)
+    return NearestImages(distances, rows, index.meta)
