@@ -16,11 +16,28 @@ exit code    meaning
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class Remedy:
+    """The protoaudit step that fixes a problem, e.g. ``Remedy("rebuild it", "index", "reports/quickstart")``.
+
+    Library code names the step; the command line words it ("…; rebuild it with: protoaudit index RUN")."""
+
+    action: str
+    verb: str
+    target: str
+
 
 class ProtoauditError(Exception):
     """Base class: a problem the user can fix, reported as one line."""
 
     exit_code = 1
+
+    def __init__(self, message: str = "", *, remedy: Remedy | None = None) -> None:
+        super().__init__(message)
+        self.remedy = remedy
 
 
 class InputError(ProtoauditError):

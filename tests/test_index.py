@@ -29,7 +29,7 @@ from protoaudit.engine.index.queries import (
 from protoaudit.engine.index.search import PatchIndex, index_status, load_index
 from protoaudit.engine.io import load_tensors, save_tensors
 from protoaudit.engine.run import load_run
-from protoaudit.errors import CheckpointError, InputError, StaleIndexError
+from protoaudit.errors import CheckpointError, InputError, Remedy, StaleIndexError
 
 
 def brute_force(database: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -328,9 +328,10 @@ def test_stale_index_is_refused_and_rebuilt(run_copy: Path) -> None:
     state = load_tensors(weights)
     state["prototype_vectors"] = state["prototype_vectors"] + 0.01
     save_tensors(weights, state)
-    with pytest.raises(StaleIndexError, match=f"protoaudit index {run_copy}") as exc:
+    with pytest.raises(StaleIndexError, match=r"model\.safetensors") as exc:
         load_index(run_copy, "vgg", "train")
     assert "\n" not in str(exc.value)
+    assert exc.value.remedy == Remedy("rebuild it", "index", str(run_copy))  # the CLI words it
     assert exc.value.exit_code == 2
     assert index_status(run_copy, "vgg", "test") == "stale"
     assert index_status(run_copy, "resnet", "train") == "fresh"
@@ -343,8 +344,9 @@ def test_stale_index_is_refused_and_rebuilt(run_copy: Path) -> None:
 
 def test_missing_and_damaged_index(run_copy: Path) -> None:
     (run_copy / "members" / "resnet" / "patches_test.parquet").unlink()
-    with pytest.raises(CheckpointError, match="no test patch index; build it with: protoaudit index"):
+    with pytest.raises(CheckpointError, match="no test patch index") as missing:
         load_index(run_copy, "resnet", "test")
+    assert missing.value.remedy == Remedy("build it", "index", str(run_copy))
     (run_copy / "members" / "resnet" / "patches.faiss").write_bytes(b"not an index")
     with pytest.raises(StaleIndexError, match="interrupted build"):
         load_index(run_copy, "resnet", "train")

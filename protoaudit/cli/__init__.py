@@ -69,6 +69,15 @@ from protoaudit.cli import index as _index  # noqa: E402
 _index.register(app)
 
 
+def error_line(exc: BaseException) -> str:
+    """The one line an error is reported as: its message, then the command that fixes it when it names one."""
+    text = str(exc)
+    remedy = getattr(exc, "remedy", None)
+    if remedy is not None:
+        text += f"; {remedy.action} with: protoaudit {remedy.verb} {remedy.target}"
+    return text
+
+
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map known exceptions to one line and an exit code."""
     from protoaudit.errors import ProtoauditError
@@ -83,7 +92,7 @@ def main(argv: list[str] | None = None) -> None:
             raise
         from rich.markup import escape  # messages hold key paths like members[0] and "[and 2 more …]"
 
-        err_console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(error_line(exc))}", highlight=False, soft_wrap=True)
         sys.exit(exc.exit_code)
     except Exception as exc:
         if debug:

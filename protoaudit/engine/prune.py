@@ -51,7 +51,7 @@ from protoaudit.engine.run import (
     write_csv,
 )
 from protoaudit.engine.train import last_layer_stage, predict
-from protoaudit.errors import InputError
+from protoaudit.errors import InputError, Remedy
 
 PART_PURITY_TOP = 10  # PIP-Net's top-10 patches
 CONSISTENCY_THRESHOLD = 0.8  # Huang et al.'s μ
@@ -532,7 +532,9 @@ def flat_metrics(audit: dict[str, Any]) -> dict[str, float]:
 def load_audit(run: Run) -> dict[str, Any]:
     path = run.path / "audit.json"
     if not path.is_file():
-        raise InputError(f"run {run.path} has no audit.json yet: run `protoaudit prune {run.path}` first")
+        raise InputError(
+            f"run {run.path} has no audit.json yet", remedy=Remedy("make it", "prune", str(run.path))
+        )
     data = read_json(path)
     if not isinstance(data, dict):
         raise InputError(f"{path}: expected a JSON object")

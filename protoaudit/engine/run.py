@@ -32,7 +32,7 @@ import torch
 
 from protoaudit.core.model import MemberConfig, ProtoPNet
 from protoaudit.engine.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
-from protoaudit.errors import CheckpointError, InputError
+from protoaudit.errors import CheckpointError, InputError, Remedy
 
 FORMAT_VERSION = 1
 ACCURACY_COLUMNS = ["model", "kind", "backbone", "pruned", "top1", "n_prototypes", "n_test"]
@@ -254,7 +254,9 @@ def load_run(path: str | os.PathLike[str] | None = None, root: str | os.PathLike
 def latest_run(root: str | os.PathLike[str] = "reports") -> Path:
     candidates = [p.parent for p in Path(root).glob("*/run.json")]
     if not candidates:
-        raise InputError(f"no run found under {root}/ (train one with: protoaudit train-ensemble RECIPE)")
+        raise InputError(
+            f"no run found under {root}/", remedy=Remedy("train one", "train-ensemble", "RECIPE")
+        )
     return max(candidates, key=lambda p: (p / "run.json").stat().st_mtime)
 
 

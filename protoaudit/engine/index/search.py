@@ -15,7 +15,7 @@ import torch
 from protoaudit.core.knn import exact_knn_torch
 from protoaudit.engine.index.files import INDEX_FORMAT_VERSION, META_KEY, index_paths
 from protoaudit.engine.io import sha256_file
-from protoaudit.errors import CheckpointError, InputError, StaleIndexError
+from protoaudit.errors import CheckpointError, InputError, Remedy, StaleIndexError
 
 if TYPE_CHECKING:
     from protoaudit.engine.run import Run
@@ -32,8 +32,8 @@ def _run_root(run_dir: str | os.PathLike[str] | Run) -> Path:
     return Path(path) if path is not None else Path(run_dir)  # type: ignore[arg-type]
 
 
-def _rebuild_hint(run_dir: Path) -> str:
-    return f"rebuild it with: protoaudit index {run_dir}"
+def _rebuild(run_dir: Path) -> Remedy:
+    return Remedy("rebuild it", "index", str(run_dir))
 
 
 def read_index_info(meta_path: Path) -> dict[str, Any]:
@@ -264,38 +264,40 @@ def load_index(
         raise InputError(f"run {root} has no member {member!r}")
     if not meta_path.is_file() or not faiss_path.is_file():
         raise CheckpointError(
-            f"member {member} of {root} has no {split} patch index; build it with: protoaudit index {root}"
+            f"member {member} of {root} has no {split} patch index",
+            remedy=Remedy("build it", "index", str(root)),
         )
     info = read_index_info(meta_path)
     version = info.get("format_version")
     if not isinstance(version, int) or version > INDEX_FORMAT_VERSION:
         raise CheckpointError(
-            f"{meta_path}: index format {version!r} is not readable here; {_rebuild_hint(root)}"
+            f"{meta_path}: index format {version!r} is not readable here", remedy=_rebuild(root)
         )
     if check:
         current = sha256_file(member_dir / "model.safetensors")
         if current != info.get("checkpoint_sha256"):
             raise StaleIndexError(
                 f"the {split} patch index of member {member} was built from another checkpoint than "
-                f"members/{member}/model.safetensors; {_rebuild_hint(root)}"
+                f"members/{member}/model.safetensors",
+                remedy=_rebuild(root),
             )
     if faiss_path.stat().st_size != info.get("faiss_bytes"):
         raise StaleIndexError(
-            f"{faiss_path} does not belong to {meta_path.name} (interrupted build?); {_rebuild_hint(root)}"
+            f"{faiss_path} does not belong to {meta_path.name} (interrupted build?)", remedy=_rebuild(root)
         )
     try:
         index: Any = faiss.read_index(str(faiss_path))
     except RuntimeError as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else "unreadable"
         raise CheckpointError(
-            f"{faiss_path}: not a readable faiss index ({first}); {_rebuild_hint(root)}"
+            f"{faiss_path}: not a readable faiss index ({first})", remedy=_rebuild(root)
         ) from None
     import pyarrow.parquet as pq
 
     meta = pq.read_table(meta_path).to_pandas()
     if index.ntotal != len(meta) or index.d != info.get("dim"):
         raise StaleIndexError(
-            f"{faiss_path} and {meta_path.name} disagree on the patches; {_rebuild_hint(root)}"
+            f"{faiss_path} and {meta_path.name} disagree on the patches", remedy=_rebuild(root)
         )
     if info.get("kind") == "ivf" and info.get("nprobe"):
         index.nprobe = int(info["nprobe"])
