@@ -1,7 +1,7 @@
 """Developer tasks. ``nox -s tests`` runs the suite; ``nox -s quickstart`` the main job on the embedded dataset.
 
 nox's default virtualenv backend uses pip, which finds the torch build that lies on this project's machines.
-Sessions use the Python that runs nox (3.10 or newer).
+Sessions use the Python that runs nox (3.11 or newer: protoaudit reads TOML with tomllib).
 """
 
 from __future__ import annotations

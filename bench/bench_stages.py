@@ -169,7 +169,7 @@ def main() -> None:
     def pipeline() -> None:
         model.prototype_vectors.data.copy_(initial)
         kept: list[torch.Tensor] = []
-        push_prototypes(model, push_split, args.batch, cpu, args.size, lambda z, i, d: kept.append(z))
+        push_prototypes(model, push_split, args.batch, cpu, args.size, lambda z, _i, _d: kept.append(z))
         train_latents = torch.cat(kept)
         test_latents: list[torch.Tensor] = []
         for start in range(0, len(test_split), args.batch):  # the test pass that evaluates also keeps latents

@@ -26,3 +26,15 @@ def tiny_run(tmp_path_factory: pytest.TempPathFactory, _dataset_cache: None) -> 
     out = tmp_path_factory.mktemp("runs")
     recipe = load_recipe(TINY_RECIPE, out=str(out))
     return train_ensemble(recipe).run_dir
+
+
+def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    """The console entry point, as a user runs it: (exit code, stdout, stderr)."""
+    from protoaudit.cli import main
+
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    code = exc.value.code
+    return (0 if code is None else int(code)), out, err

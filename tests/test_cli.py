@@ -13,19 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from protoaudit.cli import main
-
-from .conftest import TINY_RECIPE
+from .conftest import TINY_RECIPE, run_cli
 
 VALID = TINY_RECIPE.read_text()
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    code = exc.value.code
-    return (0 if code is None else int(code)), out, err
 
 
 BAD_RECIPES = [

@@ -10,6 +10,8 @@ import pytest
 from tests.test_data_cub import make_cub
 from tests.test_data_imagefolder import make_tree
 
+from .conftest import run_cli
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -37,17 +39,6 @@ prototype_dim = 8
     return path
 
 
-def run_cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
-    """The console entry point, as a user runs it: (exit code, stdout, stderr)."""
-    from protoaudit.cli import main
-
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as exc:
-        main(list(args))
-    out, err = capsys.readouterr()
-    return (0 if exc.value.code is None else int(exc.value.code)), out, err
-
-
 def plant_problems(tree: Path) -> None:
     """A corrupt image in dog/ and an empty class folder ferret/."""
     (tree / "dog" / "05.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not really a jpeg")
@@ -61,7 +52,7 @@ def test_clean_image_folder_passes_with_counts(tmp_path: Path, capsys: pytest.Ca
         f'kind = "imagefolder"\nroot = "{tmp_path / "pets"}"\nimage_size = 32\nn_classes = 3\ntest_fraction = 0.34\nval_fraction = 0.25',
         tmp_path / "runs",
     )
-    code, stdout, _ = run_cli(capsys, "data", "check", str(recipe), "--json")
+    code, stdout, _ = run_cli(["data", "check", str(recipe), "--json"], capsys)
     assert code == 0
     document = json.loads(stdout)
     assert document["ok"] is True
@@ -69,7 +60,7 @@ def test_clean_image_folder_passes_with_counts(tmp_path: Path, capsys: pytest.Ca
     assert [c["name"] for c in document["classes"]] == ["cat", "dog", "owl"]
     assert document["classes"][1] == {"class": 1, "name": "dog", "train": 3, "val": 1, "test": 2}
     assert document["totals"] == {"train": 9, "val": 3, "test": 6}
-    code, stdout, _ = run_cli(capsys, "data", "check", str(recipe))
+    code, stdout, _ = run_cli(["data", "check", str(recipe)], capsys)
     assert code == 0
     assert "dog" in stdout
     assert "total" in stdout
@@ -83,7 +74,7 @@ def test_corrupt_image_and_empty_class_are_named(tmp_path: Path, capsys: pytest.
         f'kind = "imagefolder"\nroot = "{tmp_path / "pets"}"\nimage_size = 32',
         tmp_path / "runs",
     )
-    code, stdout, stderr = run_cli(capsys, "data", "check", str(recipe))
+    code, stdout, stderr = run_cli(["data", "check", str(recipe)], capsys)
     assert code == 2
     assert "dog/05.jpg cannot be decoded" in stdout
     assert str(tmp_path / "pets" / "dog" / "05.jpg") in stdout
@@ -91,7 +82,7 @@ def test_corrupt_image_and_empty_class_are_named(tmp_path: Path, capsys: pytest.
     assert "error:" in stderr
     assert "more problem" in stderr
 
-    code, stdout, _ = run_cli(capsys, "data", "check", str(recipe), "--json")
+    code, stdout, _ = run_cli(["data", "check", str(recipe), "--json"], capsys)
     assert code == 2
     problems = json.loads(stdout)["problems"]
     assert {(p["kind"], p["severity"]) for p in problems} == {
@@ -113,7 +104,7 @@ def test_missing_image_and_class_count_mismatch_in_cub(
         f'kind = "cub"\nroot = "{base}"\nimage_size = 32\nn_classes = 200',
         tmp_path / "runs",
     )
-    code, stdout, _ = run_cli(capsys, "data", "check", str(recipe), "--json")
+    code, stdout, _ = run_cli(["data", "check", str(recipe), "--json"], capsys)
     assert code == 2
     document = json.loads(stdout)
     messages = [p["message"] for p in document["problems"]]
@@ -138,7 +129,7 @@ def test_training_fails_fast_and_writes_nothing(tmp_path: Path, capsys: pytest.C
     with pytest.raises(DatasetError, match=r"class 'ferret' has no images \(and 1 more problem"):
         train_ensemble(load_recipe(recipe))
     assert not (tmp_path / "runs").exists()
-    code, _, stderr = run_cli(capsys, "train-ensemble", str(recipe), "--quiet")
+    code, _, stderr = run_cli(["train-ensemble", str(recipe), "--quiet"], capsys)
     assert code == 2
     assert "class 'ferret' has no images (and 1 more problem(s)" in stderr
     assert len([line for line in stderr.splitlines() if line.startswith("error:")]) == 1
@@ -149,7 +140,7 @@ def test_unreadable_dataset_folder_is_one_problem(tmp_path: Path, capsys: pytest
     recipe = write_recipe(
         tmp_path / "r.toml", f'kind = "cub"\nroot = "{tmp_path / "nowhere"}"', tmp_path / "runs"
     )
-    code, stdout, stderr = run_cli(capsys, "data", "check", str(recipe), "--json")
+    code, stdout, stderr = run_cli(["data", "check", str(recipe), "--json"], capsys)
     assert code == 2
     assert json.loads(stdout)["problems"][0]["message"].startswith(
         f"CUB-200-2011 folder {tmp_path / 'nowhere'} does not exist"

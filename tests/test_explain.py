@@ -14,7 +14,7 @@ from protoaudit.engine.explain import explain_image
 from protoaudit.engine.run import load_run
 from protoaudit.report.sheet import render_sheet_html, render_sheet_png, sheet_basename
 
-from .test_cli import run_cli
+from .conftest import run_cli
 
 
 @pytest.fixture(scope="module")

@@ -18,12 +18,11 @@ import torch.nn.functional as F
 import torchvision
 from torch import nn
 
-from protoaudit.cli import main
 from protoaudit.engine.importer import convert_state_dict, import_protopnet, read_state_dict
 from protoaudit.engine.recipe import load_recipe
 from protoaudit.engine.run import Run, load_run
 
-from .conftest import TINY_RECIPE
+from .conftest import TINY_RECIPE, run_cli
 
 IMAGENET_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
 IMAGENET_STD = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
@@ -128,13 +127,6 @@ def reference_logits(state: dict, trunk: nn.Module, spec: list, images: torch.Te
     d = (diff * diff).sum(dim=2).flatten(2).min(dim=2).values  # (N, m)
     sim = torch.log((d + 1) / (d + 1e-4))
     return sim @ state["last_layer.weight"].t()
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return (0 if exc.value.code is None else int(exc.value.code)), out, err
 
 
 def check_run_contract(run_dir: Path, member: str, state: dict) -> Run:

@@ -429,7 +429,7 @@ def test_build_faiss_index_rejects_unknown_kind() -> None:
 def test_index_and_query_commands(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     import json
 
-    from .test_cli import run_cli
+    from .conftest import run_cli
 
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)

@@ -22,11 +22,11 @@ from PIL import Image
 from protoaudit.cli import main
 from protoaudit.core.faithfulness import deletion_curves, trapezoid_auc
 from protoaudit.core.geometry import cell_footprint
+from protoaudit.engine.io import jsonable
 from protoaudit.engine.run import load_run
 from protoaudit.report import (
     ReportOptions,
     build_report,
-    jsonable,
     render_html,
     render_markdown,
     write_report,

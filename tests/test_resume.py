@@ -20,7 +20,6 @@ from typing import Any
 import pytest
 import torch
 
-from protoaudit.cli import main
 from protoaudit.engine.checkpoint import MemberCheckpoint, capture, pack, unpack
 from protoaudit.engine.data import build_dataset
 from protoaudit.engine.io import load_tensors
@@ -28,14 +27,7 @@ from protoaudit.engine.recipe import load_recipe
 from protoaudit.engine.train import TrainedMember, train_member
 from protoaudit.errors import OutputError
 
-from .conftest import TINY_RECIPE
-
-
-def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
-    with pytest.raises(SystemExit) as exc:
-        main(args)
-    out, err = capsys.readouterr()
-    return (0 if exc.value.code is None else int(exc.value.code)), out, err
+from .conftest import TINY_RECIPE, run_cli
 
 
 def assert_same(a: Any, b: Any, where: str = "") -> None:

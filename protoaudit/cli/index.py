@@ -21,6 +21,8 @@ from protoaudit.cli.common import (
 if TYPE_CHECKING:
     import pandas as pd
 
+    from protoaudit.engine.run import Run
+
 INDEX_EXAMPLES = """
 [bold]Examples[/bold]
 
@@ -92,7 +94,7 @@ def _run_and_image(args: list[str], root: Path) -> tuple[Any, str]:
     return run, args[-1]
 
 
-def _member(run: Any, member: str | None) -> str:
+def _member(run: Run, member: str | None) -> str:
     from protoaudit.errors import InputError
 
     if member is None:

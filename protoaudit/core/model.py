@@ -7,7 +7,6 @@ preprocessing cannot drift apart.
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
@@ -186,8 +185,3 @@ class ProtoPNet(nn.Module):
         self.prototype_class = torch.tensor(
             self.config.prototype_class, dtype=torch.long, device=weight.device
         )
-
-
-def log_similarity_of_identical_patch() -> float:
-    """Similarity of a patch at distance 0: log(1 / ε)."""
-    return math.log(1 / EPSILON)

@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,9 @@ from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.recipe import MemberRecipe, Recipe
 from protoaudit.engine.run import accuracy_row, save_logits
 from protoaudit.errors import CheckpointError
+
+if TYPE_CHECKING:
+    from protoaudit.engine.run import RunWriter
 
 BASELINE_DIR = "baselines"  # baselines/<name>/: model.safetensors, model.json, logits.safetensors
 
@@ -233,7 +236,7 @@ def train_baselines(
     device: torch.device,
     reporter: Reporter,
     run_dir: Path,
-    writer: Any,
+    writer: RunWriter,
     resume: bool = False,
 ) -> list[dict[str, Any]]:
     """Train every ``kind = "baseline"`` member of the recipe into ``baselines/<name>/``; their

@@ -78,6 +78,23 @@ def configure_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def check_inputs(recipe: Recipe, reporter: Reporter = NULL_REPORTER) -> None:
+    """Fail before any work or write: pretrained weights must be reachable (ImageNet weights are downloaded
+    into torch's cache now) and a file-backed dataset must pass the checks of the data check."""
+    for member in recipe.members:
+        if member.weights not in ("none", "imagenet") and not Path(member.weights).expanduser().is_file():
+            raise InputError(f"members.{member.name}.weights: file {member.weights} does not exist")
+        if member.weights == "imagenet":
+            from protoaudit.core.trunks import fetch_imagenet_weights
+
+            fetch_imagenet_weights(member.trunk)
+    if recipe.data.kind != "parts":
+        from protoaudit.engine.data.check import check_data
+
+        reporter.log("checking the dataset (every image is decoded once)")
+        check_data(recipe.data, recipe.seed).raise_for_problems()
+
+
 def train_ensemble(
     recipe: Recipe, reporter: Reporter = NULL_REPORTER, force: bool = False, resume: bool = False
 ) -> EnsembleResult:
@@ -92,20 +109,7 @@ def train_ensemble(
     threads = configure_threads(threads_per_rank(info, recipe.threads))
     if not info.is_main:
         reporter = NULL_REPORTER  # rank 0 reports and writes; the other ranks only compute
-    for member in recipe.members:  # fail before any work: pretrained weights must be reachable
-        if member.weights not in ("none", "imagenet") and not Path(member.weights).expanduser().is_file():
-            raise InputError(f"members.{member.name}.weights: file {member.weights} does not exist")
-        if (
-            member.weights == "imagenet"
-        ):  # downloaded into torch's cache now, or a clear line before any write
-            from protoaudit.core.trunks import fetch_imagenet_weights
-
-            fetch_imagenet_weights(member.trunk)
-    if recipe.data.kind != "parts":  # fail fast, before anything is written: the checks of `data check`
-        from protoaudit.engine.data.check import check_data
-
-        reporter.log("checking the dataset (every image is decoded once)")
-        check_data(recipe.data, recipe.seed).raise_for_problems()
+    check_inputs(recipe, reporter)
     run_dir = recipe.run_dir()
     previous = resumable_run(run_dir, recipe, force) if resume else None
     if previous is not None and previous.get("status") == "complete":

@@ -32,7 +32,7 @@ import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -42,6 +42,9 @@ from protoaudit.core.trunks import list_trunks, trunk_info
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.recipe import Recipe, recipe_from_dict
 from protoaudit.errors import CheckpointError, InputError
+
+if TYPE_CHECKING:
+    from protoaudit.engine.data import DatasetBundle
 
 FAMILIES = ("vgg", "resnet", "densenet")
 ORIGINAL_FORMAT = "cfchen-duke/ProtoPNet PPNet.state_dict()"
@@ -500,7 +503,7 @@ def import_protopnet(
 @torch.no_grad()
 def nearest_push_patches(
     model: ProtoPNet,
-    bundle: Any,
+    bundle: DatasetBundle,
     batch_size: int,
     device: torch.device,
     workers: int = 0,
@@ -518,7 +521,7 @@ def nearest_push_patches(
 
     kept: list[torch.Tensor] = []
 
-    def keep(z: torch.Tensor, indices: torch.Tensor, distances: torch.Tensor) -> None:
+    def keep(z: torch.Tensor, _indices: torch.Tensor, _distances: torch.Tensor) -> None:
         if keep_latents:
             kept.append(z.cpu())
 

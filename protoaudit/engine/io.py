@@ -11,11 +11,15 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import IO, Any
+
+import numpy as np
+import pandas as pd
 
 from protoaudit.errors import CheckpointError, OutputError
 
@@ -68,8 +72,35 @@ def write_bytes(path: str | os.PathLike[str], data: bytes) -> None:
         handle.write(data)
 
 
-def write_json(path: str | os.PathLike[str], obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+def write_json(path: str | os.PathLike[str], obj: Any, strict: bool = False) -> None:
+    """Write ``obj`` as JSON. ``strict``: plain JSON values only (:func:`jsonable`: NaN and inf become null),
+    for the files other tools parse; otherwise floats are kept exactly as they are (training state)."""
+    if strict:
+        text = json.dumps(jsonable(obj), indent=2, allow_nan=False)
+    else:
+        text = json.dumps(obj, indent=2, sort_keys=False, default=_json_default)
+    write_text(path, text + "\n")
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types only: numpy scalars → Python, NaN/inf → None, tuples → lists, keys → str."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return [jsonable(v) for v in obj.tolist()]
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if obj is pd.NA or obj is pd.NaT:
+        return None
+    if isinstance(obj, Path):
+        return str(obj)
+    raise TypeError(f"cannot store {type(obj).__name__} in JSON")
 
 
 def _json_default(obj: Any) -> Any:

@@ -47,7 +47,7 @@ class Reporter:
     @contextlib.contextmanager
     def task(self, description: str, total: int) -> Iterator[Callable[[int], None]]:
         if self._progress is None:
-            yield lambda n: None
+            yield lambda _n: None
             return
         task_id = self._progress.add_task(description, total=total)
         try:

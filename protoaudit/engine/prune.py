@@ -13,7 +13,7 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -53,6 +53,10 @@ from protoaudit.engine.run import (
 from protoaudit.engine.train import last_layer_stage, predict
 from protoaudit.errors import InputError, Remedy
 
+if TYPE_CHECKING:
+    from protoaudit.engine.data import DatasetBundle, ImageSplit
+    from protoaudit.engine.recipe import Recipe
+
 PART_PURITY_TOP = 10  # PIP-Net's top-10 patches
 CONSISTENCY_THRESHOLD = 0.8  # Huang et al.'s μ
 BAD_PART_KINDS = ("background", "shared")  # what pruning should remove, where parts are known
@@ -81,11 +85,11 @@ class PruneResult:
 def prune_member(
     run: Run,
     name: str,
-    bundle: Any,
+    bundle: DatasetBundle,
     k: int,
     threshold: int,
     finetune_epochs: int,
-    recipe: Any,
+    recipe: Recipe,
     device: torch.device,
     index: PatchIndex,
     nearest: NearestImages,
@@ -153,7 +157,7 @@ def prune_member(
 
 
 def _add_ground_truth(
-    table: pd.DataFrame, run: Run, name: str, meta: pd.DataFrame, rows: np.ndarray, bundle: Any
+    table: pd.DataFrame, run: Run, name: str, meta: pd.DataFrame, rows: np.ndarray, bundle: DatasetBundle
 ) -> None:
     """Source-patch part and the parts of the k nearest patches, where the index knows parts."""
     kinds = getattr(bundle, "part_kinds", None)
@@ -182,8 +186,8 @@ def ground_truth_audit(
     model: ProtoPNet,
     table: pd.DataFrame,
     nearest: NearestImages,
-    bundle: Any,
-    recipe: Any,
+    bundle: DatasetBundle,
+    recipe: Recipe,
     device: torch.device,
 ) -> dict[str, Any]:
     """Precision/recall of pruning against background/shared-part prototypes, PIP-Net part purity (over the
@@ -224,7 +228,7 @@ def ground_truth_audit(
     return audit
 
 
-def _keypoints(split: Any, i: int) -> np.ndarray | None:
+def _keypoints(split: ImageSplit, i: int) -> np.ndarray | None:
     """(q, 3) int (part id, y, x) of the visible ground-truth parts of image i: the split's annotated part
     locations where it has them, else the centroid of each part's pixels in its mask."""
     if hasattr(split, "part_keypoints"):
@@ -244,7 +248,7 @@ def _keypoints(split: Any, i: int) -> np.ndarray | None:
 
 @torch.no_grad()
 def _consistency_stability(
-    model: ProtoPNet, bundle: Any, recipe: Any, device: torch.device
+    model: ProtoPNet, bundle: DatasetBundle, recipe: Recipe, device: torch.device
 ) -> tuple[np.ndarray, np.ndarray] | None:
     test = bundle.test
     if len(test) == 0:
@@ -374,7 +378,13 @@ def prune_run(
     if not names:
         raise InputError(f"run {run.path} has no ProtoPNet member to prune")
     results = []
-    audit: dict[str, Any] = {"k": k, "threshold": threshold, "finetune_epochs": epochs, "members": {}}
+    audit: dict[str, Any] = {
+        "k": k,
+        "threshold": threshold,
+        "purity_scale": "count",  # purity.csv's purity: how many of the k nearest images share the class
+        "finetune_epochs": epochs,
+        "members": {},
+    }
     nearest_by_member: dict[str, NearestImages] = {}
     for name in names:
         # one index load and one search per member, with the largest k any consumer needs
@@ -474,7 +484,7 @@ def prune_run(
         )
     write_csv(run.path / "purity.csv", purity)
     write_csv(run.path / "duplicates.csv", duplicates)
-    write_json(run.path / "audit.json", _clean(audit))
+    write_json(run.path / "audit.json", audit, strict=True)
     write_csv(run.path / "accuracy.csv", accuracy)
     RunWriter.reopen(run).update(
         pruning={
@@ -497,19 +507,6 @@ def _pooled(results: list[MemberPruning]) -> dict[str, Any]:
         t["pruned"].to_numpy(), t["source_part_kind"].isin(BAD_PART_KINDS).to_numpy()
     )
     return {"pruning_precision": precision, "pruning_recall": recall}
-
-
-def _clean(obj: Any) -> Any:
-    """NaN → None so audit.json is strict JSON."""
-    if isinstance(obj, dict):
-        return {k: _clean(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_clean(v) for v in obj]
-    if isinstance(obj, float) and obj != obj:
-        return None
-    if isinstance(obj, np.generic):
-        return _clean(obj.item())
-    return obj
 
 
 def flat_metrics(audit: dict[str, Any]) -> dict[str, float]:

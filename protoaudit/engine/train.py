@@ -11,12 +11,11 @@ member kept is the pushed state with the best accuracy on the validation split (
 
 from __future__ import annotations
 
-import copy
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +31,9 @@ from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.push import PushResult, push_prototypes
 from protoaudit.engine.recipe import MemberRecipe, Recipe
 from protoaudit.errors import ProtoauditError
+
+if TYPE_CHECKING:
+    from protoaudit.engine.recipe import Schedule
 
 LATENT_CACHE_BYTES = 2 << 30  # keep the push pass's latents for the last-layer stage up to this size
 
@@ -276,7 +278,7 @@ class TrainedMember:
     push_latents: torch.Tensor | None = None  # (N, D, H, W) of the selected push pass (for the patch index)
 
 
-def push_epochs(schedule: Any) -> list[int]:
+def push_epochs(schedule: Schedule) -> list[int]:
     """The epochs (1-based, after which) push and the last-layer stage run."""
     due = [
         e
@@ -502,7 +504,3 @@ def _min_distances_pass(
         split, shard(torch.arange(len(split)), dist), batch_size, workers, device.type == "cuda"
     )
     return torch.cat([model(x.to(device))[1] for _, x in batches])
-
-
-def clone_model(model: ProtoPNet) -> ProtoPNet:
-    return copy.deepcopy(model)

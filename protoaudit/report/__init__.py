@@ -12,7 +12,7 @@ deletion curves); the renderers read only the resulting dict, so every number on
 
 from __future__ import annotations
 
-from protoaudit.report.build import Report, ReportOptions, build_report, dumps_report, jsonable
+from protoaudit.report.build import Report, ReportOptions, build_report, dumps_report
 from protoaudit.report.render import render_html, render_markdown, write_report
 
 __all__ = [
@@ -20,7 +20,6 @@ __all__ = [
     "ReportOptions",
     "build_report",
     "dumps_report",
-    "jsonable",
     "render_html",
     "render_markdown",
     "write_report",

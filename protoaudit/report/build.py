@@ -14,22 +14,26 @@ from __future__ import annotations
 import json
 import math
 import time
+import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
-import tomllib
 import torch
 
+from protoaudit.engine.io import jsonable
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.run import PRUNED_SUFFIX, Run
 from protoaudit.errors import CheckpointError, InputError
 from protoaudit.report.definitions import BOX_CAVEAT, DEFINITIONS
 from protoaudit.report.images import box_thumbnail, patch_thumbnail, png_data_uri, to_uint8
+
+if TYPE_CHECKING:
+    from protoaudit.core.model import ProtoPNet
 
 REPORT_FORMAT = "protoaudit-report"
 REPORT_FORMAT_VERSION = 1
@@ -70,27 +74,6 @@ class Report:
 
 
 # -- JSON -----------------------------------------------------------------------------------------------
-
-
-def jsonable(obj: Any) -> Any:
-    """Plain JSON types only: numpy scalars → Python, NaN/inf → None, tuples → lists, keys → str."""
-    if isinstance(obj, dict):
-        return {str(k): jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, list | tuple):
-        return [jsonable(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return [jsonable(v) for v in obj.tolist()]
-    if isinstance(obj, np.generic):
-        obj = obj.item()
-    if isinstance(obj, bool) or obj is None or isinstance(obj, str | int):
-        return obj
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if obj is pd.NA or obj is pd.NaT:
-        return None
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"report: cannot store {type(obj).__name__} in report.json")
 
 
 def dumps_report(data: dict[str, Any]) -> str:
@@ -181,7 +164,7 @@ class _Builder:
         class_names = self._class_names()
         purity_frame = _read_csv(run.path / "purity.csv")
         members = [self._member(name, purity_frame) for name in run.member_names]
-        pruned = self._pruned_checkpoints(accuracy["rows"])
+        pruned = self._pruned_checkpoints()
         sparsity = [self._last_layer(m) for m in run.member_names]
         sparsity += [self._last_layer(name, pruned=True) for name in pruned]
         predictions = self._predictions(accuracy["rows"], pruned, class_names)
@@ -308,7 +291,7 @@ class _Builder:
             "note": None if any_pruned else f"accuracy after pruning {PRUNE_HINT}",
         }
 
-    def _pruned_checkpoints(self, rows: list[dict[str, Any]]) -> list[str]:
+    def _pruned_checkpoints(self) -> list[str]:
         """The pruned members ``members/<m>-pruned/`` that exist (run.json's "pruning" lists them too)."""
         listed = (self.run.meta.get("pruning") or {}).get("members") or []
         names = [f"{m}{PRUNED_SUFFIX}" for m in self.run.member_names] + [str(n) for n in listed]
@@ -324,11 +307,13 @@ class _Builder:
         pruning = self.run.meta.get("pruning") or {}
         audit_path = self.run.path / "audit.json"
         threshold = pruning.get("threshold")
-        if threshold is None and audit_path.is_file():
+        audit: Any = None
+        if audit_path.is_file():
             from protoaudit.engine.io import read_json
 
             audit = read_json(audit_path)
-            threshold = audit.get("threshold") if isinstance(audit, dict) else None
+        if threshold is None and isinstance(audit, dict):
+            threshold = audit.get("threshold")
         if frame is None or "purity" not in frame:
             return {
                 "available": False,
@@ -338,11 +323,8 @@ class _Builder:
                 "threshold": None,
                 "scale": None,
             }
-        values = pd.to_numeric(frame["purity"], errors="coerce")
-        integral = bool(values.dropna().eq(values.dropna().round()).all())
-        scale = (
-            "count" if frame["purity"].dtype.kind in "iu" or (integral and values.max() > 1) else "fraction"
-        )
+        # audit.json states the scale; protoaudit prune has always written counts (runs before it said so)
+        scale = audit.get("purity_scale", "count") if isinstance(audit, dict) else "count"
         k = _opt_int(frame["k"].iloc[0]) if "k" in frame and len(frame) else pruning.get("k")
         return {
             "available": True,
@@ -499,7 +481,9 @@ class _Builder:
             "prototypes": rows,
         }
 
-    def _nearest(self, name: str, model: Any, member_dir: Path) -> tuple[pd.DataFrame | None, str | None]:
+    def _nearest(
+        self, name: str, model: ProtoPNet, member_dir: Path
+    ) -> tuple[pd.DataFrame | None, str | None]:
         """The nearest training patches of every prototype (one per image): ``nearest_train.csv`` when the
         index step wrote it, else one batched search of the member's fresh patch index, else nothing."""
         frame = _read_csv(member_dir / "nearest_train.csv")

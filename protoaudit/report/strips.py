@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
 import torch
 
 if TYPE_CHECKING:
-    from protoaudit.engine.data import DatasetBundle
+    from protoaudit.engine.data import DatasetBundle, ImageSplit
     from protoaudit.engine.run import Run
 
 
@@ -110,7 +110,7 @@ def _short(name: str, label: int, width: int = 18) -> str:
     return text if len(text) <= width else text[: width - 1] + "…"
 
 
-def _load_pixels(split: Any, indices: list[int], batch: int = 256) -> dict[int, np.ndarray]:
+def _load_pixels(split: ImageSplit, indices: list[int], batch: int = 256) -> dict[int, np.ndarray]:
     from protoaudit.engine.explain import _to_uint8
 
     out: dict[int, np.ndarray] = {}

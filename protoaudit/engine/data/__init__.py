@@ -9,10 +9,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from protoaudit.engine.recipe import DataConfig, PartsDataConfig
 
 
 class ImageSplit(Protocol):
@@ -155,7 +158,7 @@ def four_splits(
     }
 
 
-def build_dataset(config: Any, seed: int) -> DatasetBundle:
+def build_dataset(config: DataConfig, seed: int) -> DatasetBundle:
     """Build the splits the recipe's ``[data]`` table describes."""
     if config.kind == "parts":
         return _build_parts(config, seed)
@@ -191,7 +194,7 @@ def build_dataset(config: Any, seed: int) -> DatasetBundle:
     raise ValueError(f"unknown data kind {config.kind!r}")
 
 
-def class_count_problems(config: Any, class_names: list[str]) -> list[Any]:
+def class_count_problems(config: DataConfig, class_names: list[str]) -> list[Any]:
     """An error when the recipe's ``data.n_classes`` differs from the classes the dataset holds."""
     from protoaudit.engine.data.files import Problem
 
@@ -207,13 +210,13 @@ def class_count_problems(config: Any, class_names: list[str]) -> list[Any]:
     ]
 
 
-def _check_class_count(config: Any, class_names: list[str]) -> None:
+def _check_class_count(config: DataConfig, class_names: list[str]) -> None:
     from protoaudit.engine.data.check import raise_for_problems
 
     raise_for_problems(class_count_problems(config, class_names))
 
 
-def _build_parts(config: Any, seed: int) -> DatasetBundle:
+def _build_parts(config: PartsDataConfig, seed: int) -> DatasetBundle:
     from protoaudit.engine.data.parts import PartsSpec, load_parts
 
     fields = {

@@ -11,17 +11,20 @@ import concurrent.futures
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from protoaudit.engine.data.files import ImageListing, Problem
 from protoaudit.errors import DatasetError, InputError
 
+if TYPE_CHECKING:
+    from protoaudit.engine.recipe import DataConfig
+
 MAX_DECODE_THREADS = 8
 
 
-def list_dataset(config: Any, seed: int) -> ImageListing:
+def list_dataset(config: DataConfig, seed: int) -> ImageListing:
     """The :class:`ImageListing` of a file-backed data kind (cub, cars, imagefolder)."""
     if config.kind == "cub":
         from protoaudit.engine.data.cub import list_cub
@@ -140,7 +143,7 @@ def _split_counts(
     }
 
 
-def check_data(config: Any, seed: int, verify: bool = True) -> DataCheck:
+def check_data(config: DataConfig, seed: int, verify: bool = True) -> DataCheck:
     """Check the dataset ``config`` (a recipe's ``[data]`` table) names; ``verify`` decodes every image.
 
     Problems are collected, not raised (a dataset folder that cannot be read at all is one problem).

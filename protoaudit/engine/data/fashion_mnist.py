@@ -161,7 +161,7 @@ class GreySplit:
         x = self._tensor[idx].float().div_(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
         return self.augment(x) if self.augment is not None else x
 
-    def part_mask(self, index: int) -> np.ndarray | None:
+    def part_mask(self, index: int) -> np.ndarray | None:  # noqa: ARG002 (the ImageSplit protocol)
         return None
 
     def image(self, index: int) -> np.ndarray:

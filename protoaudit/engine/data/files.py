@@ -204,7 +204,7 @@ class FileSplit:
             return torch.zeros(0, 3, self.image_size, self.image_size)
         return torch.stack([self.item(int(i)) for i in indices])
 
-    def part_mask(self, index: int) -> np.ndarray | None:
+    def part_mask(self, index: int) -> np.ndarray | None:  # noqa: ARG002 (the ImageSplit protocol)
         return None
 
     def part_locations(self, index: int) -> np.ndarray | None:
