@@ -28,8 +28,8 @@ from protoaudit.engine.data.parts import (
     load_parts,
     part_defs,
 )
-from protoaudit.errors import RecipeError
 from protoaudit.engine.recipe import PartsDataConfig
+from protoaudit.errors import RecipeError
 
 SPEC = PartsSpec(
     generator=2,
