@@ -495,3 +495,17 @@ def test_recipe_rejects(keys: dict[str, Any], fragment: str) -> None:
         )
     assert "data" in str(info.value)
     assert "\n" not in str(info.value)
+
+
+def test_tiny_recipe_runs_generator_2_with_smaller_parts() -> None:
+    """The test recipe stays generator 1; its generator 2 variant needs parts that leave room for the marker."""
+    from protoaudit.engine.recipe import load_recipe
+
+    recipe = load_recipe("recipes/tiny.toml")
+    assert recipe.data.kind == "parts"
+    assert recipe.data.generator is None
+    with pytest.raises(RecipeError, match=re.escape("part_max must be <= 8")):
+        build_dataset(load_recipe("recipes/tiny.toml", ["data.generator=2"]).data, 0)
+    bundle = build_dataset(load_recipe("recipes/tiny.toml", ["data.generator=2", "data.part_max=8"]).data, 0)
+    assert bundle.test_shifted is not None
+    assert len(bundle.test_shifted) == len(bundle.test)
