@@ -5,8 +5,8 @@ which makes the dataset usable for quick starts, tests and ground-truth audits
 of ProtoPNet prototypes (does a prototype sit on a class-discriminative part,
 on a shared distractor part, or on background?).
 
-Construction
-------------
+Construction (generator 1, the default)
+---------------------------------------
 * ``K = n_classes`` classes. Class ``k`` owns ``parts_per_class``
   *discriminative* parts that no other class has. A part is a
   (shape, colour, texture) triple: 8 shapes (disc, square, triangle, cross,
@@ -37,11 +37,13 @@ Fine-grained classes and a planted shortcut; the drawing above otherwise.
   the combination of pool parts ``k, k + 1, ..., k + parts_per_class - 1``
   (mod ``P``), so every part belongs to ``parts_per_class >= 2`` classes and
   no single part gives the class away. Pool parts share colours and shapes
-  too (part ``p`` has colour ``p // 2`` and shape ``(p + 1) // 2`` of the
-  catalogue, for ``P <= 16``), as bird species share colours and shapes. A
+  too (part ``p`` has colour ``p // 2`` and shape ``(p + 1) // 2`` mod
+  ``ceil(P / 2)`` of the catalogue, for ``P <= 16``), as bird species share
+  colours and shapes. A
   dropped part (``drop_prob``) can leave an image that two classes explain.
 * A *marker*, a small pink-and-white checkered square of ``marker_size``
-  pixels near a random corner of the image, the shortcut: on images of the
+  pixels near a random corner of the image (at most ``image_size // 8``
+  pixels from both edges), the shortcut: on images of the
   ``shortcut_classes`` it is present with probability ``shortcut_rate`` in
   the training and test splits, and never on the other classes.
 * A third split, ``test_shifted``: the test images again, each drawn from
@@ -57,7 +59,8 @@ out, so the other elements, the background beneath and the noise are the
 same to the bit.
 
 Determinism: image ``n`` is drawn with its own generator seeded from
-``np.random.SeedSequence(spec.seed).spawn(N)[n]``, and drawing uses only
+``np.random.SeedSequence(spec.seed).spawn(N)[n]`` (``N``: the train and test
+images; a test_shifted image reuses its test image's seed), and drawing uses only
 integer draws and correctly rounded float arithmetic (+, -, *, /, sqrt), so the
 same spec gives bit-identical arrays on every machine.
 """
