@@ -41,12 +41,62 @@ class PartsDataConfig(_Strict):
     seed: int | None = None  # None: the recipe's seed
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     augment: bool = False
+    # Generator 2: classes combine parts of a shared pool, a planted shortcut marker, a test_shifted split.
+    # Unset keys keep generator 1 (the original drawing, bit for bit) and their generator-2 defaults.
+    generator: Literal[1, 2] | None = None  # None: 1
+    shortcut_classes: list[Annotated[int, Field(ge=0)]] | None = None  # None: [0]
+    shortcut_rate: float | None = Field(None, ge=0.0, le=1.0)  # None: 0.9
+    marker_size: int | None = Field(None, ge=3, le=16)  # None: 5
 
     @model_validator(mode="after")
     def _part_sizes(self) -> PartsDataConfig:
         if self.part_max < self.part_min:
             raise ValueError(f"part_max ({self.part_max}) must be >= part_min ({self.part_min})")
         return self
+
+    @model_validator(mode="after")
+    def _generator_keys(self) -> PartsDataConfig:
+        v2_keys = ("shortcut_classes", "shortcut_rate", "marker_size")
+        if self.generator != 2:
+            given = [k for k in v2_keys if getattr(self, k) is not None]
+            if given:
+                raise ValueError(f"{given[0]} needs generator = 2 (the generator with a planted shortcut)")
+            return self
+        if not 2 <= self.parts_per_class < self.n_classes:
+            raise ValueError(
+                f"generator 2 needs 2 <= parts_per_class < n_classes ({self.n_classes}): every class combines"
+                f" parts that other classes use too; got parts_per_class = {self.parts_per_class}"
+            )
+        classes = self.shortcut_classes_or_default
+        if len(set(classes)) != len(classes) or any(c >= self.n_classes for c in classes):
+            raise ValueError(
+                f"shortcut_classes must be distinct classes below n_classes ({self.n_classes}), got {classes}"
+            )
+        if len(classes) >= self.n_classes:
+            raise ValueError(
+                f"shortcut_classes must leave at least one class without the marker, got {classes}"
+            )
+        if self.marker_size_or_default > self.part_min:
+            raise ValueError(
+                f"marker_size ({self.marker_size_or_default}) must be <= part_min ({self.part_min}): the marker is small"
+            )
+        return self
+
+    @property
+    def generator_or_default(self) -> int:
+        return 1 if self.generator is None else self.generator
+
+    @property
+    def shortcut_classes_or_default(self) -> list[int]:
+        return [0] if self.shortcut_classes is None else list(self.shortcut_classes)
+
+    @property
+    def shortcut_rate_or_default(self) -> float:
+        return 0.9 if self.shortcut_rate is None else self.shortcut_rate
+
+    @property
+    def marker_size_or_default(self) -> int:
+        return 5 if self.marker_size is None else self.marker_size
 
 
 AugmentKind = Literal["none", "flip", "paper"]  # see protoaudit/data/augment.py

@@ -2,7 +2,11 @@
 
 ``build_dataset(config, seed)`` turns a recipe's ``[data]`` table into a :class:`DatasetBundle` with four
 splits: ``train`` (augmented when the recipe asks), ``push`` (the same training images, never augmented),
-``val`` (carved from train for model selection, never the test split) and ``test``.
+``val`` (carved from train for model selection, never the test split) and ``test``; the embedded dataset's
+generator 2 adds a fifth, ``test_shifted`` (the test images with the shortcut marker moved to other classes).
+
+Splits of the embedded dataset carry ``interventions`` (:class:`SplitInterventions`): each image's elements and
+the image drawn again without one of them. Other datasets' splits have ``interventions = None``.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ class ImageSplit(Protocol):
 
     labels: np.ndarray  # (N,) int64
     image_ids: list[str]  # stable, human-readable ids (a file path, or "test/000012")
+    interventions: Any  # SplitInterventions for the embedded dataset, else None
 
     def __len__(self) -> int: ...
 
@@ -69,15 +74,73 @@ class _ItemView(torch.utils.data.Dataset[torch.Tensor]):
         return self.split.item(index)
 
 
+class SplitInterventions:
+    """Element removal on the images of one split of the embedded dataset (FunnyBirds-style interventions,
+    Hesse et al., ICCV 2023).
+
+    ``renderer`` is a :class:`protoaudit.engine.data.parts.PartsRenderer`; ``rows`` (N,) int64 maps the split's image
+    i to its row of the generated dataset.
+    """
+
+    def __init__(self, renderer: Any, rows: np.ndarray) -> None:
+        self.renderer = renderer
+        self.rows = np.asarray(rows, dtype=np.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def elements(self, i: int) -> list[tuple[str, str]]:
+        """(name, kind) of every element in image i, kind in ``("discriminative", "shared", "shortcut")``; names
+        are unique within the image, e.g. ``("part 3: red disc", "discriminative")``, ``("marker", "shortcut")``.
+        """
+        return self.renderer.elements(int(self.rows[i]))
+
+    def render(self, i: int, remove: str | None = None) -> torch.Tensor:
+        """Image i as (3, S, S) float32 in [0, 1], exactly as the split serves it before augmentation (equal to
+        the push, val and test splits' ``batch([i])[0]`` bit for bit) when ``remove`` is None; else drawn again
+        with the element named ``remove`` left out (its pixels show the background beneath, same noise).
+
+        Raises:
+            ValueError: ``remove`` is not one of ``elements(i)``.
+        """
+        image, _ = self.renderer.render(int(self.rows[i]), remove)
+        return _to_float(image)
+
+    def part_mask(self, i: int, remove: str | None = None) -> np.ndarray:
+        """(S, S) uint8 part ids of image i (with ``remove`` left out)."""
+        _, mask = self.renderer.render(int(self.rows[i]), remove)
+        return mask
+
+    def kind_mask(self, i: int, remove: str | None = None) -> np.ndarray:
+        """(S, S) uint8 kind codes of image i (with ``remove`` left out): 0 background, 1 shared,
+        2 discriminative, 3 shortcut (``protoaudit.engine.data.parts.MASK_KINDS``)."""
+        from protoaudit.engine.data.parts import MASK_KINDS
+
+        lut = np.asarray(
+            [MASK_KINDS.index("background")] + [MASK_KINDS.index(d.kind) for d in self.renderer.defs]
+        )
+        return lut.astype(np.uint8)[self.part_mask(i, remove)]
+
+    def subset(self, indices: np.ndarray) -> SplitInterventions:
+        return SplitInterventions(self.renderer, self.rows[np.asarray(indices, dtype=np.int64)])
+
+
+def _to_float(image: np.ndarray) -> torch.Tensor:
+    """(S, S, 3) uint8 → (3, S, S) float32 in [0, 1], the same operations as :meth:`TensorSplit.batch`."""
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).contiguous().float().div_(255.0)
+
+
 @dataclass
 class TensorSplit:
-    """A split held in memory: images (N, S, S, 3) uint8, labels (N,) int64, optional masks (N, S, S) uint8."""
+    """A split held in memory: images (N, S, S, 3) uint8, labels (N,) int64, optional masks (N, S, S) uint8,
+    optional interventions (:class:`SplitInterventions`, embedded dataset)."""
 
     images: np.ndarray
     labels: np.ndarray
     image_ids: list[str]
     masks: np.ndarray | None = None
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    interventions: SplitInterventions | None = None
     _tensor: torch.Tensor | None = field(default=None, repr=False)
 
     def __len__(self) -> int:
@@ -106,6 +169,7 @@ class TensorSplit:
             [self.image_ids[i] for i in indices],
             None if self.masks is None else self.masks[indices],
             augment,
+            None if self.interventions is None else self.interventions.subset(indices),
         )
 
 
@@ -120,7 +184,8 @@ class DatasetBundle:
     fingerprint: str
     summary: dict[str, Any]
     part_names: list[str] | None = None  # index = part id; [0] = background
-    part_kinds: list[str] | None = None  # "background" | "discriminative" | "shared"
+    part_kinds: list[str] | None = None  # "background" | "discriminative" | "shared" | "shortcut"
+    test_shifted: ImageSplit | None = None  # the test images with the shortcut moved (embedded generator 2)
 
     @property
     def n_classes(self) -> int:
@@ -217,7 +282,7 @@ def _check_class_count(config: DataConfig, class_names: list[str]) -> None:
 
 
 def _build_parts(config: PartsDataConfig, seed: int) -> DatasetBundle:
-    from protoaudit.engine.data.parts import PartsSpec, load_parts
+    from protoaudit.engine.data.parts import PartsRenderer, PartsSpec, load_parts
 
     fields = {
         k: getattr(config, k)
@@ -234,6 +299,13 @@ def _build_parts(config: PartsDataConfig, seed: int) -> DatasetBundle:
             "drop_prob",
         )
     }
+    if config.generator_or_default != 1:
+        fields.update(
+            generator=config.generator_or_default,
+            shortcut_classes=tuple(config.shortcut_classes_or_default),
+            shortcut_rate=config.shortcut_rate_or_default,
+            marker_size=config.marker_size_or_default,
+        )
     spec = PartsSpec(**fields, seed=seed if config.seed is None else config.seed)
     try:
         spec.validate()
@@ -242,17 +314,27 @@ def _build_parts(config: PartsDataConfig, seed: int) -> DatasetBundle:
 
         raise RecipeError(f"data: {exc}") from None
     data = load_parts(spec)
-    ids = [f"{'train' if t else 'test'}/{i:06d}" for i, t in enumerate(data.is_train)]
-    everything = TensorSplit(data.images, data.labels, ids, data.masks)
+    ids = [
+        f"{'train' if t else 'test_shifted' if sh else 'test'}/{i:06d}"
+        for i, (t, sh) in enumerate(zip(data.is_train, data.is_shifted, strict=True))
+    ]
+    interventions = SplitInterventions(PartsRenderer(spec), np.arange(len(data.labels)))
+    everything = TensorSplit(data.images, data.labels, ids, data.masks, interventions=interventions)
     augment = _flip_augment(seed) if config.augment else None
+    shifted = np.flatnonzero(data.is_shifted)
+    base: Any = everything
+    if len(shifted):
+        base = everything.subset(np.flatnonzero(~data.is_shifted))
+    labels, is_train = data.labels[~data.is_shifted], data.is_train[~data.is_shifted]
     return DatasetBundle(
-        **four_splits(everything, data.labels, data.is_train, config.val_fraction, seed, augment),
+        **four_splits(base, labels, is_train, config.val_fraction, seed, augment),
         class_names=list(data.class_names),
         image_size=spec.image_size,
         fingerprint=data.fingerprint,
         summary=data.summary(),
         part_names=list(data.part_names),
         part_kinds=list(data.part_kinds),
+        test_shifted=everything.subset(shifted) if spec.generator >= 2 else None,
     )
 
 

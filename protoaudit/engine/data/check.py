@@ -101,7 +101,9 @@ class DataCheck:
     root: str | None
     class_names: list[str]
     expected_classes: int | None
-    counts: dict[str, list[int]]  # split ("train", "val", "test") → (K,) images per class
+    counts: dict[
+        str, list[int]
+    ]  # split ("train", "val", "test", and "test_shifted" if any) → (K,) images per class
     problems: list[Problem] = field(default_factory=list)
     images_verified: int = 0
 
@@ -191,10 +193,11 @@ def check_data(config: DataConfig, seed: int, verify: bool = True) -> DataCheck:
 
         bundle = build_dataset(config, seed)
         k = bundle.n_classes
+        splits = ("train", "val", "test") + (("test_shifted",) if bundle.test_shifted is not None else ())
         counts = {
             split: np.bincount(np.asarray(getattr(bundle, split).labels), minlength=k).tolist()
-            for split in ("train", "val", "test")
+            for split in splits
         }
-        n = sum(len(getattr(bundle, s)) for s in ("train", "val", "test"))
+        n = sum(len(getattr(bundle, s)) for s in splits)
         return DataCheck(config.kind, None, list(bundle.class_names), None, counts, [], n)
     raise ValueError(f"unknown data kind {config.kind!r}")

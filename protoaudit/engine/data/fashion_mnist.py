@@ -150,6 +150,7 @@ class GreySplit:
     image_ids: list[str]
     augment: Callable[[torch.Tensor], torch.Tensor] | None = None
     _tensor: torch.Tensor | None = field(default=None, repr=False)
+    interventions: None = field(default=None, repr=False)  # no elements to remove in real images
 
     def __len__(self) -> int:
         return len(self.labels)

@@ -185,6 +185,7 @@ class FileSplit:
     parts: np.ndarray | None = None  # (N, P, 3) float32 (x, y, visible) in source pixels
     augment: Augment | None = None
     _sizes: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
+    interventions: None = field(default=None, repr=False)  # no elements to remove in real images
 
     def __len__(self) -> int:
         return len(self.labels)

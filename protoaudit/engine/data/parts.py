@@ -5,8 +5,8 @@ which makes the dataset usable for quick starts, tests and ground-truth audits
 of ProtoPNet prototypes (does a prototype sit on a class-discriminative part,
 on a shared distractor part, or on background?).
 
-Construction
-------------
+Construction (generator 1, the default)
+---------------------------------------
 * ``K = n_classes`` classes. Class ``k`` owns ``parts_per_class``
   *discriminative* parts that no other class has. A part is a
   (shape, colour, texture) triple: 8 shapes (disc, square, triangle, cross,
@@ -29,8 +29,38 @@ Construction
 Part ids: 0 is background, ``1 + k * parts_per_class + i`` is the ``i``-th
 discriminative part of class ``k``, and the shared parts follow.
 
+Generator 2 (``PartsSpec.generator = 2``)
+-----------------------------------------
+Fine-grained classes and a planted shortcut; the drawing above otherwise.
+
+* A shared *pool* of ``P = n_classes`` discriminative parts. Class ``k`` is
+  the combination of pool parts ``k, k + 1, ..., k + parts_per_class - 1``
+  (mod ``P``), so every part belongs to ``parts_per_class >= 2`` classes and
+  no single part gives the class away. Pool parts share colours and shapes
+  too (part ``p`` has colour ``p // 2`` and shape ``(p + 1) // 2`` mod
+  ``ceil(P / 2)`` of the catalogue, for ``P <= 16``), as bird species share
+  colours and shapes. A
+  dropped part (``drop_prob``) can leave an image that two classes explain.
+* A *marker*, a small pink-and-white checkered square of ``marker_size``
+  pixels near a random corner of the image (at most ``image_size // 8``
+  pixels from both edges), the shortcut: on images of the
+  ``shortcut_classes`` it is present with probability ``shortcut_rate`` in
+  the training and test splits, and never on the other classes.
+* A third split, ``test_shifted``: the test images again, each drawn from
+  the same seed (same parts, places, clutter and noise), with the marker
+  moved: absent from the shortcut classes and present, with the same draw
+  and rate, on the other classes.
+* Part ids: 0 background, ``1 + p`` pool part ``p``, the shared parts, and
+  last the marker (kind ``"shortcut"``).
+
+Every image can be drawn again with one element left out
+(:meth:`PartsRenderer.render`): all random draws happen whatever is left
+out, so the other elements, the background beneath and the noise are the
+same to the bit.
+
 Determinism: image ``n`` is drawn with its own generator seeded from
-``np.random.SeedSequence(spec.seed).spawn(N)[n]``, and drawing uses only
+``np.random.SeedSequence(spec.seed).spawn(N)[n]`` (``N``: the train and test
+images; a test_shifted image reuses its test image's seed), and drawing uses only
 integer draws and correctly rounded float arithmetic (+, -, *, /, sqrt), so the
 same spec gives bit-identical arrays on every machine.
 """
@@ -53,19 +83,35 @@ import numpy as np
 import numpy.typing as npt
 
 __all__ = [
+    "ELEMENT_KINDS",
     "GENERATOR_VERSION",
+    "GENERATOR_VERSIONS",
+    "MASK_KINDS",
     "PartDef",
     "PartsData",
+    "PartsRenderer",
     "PartsSpec",
     "cache_path",
+    "class_parts",
     "default_cache_dir",
+    "element_name",
     "generate_parts",
     "load_parts",
     "part_defs",
 ]
 
-GENERATOR_VERSION: int = 1
-"""Bump whenever the drawing changes: it is part of :meth:`PartsSpec.key`."""
+GENERATOR_VERSION: int = 2
+"""The newest generator. A spec names its own (:attr:`PartsSpec.generator`),
+which is part of :meth:`PartsSpec.key` and of the fingerprint: add a new
+version whenever the drawing changes, and keep the old ones drawing as they
+did."""
+GENERATOR_VERSIONS: tuple[int, ...] = (1, 2)
+
+#: Kinds of the elements an image is drawn from (everything else, gradient,
+#: clutter and noise, is background).
+ELEMENT_KINDS: tuple[str, ...] = ("discriminative", "shared", "shortcut")
+#: Per-pixel kind codes of :attr:`PartsData.kind_masks`: index = code.
+MASK_KINDS: tuple[str, ...] = ("background", "shared", "discriminative", "shortcut")
 
 # --------------------------------------------------------------------------- #
 # Catalogue of shapes, colours and textures
@@ -115,6 +161,11 @@ SHARED_SHAPES: tuple[str, ...] = (
     "star",
 )
 
+#: The shortcut marker: a checkerboard of these two colours (generator 2).
+MARKER_RGB: tuple[int, int, int] = (240, 90, 170)  # pink: no part or background is near it
+MARKER_LIGHT_RGB: tuple[int, int, int] = (240, 240, 240)
+MARKER_NAME: str = "marker"
+
 #: Striped parts alternate the colour with this darker shade of it.
 STRIPE_SHADE: float = 0.45
 #: Stripe period in pixels (diagonal stripes, half on, half off).
@@ -133,7 +184,7 @@ _CLUTTER_TINT = 18.0
 N_DISCRIMINATIVE_AVAILABLE: int = len(SHAPES) * len(PART_COLOURS) * len(TEXTURES)
 N_SHARED_AVAILABLE: int = len(SHARED_SHAPES) * len(SHARED_COLOURS)
 
-PartKind = Literal["background", "discriminative", "shared"]
+PartKind = Literal["background", "discriminative", "shared", "shortcut"]
 
 U8Array = npt.NDArray[np.uint8]
 I64Array = npt.NDArray[np.int64]
@@ -156,15 +207,16 @@ def _is_real(value: object) -> bool:
 
 @dataclass(frozen=True)
 class PartsSpec:
-    """Everything that determines a parts dataset (together with
-    :data:`GENERATOR_VERSION`).
+    """Everything that determines a parts dataset.
 
     Attributes:
         n_classes: number of classes ``K`` (>= 2).
         image_size: side ``S`` of the square RGB images, in pixels.
         train_per_class: training images per class (>= 1).
         test_per_class: test images per class (>= 0).
-        parts_per_class: discriminative parts owned by each class (>= 1).
+        parts_per_class: discriminative parts of each class (>= 1): owned by
+            it (generator 1), or combined from the shared pool (generator 2,
+            ``2 <= parts_per_class < n_classes``).
         shared_parts: distractor parts present in every image (>= 0).
         clutter: random background strokes/dots per image (>= 0).
         part_min: smallest part size (bounding-box side, pixels).
@@ -172,6 +224,16 @@ class PartsSpec:
         drop_prob: probability that a discriminative part is left out of an
             image (at least one part of the class is always kept).
         seed: non-negative integer seed.
+        generator: the drawing, one of :data:`GENERATOR_VERSIONS`.
+        shortcut_classes: classes that carry the marker (generator 2).
+        shortcut_rate: probability of the marker on an image of a shortcut
+            class in train and test, and on an image of any other class in
+            ``test_shifted`` (generator 2).
+        marker_size: side of the marker in pixels, ``3..part_min``
+            (generator 2).
+
+    The last three keep their defaults under generator 1, which draws exactly
+    as it always did.
     """
 
     n_classes: int = 6
@@ -185,6 +247,10 @@ class PartsSpec:
     part_max: int = 16
     drop_prob: float = 0.1
     seed: int = 0
+    generator: int = 1
+    shortcut_classes: tuple[int, ...] = (0,)
+    shortcut_rate: float = 0.9
+    marker_size: int = 5
 
     def validate(self) -> None:
         """Check every field.
@@ -193,6 +259,8 @@ class PartsSpec:
             ValueError: one line naming the field, the bad value and what is
                 expected, e.g. ``"n_classes must be >= 2, got 1"``.
         """
+        if not _is_int(self.generator) or self.generator not in GENERATOR_VERSIONS:
+            raise ValueError(f"generator must be one of {list(GENERATOR_VERSIONS)}, got {self.generator!r}")
         minimums = {
             "n_classes": 2,
             "image_size": 8,
@@ -218,6 +286,16 @@ class PartsSpec:
             raise ValueError(f"part_max must be >= part_min ({self.part_min}), got {self.part_max}")
         if not _is_real(self.drop_prob) or not 0.0 <= float(self.drop_prob) <= 1.0:
             raise ValueError(f"drop_prob must be in [0, 1], got {self.drop_prob!r}")
+        if self.generator == 1:
+            self._validate_v1()
+        else:
+            self._validate_v2()
+
+    def _validate_v1(self) -> None:
+        defaults = PartsSpec()
+        for name in _V2_FIELDS:
+            if getattr(self, name) != getattr(defaults, name):
+                raise ValueError(f"{name} needs generator 2, got {getattr(self, name)!r} with generator 1")
         n_disc = self.n_classes * self.parts_per_class
         if n_disc > N_DISCRIMINATIVE_AVAILABLE:
             raise ValueError(
@@ -225,29 +303,94 @@ class PartsSpec:
                 f"(distinct discriminative parts available), got "
                 f"{self.n_classes} * {self.parts_per_class} = {n_disc}"
             )
+        self._validate_fit(self.parts_per_class + self.shared_parts, "parts_per_class + shared_parts")
+
+    def _validate_v2(self) -> None:
+        if self.n_classes > N_DISCRIMINATIVE_AVAILABLE:
+            raise ValueError(
+                f"n_classes must be <= {N_DISCRIMINATIVE_AVAILABLE} with generator 2"
+                f" (distinct pool parts available), got {self.n_classes}"
+            )
+        if not 2 <= self.parts_per_class < self.n_classes:
+            raise ValueError(
+                f"parts_per_class must be >= 2 and < n_classes ({self.n_classes}) with generator 2"
+                " (every class combines parts that other classes use too), got"
+                f" {self.parts_per_class}"
+            )
+        classes = self.shortcut_classes
+        if not isinstance(classes, tuple) or not all(_is_int(c) for c in classes):
+            raise ValueError(f"shortcut_classes must be a tuple of class indices, got {classes!r}")
+        if any(not 0 <= c < self.n_classes for c in classes) or len(set(classes)) != len(classes):
+            raise ValueError(
+                f"shortcut_classes must be distinct classes in [0, {self.n_classes}), got {list(classes)}"
+            )
+        if len(classes) >= self.n_classes:
+            raise ValueError(
+                f"shortcut_classes must leave at least one class without the marker, got {list(classes)}"
+            )
+        if not _is_real(self.shortcut_rate) or not 0.0 <= float(self.shortcut_rate) <= 1.0:
+            raise ValueError(f"shortcut_rate must be in [0, 1], got {self.shortcut_rate!r}")
+        if not _is_int(self.marker_size) or not 3 <= self.marker_size <= self.part_min:
+            raise ValueError(
+                f"marker_size must be an integer in [3, part_min ({self.part_min})], got {self.marker_size!r}"
+            )
+        self._validate_fit(
+            self.parts_per_class + self.shared_parts + 1, "parts_per_class + shared_parts + the marker"
+        )
+
+    def _validate_fit(self, per_image: int, what: str) -> None:
         if self.shared_parts > N_SHARED_AVAILABLE:
             raise ValueError(
                 f"shared_parts must be <= {N_SHARED_AVAILABLE} "
                 f"(distinct shared parts available), got {self.shared_parts}"
             )
-        per_image = self.parts_per_class + self.shared_parts
         # Parts must fit on a grid of cells of side part_max + PART_GAP: this
         # guarantees that non-overlapping placement always succeeds.
         fit = _largest_fitting_part(self.image_size, per_image)
         if self.part_max > fit:
             raise ValueError(
-                f"part_max must be <= {fit} so that parts_per_class + shared_parts"
+                f"part_max must be <= {fit} so that {what}"
                 f" = {per_image} parts fit without overlap in a {self.image_size} px"
                 f" image, got {self.part_max}"
             )
 
+    @property
+    def n_base(self) -> int:
+        """Images drawn from their own seed: ``n_classes * (train_per_class +
+        test_per_class)`` (``test_shifted`` redraws the test images)."""
+        return self.n_classes * (self.train_per_class + self.test_per_class)
+
+    @property
+    def n_images(self) -> int:
+        """Rows of the dataset: train, test and, under generator 2, test_shifted."""
+        extra = self.n_classes * self.test_per_class if self.generator >= 2 else 0
+        return self.n_base + extra
+
     def key(self) -> str:
-        """sha256 hex digest of the spec fields and :data:`GENERATOR_VERSION`
-        (the cache key)."""
-        payload = dataclasses.asdict(self)
-        payload["generator_version"] = GENERATOR_VERSION
+        """sha256 hex digest of the spec fields and the generator version
+        (the cache key). Generator 1 hashes the fields it reads only, as it
+        always did."""
+        payload = _spec_fields(self)
+        payload.pop("generator", None)
+        payload["generator_version"] = self.generator
         text = json.dumps(payload, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+#: Fields that only generator 2 reads.
+_V2_FIELDS: tuple[str, ...] = ("shortcut_classes", "shortcut_rate", "marker_size")
+
+
+def _spec_fields(spec: PartsSpec) -> dict[str, Any]:
+    """The spec as JSON-able fields: generator 1 without the fields it does
+    not read (as it was recorded before generator 2 existed)."""
+    fields = dataclasses.asdict(spec)
+    if spec.generator == 1:
+        for name in ("generator", *_V2_FIELDS):
+            fields.pop(name)
+    else:
+        fields["shortcut_classes"] = list(spec.shortcut_classes)
+    return fields
 
 
 def _largest_fitting_part(image_size: int, n_parts: int) -> int:
@@ -271,13 +414,16 @@ class PartDef:
     Attributes:
         pid: part id, as stored in the masks (>= 1).
         name: human-readable name, e.g. ``"red striped disc"``.
-        kind: ``"discriminative"`` or ``"shared"``.
+        kind: ``"discriminative"``, ``"shared"`` or ``"shortcut"`` (the
+            marker of generator 2).
         shape: one of :data:`SHAPES`.
         colour: colour name.
         texture: ``"solid"`` or ``"striped"``.
         rgb: the part's colour.
         stripe_rgb: the colour of the dark stripes (== ``rgb`` if solid).
-        owner: owning class of a discriminative part, -1 for shared parts.
+        owner: owning class of a discriminative part of generator 1, -1 for
+            every other part (the pool parts of generator 2 belong to several
+            classes: :func:`class_parts`).
     """
 
     pid: int
@@ -310,41 +456,34 @@ def _shade(rgb: tuple[int, int, int]) -> tuple[int, int, int]:
     return (r, g, b)
 
 
-def part_defs(spec: PartsSpec) -> list[PartDef]:
-    """The non-background parts of ``spec``, in part-id order (ids 1..P-1).
+def _pool_combo(p: int, n_pool: int) -> tuple[int, int, int]:
+    """(colour, shape, texture) indices of pool part ``p`` of ``n_pool``
+    (generator 2).
 
-    Discriminative part ``i`` of class ``k`` has id ``1 + k * parts_per_class
-    + i`` and uses combo ``i * n_classes + k``, so the first part of every
-    class gets a distinct colour when ``n_classes <= len(PART_COLOURS)``.
+    Up to 16 parts: colour ``p // 2`` and shape ``(p + 1) // 2`` (mod the
+    number of colours used), so parts ``2c`` and ``2c + 1`` share a colour
+    and parts ``2c - 1`` and ``2c`` a shape; all solid. Larger pools use the
+    generator 1 combos, which share colours and shapes anyway.
     """
-    spec.validate()
+    if n_pool > 2 * len(PART_COLOURS):
+        return _discriminative_combo(p)
+    half = (n_pool + 1) // 2
+    return p // 2, ((p + 1) // 2) % half, 0
+
+
+def _part_name(colour: str, shape: str, texture: str) -> str:
+    return f"{colour} {shape}" if texture == "solid" else f"{colour} {texture} {shape}"
+
+
+def _shared_defs(spec: PartsSpec, first_pid: int) -> list[PartDef]:
     defs: list[PartDef] = []
-    for k in range(spec.n_classes):
-        for i in range(spec.parts_per_class):
-            ci, si, ti = _discriminative_combo(i * spec.n_classes + k)
-            colour, rgb = PART_COLOURS[ci]
-            shape, texture = SHAPES[si], TEXTURES[ti]
-            name = f"{colour} {shape}" if texture == "solid" else f"{colour} {texture} {shape}"
-            defs.append(
-                PartDef(
-                    pid=len(defs) + 1,
-                    name=name,
-                    kind="discriminative",
-                    shape=shape,
-                    colour=colour,
-                    texture=texture,
-                    rgb=rgb,
-                    stripe_rgb=_shade(rgb) if texture == "striped" else rgb,
-                    owner=k,
-                )
-            )
     n_sh = len(SHARED_SHAPES)
     for i in range(spec.shared_parts):
         shape = SHARED_SHAPES[i % n_sh]
         colour, rgb = SHARED_COLOURS[(i + i // n_sh) % len(SHARED_COLOURS)]
         defs.append(
             PartDef(
-                pid=len(defs) + 1,
+                pid=first_pid + i,
                 name=f"{colour} {shape}",
                 kind="shared",
                 shape=shape,
@@ -356,6 +495,99 @@ def part_defs(spec: PartsSpec) -> list[PartDef]:
             )
         )
     return defs
+
+
+def part_defs(spec: PartsSpec) -> list[PartDef]:
+    """The non-background parts of ``spec``, in part-id order (ids 1..P-1).
+
+    Generator 1: discriminative part ``i`` of class ``k`` has id ``1 + k *
+    parts_per_class + i`` and uses combo ``i * n_classes + k``, so the first
+    part of every class gets a distinct colour when ``n_classes <=
+    len(PART_COLOURS)``; the shared parts follow.
+
+    Generator 2: pool part ``p`` has id ``1 + p`` (owner -1: no class owns
+    it, see :func:`class_parts`), the shared parts follow, and the marker
+    (kind ``"shortcut"``, shape ``"checker"``) comes last.
+    """
+    spec.validate()
+    defs: list[PartDef] = []
+    if spec.generator == 1:
+        for k in range(spec.n_classes):
+            for i in range(spec.parts_per_class):
+                ci, si, ti = _discriminative_combo(i * spec.n_classes + k)
+                colour, rgb = PART_COLOURS[ci]
+                shape, texture = SHAPES[si], TEXTURES[ti]
+                defs.append(
+                    PartDef(
+                        pid=len(defs) + 1,
+                        name=_part_name(colour, shape, texture),
+                        kind="discriminative",
+                        shape=shape,
+                        colour=colour,
+                        texture=texture,
+                        rgb=rgb,
+                        stripe_rgb=_shade(rgb) if texture == "striped" else rgb,
+                        owner=k,
+                    )
+                )
+        return defs + _shared_defs(spec, len(defs) + 1)
+    for p in range(spec.n_classes):
+        ci, si, ti = _pool_combo(p, spec.n_classes)
+        colour, rgb = PART_COLOURS[ci]
+        shape, texture = SHAPES[si], TEXTURES[ti]
+        defs.append(
+            PartDef(
+                pid=p + 1,
+                name=_part_name(colour, shape, texture),
+                kind="discriminative",
+                shape=shape,
+                colour=colour,
+                texture=texture,
+                rgb=rgb,
+                stripe_rgb=_shade(rgb) if texture == "striped" else rgb,
+                owner=-1,
+            )
+        )
+    defs += _shared_defs(spec, len(defs) + 1)
+    defs.append(
+        PartDef(
+            pid=len(defs) + 1,
+            name=MARKER_NAME,
+            kind="shortcut",
+            shape="checker",
+            colour="pink",
+            texture="checkered",
+            rgb=MARKER_RGB,
+            stripe_rgb=MARKER_LIGHT_RGB,
+            owner=-1,
+        )
+    )
+    return defs
+
+
+def class_parts(spec: PartsSpec) -> I64Array:
+    """``(K, parts_per_class)`` int64: the part ids that make up each class.
+
+    Generator 1: the class's own parts. Generator 2: pool parts ``k, ...,
+    k + parts_per_class - 1`` (mod ``K``), id ``1 + p``.
+    """
+    spec.validate()
+    k, c = spec.n_classes, spec.parts_per_class
+    rows = np.arange(k, dtype=np.int64)[:, None]
+    cols = np.arange(c, dtype=np.int64)[None, :]
+    if spec.generator == 1:
+        return 1 + rows * c + cols
+    return 1 + (rows + cols) % k
+
+
+def element_name(part: PartDef, n_discriminative: int) -> str:
+    """The element's name in :meth:`PartsRenderer.elements`: ``"part 3: red
+    disc"`` (3 = ``pid - 1``), ``"shared 0: white ring"`` or ``"marker"``."""
+    if part.kind == "discriminative":
+        return f"part {part.pid - 1}: {part.name}"
+    if part.kind == "shared":
+        return f"shared {part.pid - 1 - n_discriminative}: {part.name}"
+    return MARKER_NAME
 
 
 # --------------------------------------------------------------------------- #
@@ -376,13 +608,18 @@ class PartsData:
         class_names: ``K`` names, e.g. ``"class_0_red-disc+orange-bar"``.
         part_names: ``P`` names indexed by part id; ``part_names[0] ==
             "background"``, e.g. ``"red striped disc"``.
-        part_kinds: ``P`` kinds: ``"background"``, ``"discriminative"`` or
-            ``"shared"``.
-        part_class: ``(P,)`` int64 owning class of each discriminative part,
-            -1 for background and shared parts.
+        part_kinds: ``P`` kinds: ``"background"``, ``"discriminative"``,
+            ``"shared"`` or ``"shortcut"``.
+        part_class: ``(P,)`` int64 owning class of each discriminative part
+            of generator 1, -1 for every other part.
+        is_shifted: ``(N,)`` bool, True for the ``test_shifted`` split
+            (generator 2; all False otherwise).
+        has_marker: ``(N,)`` bool, True where the image carries the marker.
+        class_parts: ``(K, parts_per_class)`` int64 part ids of each class
+            (:func:`class_parts`).
 
-    Images are ordered train first, then test; within a split by class, then
-    by index.
+    Images are ordered train first, then test, then test_shifted (same order
+    as test); within a split by class, then by index.
     """
 
     spec: PartsSpec
@@ -394,18 +631,53 @@ class PartsData:
     part_names: list[str]
     part_kinds: list[str]
     part_class: I64Array
+    is_shifted: BoolArray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    has_marker: BoolArray = dataclasses.field(default_factory=lambda: np.zeros(0, dtype=np.bool_))
+    class_parts: I64Array = dataclasses.field(default_factory=lambda: np.zeros((0, 0), dtype=np.int64))
+
+    def __post_init__(self) -> None:
+        n = len(self.labels)
+        if len(self.is_shifted) != n:
+            self.is_shifted = np.zeros(n, dtype=np.bool_)
+        if len(self.has_marker) != n:
+            self.has_marker = np.zeros(n, dtype=np.bool_)
+        if self.class_parts.size == 0:
+            self.class_parts = class_parts(self.spec)
+
+    @property
+    def is_test(self) -> BoolArray:
+        """``(N,)`` bool, True for the ordinary test split."""
+        return ~np.asarray(self.is_train, dtype=bool) & ~np.asarray(self.is_shifted, dtype=bool)
+
+    @property
+    def kind_masks(self) -> U8Array:
+        """``(N, S, S)`` uint8 kind codes per pixel, index into
+        :data:`MASK_KINDS`: 0 background, 1 shared, 2 discriminative,
+        3 shortcut."""
+        lut = np.asarray([MASK_KINDS.index(k) for k in self.part_kinds], dtype=np.uint8)
+        out: U8Array = lut[np.asarray(self.masks)]
+        return out
 
     @property
     def fingerprint(self) -> str:
         """sha256 hex digest over the shapes, dtypes and bytes of ``images``,
-        ``masks``, ``labels`` and ``is_train`` (a content fingerprint)."""
+        ``masks``, ``labels`` and ``is_train`` (a content fingerprint); from
+        generator 2 on, also over the generator version, ``is_shifted``,
+        ``has_marker`` and ``class_parts``."""
         h = hashlib.sha256()
-        arrays = (
+        arrays = [
             ("images", np.asarray(self.images, dtype=np.uint8)),
             ("masks", np.asarray(self.masks, dtype=np.uint8)),
             ("labels", np.asarray(self.labels, dtype="<i8")),
             ("is_train", np.asarray(self.is_train, dtype=np.bool_)),
-        )
+        ]
+        if self.spec.generator >= 2:
+            h.update(f"generator:{self.spec.generator};".encode("ascii"))
+            arrays += [
+                ("is_shifted", np.asarray(self.is_shifted, dtype=np.bool_)),
+                ("has_marker", np.asarray(self.has_marker, dtype=np.bool_)),
+                ("class_parts", np.asarray(self.class_parts, dtype="<i8")),
+            ]
         for name, arr in arrays:
             h.update(f"{name}:{arr.dtype.str}:{arr.shape};".encode("ascii"))
             h.update(np.ascontiguousarray(arr).tobytes())
@@ -414,7 +686,9 @@ class PartsData:
     def summary(self) -> dict[str, Any]:
         """JSON-able description: spec fields (under ``"spec"``), generator
         version, cache key, fingerprint, image size, class/part names and
-        image counts per split and class."""
+        image counts per split and class; under generator 2 also the parts of
+        each class and the shortcut (classes, rate, marked images per split
+        and class)."""
         labels = np.asarray(self.labels)
         is_train = np.asarray(self.is_train, dtype=bool)
         k = len(self.class_names)
@@ -423,9 +697,9 @@ class PartsData:
             per_class = np.bincount(labels[sel], minlength=k)
             return {"n_images": int(sel.sum()), "per_class": [int(c) for c in per_class]}
 
-        return {
-            "spec": dataclasses.asdict(self.spec),
-            "generator_version": GENERATOR_VERSION,
+        out: dict[str, Any] = {
+            "spec": _spec_fields(self.spec),
+            "generator_version": self.spec.generator,
             "key": self.spec.key(),
             "fingerprint": self.fingerprint,
             "n_images": int(labels.shape[0]),
@@ -433,8 +707,25 @@ class PartsData:
             "class_names": list(self.class_names),
             "part_names": list(self.part_names),
             "part_kinds": list(self.part_kinds),
-            "splits": {"train": counts(is_train), "test": counts(~is_train)},
+            "splits": {"train": counts(is_train), "test": counts(self.is_test)},
         }
+        if self.spec.generator >= 2:
+            out["splits"]["test_shifted"] = counts(np.asarray(self.is_shifted, dtype=bool))
+            marked = np.asarray(self.has_marker, dtype=bool)
+            out["class_parts"] = [[self.part_names[int(p)] for p in row] for row in self.class_parts]
+            out["shortcut"] = {
+                "classes": list(self.spec.shortcut_classes),
+                "rate": float(self.spec.shortcut_rate),
+                "marked": {
+                    name: counts(marked & sel)
+                    for name, sel in (
+                        ("train", is_train),
+                        ("test", self.is_test),
+                        ("test_shifted", np.asarray(self.is_shifted, dtype=bool)),
+                    )
+                },
+            }
+        return out
 
 
 # --------------------------------------------------------------------------- #
@@ -579,6 +870,44 @@ def _place(rng: np.random.Generator, sizes: I64Array, image_size: int) -> list[t
     return corners
 
 
+def _draw_part(
+    canvas: F64Array,
+    mask: U8Array,
+    part: PartDef,
+    y: int,
+    x: int,
+    s: int,
+    shapes: dict[tuple[str, int], BoolArray],
+    stripes: dict[int, BoolArray],
+) -> None:
+    """Paint ``part`` with bounding box side ``s`` at ``(y, x)`` onto
+    ``canvas`` and its id into ``mask``, in place."""
+    key = (part.shape, s)
+    shp = shapes.get(key)
+    if shp is None:
+        shp = shapes[key] = _shape_mask(part.shape, s)
+    region = canvas[y : y + s, x : x + s]
+    if part.texture == "striped":
+        stripe = stripes.get(s)
+        if stripe is None:
+            stripe = stripes[s] = _texture_pattern(s)
+        region[shp & ~stripe] = part.rgb
+        region[shp & stripe] = part.stripe_rgb
+    else:
+        region[shp] = part.rgb
+    mask[y : y + s, x : x + s][shp] = part.pid
+
+
+def _draw_marker(canvas: F64Array, mask: U8Array, marker: PartDef, y: int, x: int, s: int) -> None:
+    """Paint the checkered marker (side ``s``) at ``(y, x)``, in place."""
+    idx = np.arange(s)
+    dark = ((idx[:, None] + idx[None, :]) % 2) == 0
+    region = canvas[y : y + s, x : x + s]
+    region[dark] = marker.rgb
+    region[~dark] = marker.stripe_rgb
+    mask[y : y + s, x : x + s] = marker.pid
+
+
 def _draw_image(
     rng: np.random.Generator,
     spec: PartsSpec,
@@ -588,9 +917,13 @@ def _draw_image(
     stripes: dict[int, BoolArray],
     image: U8Array,
     mask: U8Array,
-) -> None:
+    skip: int = 0,
+) -> list[PartDef]:
     """Draw one image of class ``label`` into ``image`` (S, S, 3) and
-    ``mask`` (S, S) in place."""
+    ``mask`` (S, S) in place (generator 1), leaving out the part with id
+    ``skip`` (0: none); returns the parts present (skipped one included).
+
+    Leaving a part out changes no random draw."""
     size = spec.image_size
     canvas = _background(rng, size)
     _draw_clutter(rng, canvas, spec.clutter, spec.part_min)
@@ -606,72 +939,275 @@ def _draw_image(
     sizes = rng.integers(spec.part_min, spec.part_max + 1, size=len(present))
     corners = _place(rng, sizes, size)
     for part, s_np, (y, x) in zip(present, sizes, corners, strict=True):
-        s = int(s_np)
-        key = (part.shape, s)
-        shp = shapes.get(key)
-        if shp is None:
-            shp = shapes[key] = _shape_mask(part.shape, s)
-        region = canvas[y : y + s, x : x + s]
-        if part.texture == "striped":
-            stripe = stripes.get(s)
-            if stripe is None:
-                stripe = stripes[s] = _texture_pattern(s)
-            region[shp & ~stripe] = part.rgb
-            region[shp & stripe] = part.stripe_rgb
-        else:
-            region[shp] = part.rgb
-        mask[y : y + s, x : x + s][shp] = part.pid
+        if part.pid != skip:
+            _draw_part(canvas, mask, part, y, x, int(s_np), shapes, stripes)
 
     noise = rng.integers(-NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, size=canvas.shape)
     image[...] = np.clip(np.rint(canvas) + noise, 0, 255).astype(np.uint8)
+    return present
+
+
+def _place_with_marker(
+    rng: np.random.Generator, sizes: I64Array, image_size: int, marker_size: int
+) -> tuple[list[tuple[int, int]], tuple[int, int]]:
+    """Top-left corners of the parts and of the marker (generator 2).
+
+    The marker goes first, near a random corner (at most ``image_size // 8``
+    pixels from both edges); the parts then by rejection sampling as in
+    :func:`_place`, clear of the marker. If that fails, a grid of
+    ``len(sizes) + 1`` cells that :meth:`PartsSpec.validate` guarantees:
+    the marker in a random corner cell, the parts in random other cells.
+    """
+    n = len(sizes)
+    ms = marker_size
+    reach = max(image_size // 8, 1)
+    corner = int(rng.integers(0, 4))
+    oy, ox = (int(v) for v in rng.integers(0, reach + 1, size=2))
+    my = oy if corner < 2 else image_size - ms - oy
+    mx = ox if corner % 2 == 0 else image_size - ms - ox
+    order = np.argsort(-sizes, kind="stable")
+    corners: list[tuple[int, int]] = [(0, 0)] * n
+    placed: list[tuple[int, int, int]] = [(my, mx, ms)]  # (y, x, size)
+    ok = True
+    for idx in order:
+        s = int(sizes[idx])
+        for _ in range(100):
+            y, x = (int(v) for v in rng.integers(0, image_size - s + 1, size=2))
+            if all(
+                y + s + PART_GAP <= py
+                or py + ps + PART_GAP <= y
+                or x + s + PART_GAP <= px
+                or px + ps + PART_GAP <= x
+                for py, px, ps in placed
+            ):
+                placed.append((y, x, s))
+                corners[int(idx)] = (y, x)
+                break
+        else:
+            ok = False
+            break
+    if ok:
+        return corners, (my, mx)
+    side = 1
+    while side * side < n + 1:
+        side += 1
+    cell = image_size // side
+    grid_corners = (0, side - 1, side * (side - 1), side * side - 1)
+    marker_cell = grid_corners[corner]
+    free = np.asarray([c for c in range(side * side) if c != marker_cell], dtype=np.int64)
+    cells = rng.permutation(free)[:n]
+    cy, cx = divmod(marker_cell, side)
+    my = cy * cell + (0 if cy == 0 else cell - ms - PART_GAP)
+    mx = cx * cell + (0 if cx == 0 else cell - ms - PART_GAP)
+    for i in range(n):
+        s = int(sizes[i])
+        cy, cx = divmod(int(cells[i]), side)
+        oy, ox = (int(v) for v in rng.integers(0, cell - s - PART_GAP + 1, size=2))
+        corners[i] = (cy * cell + oy, cx * cell + ox)
+    return corners, (my, mx)
+
+
+def _draw_image_v2(
+    rng: np.random.Generator,
+    spec: PartsSpec,
+    label: int,
+    shifted: bool,
+    defs: list[PartDef],
+    own: I64Array,
+    shapes: dict[tuple[str, int], BoolArray],
+    stripes: dict[int, BoolArray],
+    image: U8Array,
+    mask: U8Array,
+    skip: int = 0,
+) -> list[PartDef]:
+    """Draw one image of class ``label`` (generator 2) into ``image`` and
+    ``mask`` in place, leaving out the element with part id ``skip`` (0:
+    none); returns the elements present (skipped one included).
+
+    ``own``: the class's part ids. ``shifted``: the ``test_shifted`` variant
+    (marker on the other classes). Every random draw happens in the same
+    order whatever ``shifted`` and ``skip`` are, so the variant and the
+    left-out renderings differ from the image in those pixels only.
+    """
+    size = spec.image_size
+    canvas = _background(rng, size)
+    _draw_clutter(rng, canvas, spec.clutter, spec.part_min)
+
+    ppc = spec.parts_per_class
+    keep = rng.random(ppc) >= spec.drop_prob
+    if not keep.any():
+        keep[int(rng.integers(0, ppc))] = True
+    marker_draw = float(rng.random())
+    carries = (label in spec.shortcut_classes) != shifted
+    has_marker = carries and marker_draw < spec.shortcut_rate
+
+    present = [defs[int(p) - 1] for p, k in zip(own, keep, strict=True) if k]
+    present += [d for d in defs if d.kind == "shared"]
+    sizes = rng.integers(spec.part_min, spec.part_max + 1, size=len(present))
+    corners, (my, mx) = _place_with_marker(rng, sizes, size, spec.marker_size)
+    for part, s_np, (y, x) in zip(present, sizes, corners, strict=True):
+        if part.pid != skip:
+            _draw_part(canvas, mask, part, y, x, int(s_np), shapes, stripes)
+    marker = defs[-1]
+    if has_marker:
+        if marker.pid != skip:
+            _draw_marker(canvas, mask, marker, my, mx, spec.marker_size)
+        present.append(marker)
+
+    noise = rng.integers(-NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, size=canvas.shape)
+    image[...] = np.clip(np.rint(canvas) + noise, 0, 255).astype(np.uint8)
+    return present
+
+
+def _labels_and_splits(spec: PartsSpec) -> tuple[I64Array, BoolArray, BoolArray]:
+    """``(N,)`` labels, is_train and is_shifted of the rows of ``spec``."""
+    labels_list: list[int] = []
+    train_list: list[bool] = []
+    shifted_list: list[bool] = []
+    blocks = [(True, False, spec.train_per_class), (False, False, spec.test_per_class)]
+    if spec.generator >= 2:
+        blocks.append((False, True, spec.test_per_class))
+    for is_tr, is_sh, per_class in blocks:
+        for c in range(spec.n_classes):
+            labels_list += [c] * per_class
+            train_list += [is_tr] * per_class
+            shifted_list += [is_sh] * per_class
+    return (
+        np.asarray(labels_list, dtype=np.int64),
+        np.asarray(train_list, dtype=np.bool_),
+        np.asarray(shifted_list, dtype=np.bool_),
+    )
+
+
+class PartsRenderer:
+    """Draws any row of ``spec``'s dataset, whole or with one element left
+    out: the generator behind :func:`generate_parts` and the intervention
+    behind the causal audit of prototypes (FunnyBirds-style part removal,
+    Hesse et al., ICCV 2023).
+
+    Rows are numbered as in :class:`PartsData` (train, test, test_shifted).
+    Row ``n`` of train or test is drawn from seed ``SeedSequence(spec.seed)
+    .spawn(n_base)[n]``; a test_shifted row reuses its test row's seed.
+    """
+
+    def __init__(self, spec: PartsSpec) -> None:
+        spec.validate()
+        self.spec = spec
+        self.defs = part_defs(spec)
+        self.class_parts = class_parts(spec)
+        self.labels, self.is_train, self.is_shifted = _labels_and_splits(spec)
+        self._seeds = np.random.SeedSequence(spec.seed).spawn(spec.n_base)
+        self._shapes: dict[tuple[str, int], BoolArray] = {}
+        self._stripes: dict[int, BoolArray] = {}
+        self._n_disc = sum(d.kind == "discriminative" for d in self.defs)
+        self._shift = spec.n_classes * spec.test_per_class
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def _draw(self, row: int, image: U8Array, mask: U8Array, skip: int = 0) -> list[PartDef]:
+        if not 0 <= row < len(self.labels):
+            raise IndexError(f"row {row} out of range for {len(self.labels)} images")
+        shifted = bool(self.is_shifted[row])
+        seed = self._seeds[row - self._shift if shifted else row]
+        rng = np.random.default_rng(seed)
+        label = int(self.labels[row])
+        if self.spec.generator == 1:
+            return _draw_image(
+                rng, self.spec, label, self.defs, self._shapes, self._stripes, image, mask, skip
+            )
+        return _draw_image_v2(
+            rng,
+            self.spec,
+            label,
+            shifted,
+            self.defs,
+            self.class_parts[label],
+            self._shapes,
+            self._stripes,
+            image,
+            mask,
+            skip,
+        )
+
+    def _present(self, row: int) -> list[PartDef]:
+        s = self.spec.image_size
+        return self._draw(row, np.empty((s, s, 3), np.uint8), np.zeros((s, s), np.uint8))
+
+    def elements(self, row: int) -> list[tuple[str, str]]:
+        """``(name, kind)`` of every element of row ``row``, kind in
+        :data:`ELEMENT_KINDS`, e.g. ``("part 3: red disc",
+        "discriminative")``, ``("shared 0: white ring", "shared")``,
+        ``("marker", "shortcut")``. Names are unique within an image."""
+        return [(element_name(d, self._n_disc), d.kind) for d in self._present(row)]
+
+    def render(self, row: int, remove: str | None = None) -> tuple[U8Array, U8Array]:
+        """Row ``row`` as ``((S, S, 3) uint8 image, (S, S) uint8 part ids)``,
+        with the element named ``remove`` left out (``None``: the image as
+        generated, bit for bit). A left-out element's pixels show what lies
+        beneath it: gradient and clutter, with the same noise.
+
+        Raises:
+            ValueError: ``remove`` is not an element of the image.
+        """
+        s = self.spec.image_size
+        image = np.empty((s, s, 3), np.uint8)
+        mask = np.zeros((s, s), np.uint8)
+        skip = 0
+        if remove is not None:
+            names = {element_name(d, self._n_disc): d.pid for d in self._present(row)}
+            if remove not in names:
+                raise ValueError(
+                    f"no element {remove!r} in image {row}; its elements: {', '.join(sorted(names))}"
+                )
+            skip = names[remove]
+        self._draw(row, image, mask, skip)
+        return image, mask
+
+    def has_marker(self, row: int) -> bool:
+        """Whether row ``row`` carries the marker."""
+        return any(d.kind == "shortcut" for d in self._present(row))
 
 
 def generate_parts(spec: PartsSpec) -> PartsData:
     """Generate the dataset described by ``spec`` (deterministic in the spec).
 
     Returns:
-        A :class:`PartsData` with ``N = n_classes * (train_per_class +
-        test_per_class)`` images, train first.
+        A :class:`PartsData` with ``N = spec.n_images`` images: ``n_classes *
+        (train_per_class + test_per_class)``, train first, and under
+        generator 2 the ``n_classes * test_per_class`` test_shifted images
+        last.
 
     Raises:
         ValueError: if ``spec.validate()`` does.
     """
-    spec.validate()
-    defs = part_defs(spec)
-    k, size = spec.n_classes, spec.image_size
-    labels_list: list[int] = []
-    train_list: list[bool] = []
-    for is_tr, per_class in ((True, spec.train_per_class), (False, spec.test_per_class)):
-        for c in range(k):
-            labels_list += [c] * per_class
-            train_list += [is_tr] * per_class
-    n = len(labels_list)
-    labels = np.asarray(labels_list, dtype=np.int64)
-    is_train = np.asarray(train_list, dtype=np.bool_)
+    renderer = PartsRenderer(spec)
+    defs = renderer.defs
+    n, size = len(renderer), spec.image_size
     images = np.empty((n, size, size, 3), dtype=np.uint8)
     masks = np.zeros((n, size, size), dtype=np.uint8)
-
-    shapes: dict[tuple[str, int], BoolArray] = {}
-    stripes: dict[int, BoolArray] = {}
-    seeds = np.random.SeedSequence(spec.seed).spawn(n)
+    has_marker = np.zeros(n, dtype=np.bool_)
     for i in range(n):
-        rng = np.random.default_rng(seeds[i])
-        _draw_image(rng, spec, int(labels[i]), defs, shapes, stripes, images[i], masks[i])
+        present = renderer._draw(i, images[i], masks[i])
+        has_marker[i] = any(d.kind == "shortcut" for d in present)
 
     class_names = []
-    for c in range(k):
-        own = [d for d in defs if d.owner == c]
+    for c in range(spec.n_classes):
+        own = [defs[int(p) - 1] for p in renderer.class_parts[c]]
         class_names.append(f"class_{c}_" + "+".join(d.name.replace(" ", "-") for d in own))
     return PartsData(
         spec=spec,
         images=images,
         masks=masks,
-        labels=labels,
-        is_train=is_train,
+        labels=renderer.labels,
+        is_train=renderer.is_train,
         class_names=class_names,
         part_names=["background"] + [d.name for d in defs],
         part_kinds=["background"] + [d.kind for d in defs],
         part_class=np.asarray([-1] + [d.owner for d in defs], dtype=np.int64),
+        is_shifted=renderer.is_shifted,
+        has_marker=has_marker,
+        class_parts=renderer.class_parts,
     )
 
 
@@ -691,15 +1227,15 @@ def default_cache_dir() -> Path:
 def _to_npz_arrays(data: PartsData) -> dict[str, npt.NDArray[Any]]:
     meta = {
         "key": data.spec.key(),
-        "generator_version": GENERATOR_VERSION,
-        "spec": dataclasses.asdict(data.spec),
+        "generator_version": data.spec.generator,
+        "spec": _spec_fields(data.spec),
         "fingerprint": data.fingerprint,
         "class_names": data.class_names,
         "part_names": data.part_names,
         "part_kinds": data.part_kinds,
     }
     meta_bytes = json.dumps(meta, sort_keys=True).encode("utf-8")
-    return {
+    arrays: dict[str, npt.NDArray[Any]] = {
         "images": data.images,
         "masks": data.masks,
         "labels": data.labels,
@@ -707,14 +1243,21 @@ def _to_npz_arrays(data: PartsData) -> dict[str, npt.NDArray[Any]]:
         "part_class": data.part_class,
         "meta": np.frombuffer(meta_bytes, dtype=np.uint8),
     }
+    if data.spec.generator >= 2:
+        arrays.update(is_shifted=data.is_shifted, has_marker=data.has_marker, class_parts=data.class_parts)
+    return arrays
 
 
 def _read_cache(path: Path, spec: PartsSpec) -> PartsData | None:
     """The cached dataset at ``path`` if it is intact and matches ``spec``,
     else None."""
+    v2 = spec.generator >= 2
     try:
         with open(path, "rb") as f, np.load(f, allow_pickle=False) as z:
             meta = json.loads(bytes(z["meta"].astype(np.uint8)).decode("utf-8"))
+            extra: dict[str, Any] = {}
+            if v2:
+                extra = {name: np.asarray(z[name]) for name in ("is_shifted", "has_marker", "class_parts")}
             data = PartsData(
                 spec=spec,
                 images=np.asarray(z["images"]),
@@ -725,15 +1268,16 @@ def _read_cache(path: Path, spec: PartsSpec) -> PartsData | None:
                 part_names=[str(s) for s in meta["part_names"]],
                 part_kinds=[str(s) for s in meta["part_kinds"]],
                 part_class=np.asarray(z["part_class"]),
+                **extra,
             )
     except Exception:  # unreadable / truncated / not an npz: regenerate
         return None
-    n = spec.n_classes * (spec.train_per_class + spec.test_per_class)
+    n = spec.n_images
     s = spec.image_size
-    n_parts = 1 + spec.n_classes * spec.parts_per_class + spec.shared_parts
-    checks = (
+    n_parts = 1 + len(part_defs(spec))
+    checks = [
         meta.get("key") == spec.key(),
-        meta.get("generator_version") == GENERATOR_VERSION,
+        meta.get("generator_version") == spec.generator,
         data.images.dtype == np.uint8 and data.images.shape == (n, s, s, 3),
         data.masks.dtype == np.uint8 and data.masks.shape == (n, s, s),
         data.labels.dtype == np.int64 and data.labels.shape == (n,),
@@ -741,7 +1285,14 @@ def _read_cache(path: Path, spec: PartsSpec) -> PartsData | None:
         data.part_class.dtype == np.int64 and data.part_class.shape == (n_parts,),
         len(data.class_names) == spec.n_classes,
         len(data.part_names) == n_parts and len(data.part_kinds) == n_parts,
-    )
+    ]
+    if v2:
+        checks += [
+            data.is_shifted.dtype == np.bool_ and data.is_shifted.shape == (n,),
+            data.has_marker.dtype == np.bool_ and data.has_marker.shape == (n,),
+            data.class_parts.dtype == np.int64
+            and data.class_parts.shape == (spec.n_classes, spec.parts_per_class),
+        ]
     if not all(checks) or meta.get("fingerprint") != data.fingerprint:
         return None
     return data
