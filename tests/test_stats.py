@@ -18,6 +18,7 @@ from protoaudit.core.stats import (
     mcnemar_exact,
     paired_bootstrap_difference,
     per_class_scores,
+    prediction_changes,
     softmax,
 )
 
@@ -184,3 +185,16 @@ def test_ensemble_compactness_is_the_members_side_by_side() -> None:
     total = local_sizes(w1, s1, pred) + local_sizes(w2, s2, pred)
     assert e["local_size"] == pytest.approx(total.mean())
     assert e["n_weights"] == 3 * 15
+
+
+def test_prediction_changes_counts_flips_both_ways() -> None:
+    labels = np.array([0, 1, 2, 0])
+    eye = np.eye(3)
+    before = eye[[0, 1, 0, 1]]  # right, right, wrong, wrong
+    after = eye[[0, 2, 2, 1]]  # right, wrong, right, wrong (unchanged)
+    c = prediction_changes(before, after, labels)
+    assert c["changed"] == pytest.approx(2 / 4)
+    assert c["correct_to_wrong"] == pytest.approx(1 / 2)
+    assert c["wrong_to_correct"] == pytest.approx(1 / 2)
+    assert (c["top1_before"], c["top1_after"]) == (0.5, 0.5)
+    assert prediction_changes(eye[[0]], eye[[0]], np.array([0]))["wrong_to_correct"] is None

@@ -360,3 +360,41 @@ def ensemble_compactness(
     s = np.concatenate([np.asarray(x, dtype=np.float64) for x in similarities], axis=1)
     off = None if off_classes is None else np.concatenate([np.asarray(x, bool) for x in off_classes], axis=1)
     return compactness(w, s, predictions, off, tol)
+
+
+# --- push's effect on predictions ----------------------------------------------------------------------------
+
+
+def prediction_changes(before: np.ndarray, after: np.ndarray, labels: np.ndarray) -> dict[str, Any]:
+    """How a step that changes the model (push, the last-layer stage) changed its predictions.
+
+    Args:
+        before, after: (N, K) float logits of the same N images before and after the step.
+        labels: (N,) int64.
+
+    Returns:
+        ``{"n", "changed" (share of images whose predicted class changed), "correct_to_wrong" (share, among
+        images right before, that are wrong after), "wrong_to_correct" (share, among images wrong before,
+        that are right after), "top1_before", "top1_after"}``; shares are None when their set is empty.
+
+    References:
+        Chen et al., "This Looks Like That", NeurIPS 2019, Theorem 2.1 (push does not change the prediction
+        of a correctly classified image whose top-2 logits are apart by at least 2·Δmax, under (A1)-(A4)).
+    """
+    b = np.asarray(before).argmax(axis=1)
+    a = np.asarray(after).argmax(axis=1)
+    y = np.asarray(labels)
+    right_before, right_after = b == y, a == y
+    n = len(y)
+
+    def share(mask: np.ndarray, within: np.ndarray) -> float | None:
+        return float(mask[within].mean()) if within.any() else None
+
+    return {
+        "n": int(n),
+        "changed": float((a != b).mean()) if n else None,
+        "correct_to_wrong": share(~right_after, right_before),
+        "wrong_to_correct": share(right_after, ~right_before),
+        "top1_before": float(right_before.mean()) if n else None,
+        "top1_after": float(right_after.mean()) if n else None,
+    }
