@@ -398,3 +398,19 @@ def prediction_changes(before: np.ndarray, after: np.ndarray, labels: np.ndarray
         "top1_before": float(right_before.mean()) if n else None,
         "top1_after": float(right_after.mean()) if n else None,
     }
+
+
+def top1_interval(logits: Any, labels: np.ndarray, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+    """``{"top1_low", "top1_high"}``: the percentile bootstrap interval of the top-1 of (N, K) ``logits``
+    (a tensor or an array) against ``labels`` (N,), with the default resamples and seed, so the intervals of
+    models scored on the same test images are paired; NaN for an empty split.
+
+    References:
+        Efron & Tibshirani, "An Introduction to the Bootstrap", Chapman & Hall 1993, §13.3.
+    """
+    y = np.asarray(labels)
+    if len(y) == 0:
+        return {"top1_low": float("nan"), "top1_high": float("nan")}
+    z = logits.detach().cpu().numpy() if hasattr(logits, "detach") else np.asarray(logits)
+    iv = bootstrap_interval(z.argmax(axis=1) == y, level=level, seed=seed)
+    return {"top1_low": iv.low, "top1_high": iv.high}

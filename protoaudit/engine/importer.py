@@ -320,6 +320,7 @@ def import_protopnet(
     ``index.build`` is on).
     """
     from protoaudit.core.metrics import ensemble_logits, top1
+    from protoaudit.core.stats import top1_interval
     from protoaudit.engine.data import build_dataset
     from protoaudit.engine.ensemble import configure_threads, prepare_run_dir, write_text_recipe
     from protoaudit.engine.io import sha256_file
@@ -478,7 +479,15 @@ def import_protopnet(
             )
             seconds["index"] = time.perf_counter() - t0
         rows = [
-            accuracy_row(name, "member", arch, test_top1, model.n_prototypes, len(bundle.test)),
+            accuracy_row(
+                name,
+                "member",
+                arch,
+                test_top1,
+                model.n_prototypes,
+                len(bundle.test),
+                interval=top1_interval(test_logits, bundle.test.labels),
+            ),
             accuracy_row(
                 "ensemble",
                 "ensemble",
@@ -486,6 +495,7 @@ def import_protopnet(
                 top1(ensemble_logits([test_logits]), bundle.test.labels),
                 model.n_prototypes,
                 len(bundle.test),
+                interval=top1_interval(ensemble_logits([test_logits]), bundle.test.labels),
             ),
         ]
         accuracy = accuracy_frame(rows)
