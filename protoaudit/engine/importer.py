@@ -311,6 +311,7 @@ def import_protopnet(
     member_name: str | None = None,
     force: bool = False,
     reporter: Reporter = NULL_REPORTER,
+    activation: str = "log",
 ) -> ImportResult:
     """Make ``<recipe.out>/<recipe.name>/`` a run holding one member imported from an original state dict.
 
@@ -336,6 +337,11 @@ def import_protopnet(
     )
     from protoaudit.engine.train import predict, predict_with_latents, resolve_device
 
+    if activation != "log":  # the state dict does not record it; the user states the original's setting
+        raise InputError(
+            f"prototype_activation_function {activation!r} is not imported: protoaudit's similarity is the "
+            "paper's log((d + 1)/(d + 1e-4)), so a model built with another activation would give other logits"
+        )
     started = time.perf_counter()
     source = Path(path)
     original = read_state_dict(source)
