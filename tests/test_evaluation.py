@@ -134,3 +134,29 @@ def test_audit_command_exposes_the_new_keys(pruned_run: Path, capsys: pytest.Cap
     for key in ("ensemble.local_size", "vgg.off_class_sparsity", "vgg.top1_low", "ensemble.ece"):
         assert key in keys, key
     assert any(k.startswith("mcnemar.vgg-pruned_vs_vgg") for k in keys)
+
+
+def test_report_shows_the_audit_sections_and_traces_their_numbers(pruned_run: Path, tmp_path: Path) -> None:
+    from protoaudit.report.build import ReportOptions, build_report
+    from protoaudit.report.render import write_report
+
+    from .report_helpers import untraced_numbers
+
+    options = ReportOptions(
+        reasoning_correct=1, reasoning_wrong=1, faithfulness_per_member=1, deletion_steps=4, random_orders=1
+    )
+    report = build_report(load_run(pruned_run), options)
+    ev = report.data["evaluation"]
+    assert ev["available"]
+    assert ev["source"] == "audit.json"
+    models = {row["model"] for row in ev["compactness"]}
+    assert {"vgg", "vgg-pruned", "ensemble", "ensemble-pruned"} <= models
+    assert {s["solver"] for s in ev["last_layer_stages"]} == {"fista"}
+    assert any(f["name"] == "reliability" for f in report.data["figures"])
+    accuracy_rows = report.data["accuracy"]["rows"]
+    assert all(r["top1_low"] <= r["top1"] <= r["top1_high"] for r in accuracy_rows)
+    written = write_report(report, tmp_path)
+    html = written["html"].read_text(encoding="utf-8")
+    assert 'id="mcnemar"' in html
+    assert 'id="push-effect"' in html
+    assert untraced_numbers(html, json.loads(written["json"].read_text(encoding="utf-8"))) == []
