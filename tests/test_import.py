@@ -136,7 +136,9 @@ def check_run_contract(run_dir: Path, member: str, state: dict) -> Run:
     assert meta["members"] == [member]
     assert meta["origin"]["kind"] == "import-protopnet"
     accuracy = pd.read_csv(run_dir / "accuracy.csv")
-    assert list(accuracy.columns) == ["model", "kind", "backbone", "pruned", "top1", "n_prototypes", "n_test"]
+    assert list(accuracy.columns) == [
+        "model", "kind", "backbone", "pruned", "top1", "n_prototypes", "n_test", "top1_low", "top1_high",
+    ]  # fmt: skip
     assert list(accuracy["model"]) == [member, "ensemble"]
     recipe = load_recipe(run_dir / "recipe.toml")
     assert [m.name for m in recipe.members] == [member]
@@ -267,3 +269,22 @@ def test_densenet_keys_map_onto_the_trunk() -> None:
         converted.state[key], net.state_dict()["features.denseblock4.denselayer16.norm2.running_var"]
     )
     assert len(spec) == 2 * 6  # 1024 → 512 → … → 16: six conv pairs, all imported
+
+
+def test_a_linear_activation_original_is_refused_with_one_line(
+    recipe_file: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, _, _ = original_state_dict("resnet18", "bottleneck", seed=1)
+    path = tmp_path / "linear.pth"
+    torch.save(state, path)
+    code, _, err = run_cli(
+        [
+            "import-protopnet", str(path), "--arch", "resnet18", "--recipe", str(recipe_file),
+            "--out", str(tmp_path / "runs"), "--activation", "linear", "--quiet",
+        ],
+        capsys,
+    )  # fmt: skip
+    assert code == 2
+    assert "prototype_activation_function 'linear'" in err
+    assert len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "runs").exists()

@@ -114,6 +114,8 @@ def test_member_round_trip_and_corrupt_files(tiny_run: Path, tmp_path: Path) -> 
 
 def test_accuracy_columns(tiny_run: Path) -> None:
     frame = pd.read_csv(tiny_run / "accuracy.csv")
-    assert list(frame.columns) == ["model", "kind", "backbone", "pruned", "top1", "n_prototypes", "n_test"]
+    assert list(frame.columns) == [
+        "model", "kind", "backbone", "pruned", "top1", "n_prototypes", "n_test", "top1_low", "top1_high",
+    ]  # fmt: skip
     assert list(frame["model"]) == ["vgg", "resnet", "ensemble"]
     assert np.all((frame["top1"] >= 0) & (frame["top1"] <= 1))

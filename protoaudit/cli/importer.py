@@ -47,6 +47,14 @@ def import_protopnet_command(
             show_default=False,
         ),
     ],
+    activation: Annotated[
+        str,
+        typer.Option(
+            "--activation",
+            help="The original's prototype_activation_function (not stored in a state dict): only 'log', "
+            "the paper's similarity, is imported; 'linear' is refused.",
+        ),
+    ] = "log",
     member: Annotated[str | None, typer.Option(help="Member name in the run (default: the arch).")] = None,
     name: Annotated[str | None, typer.Option(help="Run name (default: the recipe's name).")] = None,
     out: Annotated[Path | None, typer.Option(help="Output root; the run goes to OUT/<name>/.")] = None,
@@ -83,7 +91,13 @@ def import_protopnet_command(
     )
     with Reporter(err_console, quiet=quiet) as reporter:
         result = import_protopnet(
-            state_dict, arch, loaded, member_name=member, force=force, reporter=reporter
+            state_dict,
+            arch,
+            loaded,
+            member_name=member,
+            force=force,
+            reporter=reporter,
+            activation=activation,
         )
     if json_:
         print_json(

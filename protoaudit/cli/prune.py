@@ -50,7 +50,8 @@ def prune_command(
         int | None,
         typer.Option(
             "--finetune-epochs",
-            help="Last-layer epochs after pruning (default: the recipe's last_layer_epochs).",
+            help="Retune of the last layer after pruning, with the recipe's last_layer_solver: Adam epochs for "
+            '"adam" (default: the recipe\'s last_layer_epochs); FISTA runs to its tolerance; 0 skips the retune.',
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="Device for the evaluation passes.")] = "cpu",

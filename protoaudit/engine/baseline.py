@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from protoaudit.core.metrics import top1
+from protoaudit.core.stats import top1_interval
 from protoaudit.core.trunks import create_trunk, trunk_info
 from protoaudit.engine.data import DatasetBundle, ImageSplit, iter_batches
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
@@ -276,6 +277,16 @@ def train_baselines(
             )
             save_logits(directory, {"test": test_logits}, {"test": bundle.test.labels})
             writer.update(timings={**writer.document["timings"], member.name: trained.seconds})
-        rows.append(accuracy_row(member.name, "baseline", member.trunk, test_top1, 0, len(bundle.test)))
+        rows.append(
+            accuracy_row(
+                member.name,
+                "baseline",
+                member.trunk,
+                test_top1,
+                0,
+                len(bundle.test),
+                interval=top1_interval(test_logits, bundle.test.labels),
+            )
+        )
         reporter.log(f"[bold]{member.name}[/bold]: baseline test top-1 {test_top1:.4f}")
     return rows

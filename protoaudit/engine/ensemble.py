@@ -13,6 +13,7 @@ import pandas as pd
 import torch
 
 from protoaudit.core.metrics import ensemble_logits, top1
+from protoaudit.core.stats import top1_interval
 from protoaudit.core.trunks import trunk_info
 from protoaudit.engine.checkpoint import MemberCheckpoint
 from protoaudit.engine.data import DatasetBundle, build_dataset
@@ -162,6 +163,7 @@ def train_ensemble(
                 top1(combined, bundle.test.labels),
                 sum(int(r["n_prototypes"]) for r in rows),
                 len(bundle.test),
+                interval=top1_interval(combined, bundle.test.labels),
             )
         )
         from protoaudit.engine.baseline import train_baselines  # not part of the ensemble (paper Table 1)
@@ -254,7 +256,13 @@ def _train_members(
             trained.push.rows(bundle.push, trained.model.config.prototype_class, bundle.class_names)
         )
         row = accuracy_row(
-            member.name, "member", member.trunk, test_top1, trained.model.n_prototypes, len(bundle.test)
+            member.name,
+            "member",
+            member.trunk,
+            test_top1,
+            trained.model.n_prototypes,
+            len(bundle.test),
+            interval=top1_interval(test_logits, bundle.test.labels),
         )
         logits.append(test_logits)
         rows.append(row)
@@ -316,7 +324,13 @@ def _reload_finished_member(
             model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
         )
     row = accuracy_row(
-        name, "member", trunk, top1(test_logits, bundle.test.labels), model.n_prototypes, len(bundle.test)
+        name,
+        "member",
+        trunk,
+        top1(test_logits, bundle.test.labels),
+        model.n_prototypes,
+        len(bundle.test),
+        interval=top1_interval(test_logits, bundle.test.labels),
     )
     return row, test_logits
 

@@ -311,6 +311,7 @@ def import_protopnet(
     member_name: str | None = None,
     force: bool = False,
     reporter: Reporter = NULL_REPORTER,
+    activation: str = "log",
 ) -> ImportResult:
     """Make ``<recipe.out>/<recipe.name>/`` a run holding one member imported from an original state dict.
 
@@ -320,6 +321,7 @@ def import_protopnet(
     ``index.build`` is on).
     """
     from protoaudit.core.metrics import ensemble_logits, top1
+    from protoaudit.core.stats import top1_interval
     from protoaudit.engine.data import build_dataset
     from protoaudit.engine.ensemble import configure_threads, prepare_run_dir, write_text_recipe
     from protoaudit.engine.io import sha256_file
@@ -335,6 +337,11 @@ def import_protopnet(
     )
     from protoaudit.engine.train import predict, predict_with_latents, resolve_device
 
+    if activation != "log":  # the state dict does not record it; the user states the original's setting
+        raise InputError(
+            f"prototype_activation_function {activation!r} is not imported: protoaudit's similarity is the "
+            "paper's log((d + 1)/(d + 1e-4)), so a model built with another activation would give other logits"
+        )
     started = time.perf_counter()
     source = Path(path)
     original = read_state_dict(source)
@@ -478,7 +485,15 @@ def import_protopnet(
             )
             seconds["index"] = time.perf_counter() - t0
         rows = [
-            accuracy_row(name, "member", arch, test_top1, model.n_prototypes, len(bundle.test)),
+            accuracy_row(
+                name,
+                "member",
+                arch,
+                test_top1,
+                model.n_prototypes,
+                len(bundle.test),
+                interval=top1_interval(test_logits, bundle.test.labels),
+            ),
             accuracy_row(
                 "ensemble",
                 "ensemble",
@@ -486,6 +501,7 @@ def import_protopnet(
                 top1(ensemble_logits([test_logits]), bundle.test.labels),
                 model.n_prototypes,
                 len(bundle.test),
+                interval=top1_interval(ensemble_logits([test_logits]), bundle.test.labels),
             ),
         ]
         accuracy = accuracy_frame(rows)

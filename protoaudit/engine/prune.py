@@ -34,6 +34,7 @@ from protoaudit.core.purity import (
     prune_decision,
     stability,
 )
+from protoaudit.core.stats import top1_interval
 from protoaudit.engine.analysis import NEAREST_COLUMNS, nearest_csv_path
 from protoaudit.engine.index.search import NearestImages, PatchIndex, load_index, nearest_images
 from protoaudit.engine.io import read_json, write_json
@@ -50,7 +51,7 @@ from protoaudit.engine.run import (
     save_member,
     write_csv,
 )
-from protoaudit.engine.train import last_layer_stage, predict
+from protoaudit.engine.train import fit_last_layer, predict
 from protoaudit.errors import InputError, Remedy
 
 if TYPE_CHECKING:
@@ -70,6 +71,7 @@ class MemberPruning:
     test_logits: torch.Tensor
     audit: dict[str, Any] = field(default_factory=dict)
     duplicates: list[dict[str, Any]] = field(default_factory=list)
+    retune: dict[str, Any] = field(default_factory=dict)  # the last-layer solver's report after pruning
 
 
 @dataclass
@@ -130,30 +132,31 @@ def prune_member(
     # the pruned member: drop the prototypes and their last-layer columns, retrain h from the indexed patches
     pruned_model = copy.deepcopy(model)
     pruned_model.keep_prototypes(torch.as_tensor(~pruned))
-    if pruned_model.n_prototypes:
+    retune_info: dict[str, Any] = {}
+    if pruned_model.n_prototypes and finetune_epochs > 0:  # 0: keep h's remaining columns as they are
         vectors = torch.as_tensor(index.vectors())
         image_index = torch.tensor(meta["image_index"].to_numpy(), dtype=torch.long)
         min_d = min_distances_by_image(
             vectors, image_index, len(bundle.push), pruned_model.prototype_vectors.detach()
         )
-        optimizer = torch.optim.Adam(pruned_model.last_layer.parameters(), lr=recipe.lr.last_layer)
-        last_layer_stage(
+        # the training's stage 4 with the recipe's solver (FISTA: to its tolerance; Adam: finetune_epochs)
+        retune = fit_last_layer(
             pruned_model,
             min_d,
             torch.tensor(np.asarray(bundle.push.labels), dtype=torch.long),
-            optimizer,
-            finetune_epochs,
-            recipe.loss.l1,
-            recipe.schedule.batch_size,
+            recipe,
+            None,
             torch.Generator().manual_seed(recipe.seed),
+            epochs=finetune_epochs,
         )
+        retune_info = {k: retune[k] for k in ("solver", "iterations", "converged", "residual") if k in retune}
     pruned_model.eval()
     test_logits = predict(pruned_model.to(device), bundle.test, recipe.schedule.eval_batch_size, device).cpu()
     pruned_model.cpu()
     reporter.log(
         f"[bold]{name}[/bold]: pruned {int(pruned.sum())} of {len(pruned)} prototypes (purity < {threshold} of k = {k})"
     )
-    return MemberPruning(name, table, pruned_model, test_logits)
+    return MemberPruning(name, table, pruned_model, test_logits, retune=retune_info)
 
 
 def _add_ground_truth(
@@ -420,6 +423,7 @@ def prune_run(
                     "k": k,
                     "threshold": threshold,
                     "finetune_epochs": epochs,
+                    "last_layer": result.retune,
                     "pruned_prototypes": result.purity.loc[result.purity["pruned"], "prototype"]
                     .astype(int)
                     .tolist(),
@@ -440,6 +444,7 @@ def prune_run(
                 result.pruned_model.n_prototypes,
                 len(bundle.test),
                 pruned=True,
+                interval=top1_interval(result.test_logits, bundle.test.labels),
             )
         )
         audit["members"][result.name] = {
@@ -462,6 +467,7 @@ def prune_run(
             sum(r.pruned_model.n_prototypes for r in results),
             len(bundle.test),
             pruned=True,
+            interval=top1_interval(combined, bundle.test.labels),
         )
     )
     accuracy = pd.concat([accuracy, pd.DataFrame(new_rows)], ignore_index=True)[ACCURACY_COLUMNS]
@@ -484,6 +490,9 @@ def prune_run(
         )
     write_csv(run.path / "purity.csv", purity)
     write_csv(run.path / "duplicates.csv", duplicates)
+    from protoaudit.engine.evaluation import evaluate  # compactness, uncertainty, calibration, push effect
+
+    audit.update(evaluate(run, bundle, batch_size=recipe.schedule.eval_batch_size))
     write_json(run.path / "audit.json", audit, strict=True)
     write_csv(run.path / "accuracy.csv", accuracy)
     RunWriter.reopen(run).update(
@@ -523,6 +532,9 @@ def flat_metrics(audit: dict[str, Any]) -> dict[str, float]:
     for key in ("pruning_precision", "pruning_recall"):
         if isinstance(audit.get(key), int | float):
             out[key] = float(audit[key])
+    from protoaudit.engine.evaluation import flat_metrics as evaluation_metrics
+
+    out.update(evaluation_metrics(audit))
     return out
 
 

@@ -194,7 +194,12 @@ class Schedule(_Strict):
     warm_epochs: int = Field(5, ge=0)
     push_start: int = Field(10, ge=1)
     push_every: int = Field(10, ge=1)
-    last_layer_epochs: int = Field(20, ge=0)
+    last_layer_epochs: int = Field(20, ge=0)  # Adam epochs of the last-layer stage (solver "adam")
+    # stage 4: "fista" solves the paper's convex problem to last_layer_tol (exact zeros); "adam" runs the
+    # original code's last_layer_epochs Adam epochs at lr.last_layer
+    last_layer_solver: Literal["fista", "adam"] = "fista"
+    last_layer_tol: float = Field(1e-5, gt=0)  # FISTA stops when the L1 optimality residual is at most this
+    last_layer_max_iter: int = Field(5000, ge=1)  # FISTA's iteration guard
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     workers: int = Field(0, ge=0)  # DataLoader workers for file-backed datasets

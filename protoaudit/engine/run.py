@@ -35,7 +35,18 @@ from protoaudit.engine.io import load_tensors, read_json, save_tensors, sha256_f
 from protoaudit.errors import CheckpointError, InputError, Remedy
 
 FORMAT_VERSION = 1
-ACCURACY_COLUMNS = ["model", "kind", "backbone", "pruned", "top1", "n_prototypes", "n_test"]
+# top1_low / top1_high: the 95 % percentile bootstrap interval of top1 (the same resamples for every model)
+ACCURACY_COLUMNS = [
+    "model",
+    "kind",
+    "backbone",
+    "pruned",
+    "top1",
+    "n_prototypes",
+    "n_test",
+    "top1_low",
+    "top1_high",
+]
 MEMBERS_DIR = "members"
 PRUNED_SUFFIX = "-pruned"  # members/<m>-pruned/: the pruned copy of member m
 LOGITS_FILE = "logits.safetensors"
@@ -59,8 +70,11 @@ def accuracy_row(
     n_prototypes: int,
     n_test: int,
     pruned: bool = False,
+    interval: dict[str, float] | None = None,
 ) -> dict[str, Any]:
-    """One row of ``accuracy.csv`` (columns :data:`ACCURACY_COLUMNS`); kind is member, ensemble or baseline."""
+    """One row of ``accuracy.csv`` (columns :data:`ACCURACY_COLUMNS`); kind is member, ensemble or baseline.
+    ``interval``: ``{"top1_low", "top1_high"}`` (:func:`protoaudit.core.stats.top1_interval`)."""
+    interval = interval or {}
     return {
         "model": model,
         "kind": kind,
@@ -69,6 +83,8 @@ def accuracy_row(
         "top1": top1,
         "n_prototypes": n_prototypes,
         "n_test": n_test,
+        "top1_low": interval.get("top1_low", float("nan")),
+        "top1_high": interval.get("top1_high", float("nan")),
     }
 
 

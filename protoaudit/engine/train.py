@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from protoaudit.core.losses import off_class_l1, protopnet_loss
 from protoaudit.core.metrics import top1
-from protoaudit.core.model import MemberConfig, ProtoPNet, squared_distances
+from protoaudit.core.model import MemberConfig, ProtoPNet, similarity, squared_distances
 from protoaudit.engine.checkpoint import MemberCheckpoint, capture, restore
 from protoaudit.engine.data import DatasetBundle, ImageSplit, iter_batches
 from protoaudit.engine.distributed import SINGLE, DistInfo, all_gather_rows, shard, sync_buffers, unshard
@@ -240,6 +240,153 @@ def last_layer_stage(
     return {"loss": loss.detach().item(), "cross_entropy": ce.detach().item(), "train_top1": acc}
 
 
+def convex_last_layer_stage(
+    model: ProtoPNet,
+    min_distances: torch.Tensor,
+    labels: torch.Tensor,
+    l1: float,
+    tol: float,
+    max_iter: int,
+) -> dict[str, Any]:
+    """Stage 4 as the paper's convex problem: h ← argmin mean CE + l1·Σ|off-class weights| on the fixed
+    similarities of ``min_distances`` (N, m), solved by FISTA from the current h until the L1 optimality
+    residual is at most ``tol`` (:func:`protoaudit.core.lastlayer.solve_last_layer`). Returns its metrics."""
+    from protoaudit.core.lastlayer import solve_last_layer
+
+    set_stage(model, "last_layer")
+    sims = similarity(min_distances).detach()
+    off_class = (1 - model.class_identity().t()).bool()
+    weight = model.last_layer.weight
+    solution = solve_last_layer(sims, labels, off_class, l1, init=weight.detach(), tol=tol, max_iter=max_iter)
+    with torch.no_grad():
+        weight.copy_(solution.weight.to(weight.dtype))
+        acc = float((model.last_layer(sims).argmax(1) == labels).float().mean()) if len(sims) else math.nan
+    return {
+        "loss": solution.objective,
+        "cross_entropy": solution.cross_entropy,
+        "train_top1": acc,
+        "solver": "fista",
+        "iterations": solution.iterations,
+        "converged": solution.converged,
+        "residual": solution.residual,
+    }
+
+
+def fit_last_layer(
+    model: ProtoPNet,
+    min_distances: torch.Tensor,
+    labels: torch.Tensor,
+    recipe: Recipe,
+    optimizer: torch.optim.Optimizer | None,
+    generator: torch.Generator,
+    epochs: int | None = None,
+) -> dict[str, Any]:
+    """Stage 4 with the recipe's solver: ``schedule.last_layer_solver = "fista"`` (the convex problem to a
+    tolerance) or ``"adam"`` (the original code's ``epochs`` Adam epochs, by default
+    ``schedule.last_layer_epochs``, with ``optimizer``; a fresh Adam at ``lr.last_layer`` when None)."""
+    sched = recipe.schedule
+    if sched.last_layer_solver == "fista":
+        return convex_last_layer_stage(
+            model, min_distances, labels, recipe.loss.l1, sched.last_layer_tol, sched.last_layer_max_iter
+        )
+    if optimizer is None:
+        optimizer = torch.optim.Adam(model.last_layer.parameters(), lr=recipe.lr.last_layer)
+    metrics = last_layer_stage(
+        model,
+        min_distances,
+        labels,
+        optimizer,
+        sched.last_layer_epochs if epochs is None else epochs,
+        recipe.loss.l1,
+        sched.batch_size,
+        generator,
+    )
+    return {**metrics, "solver": "adam"}
+
+
+class _EffectProbe:
+    """Logits of one split for the current prototypes and last layer, to measure what push changes.
+
+    Push and the last-layer stage leave the latent space alone, so the split's latents (kept once, within
+    ``budget`` bytes, in a single process) give its logits before push, after push and after the last-layer
+    stage without another pass; otherwise (too large, or under torchrun) each call is a prediction pass.
+    """
+
+    def __init__(
+        self,
+        model: ProtoPNet,
+        split: ImageSplit,
+        batch_size: int,
+        device: torch.device,
+        workers: int,
+        dist: DistInfo,
+        budget: int,
+    ) -> None:
+        self.model, self.split, self.batch_size = model, split, batch_size
+        self.device, self.workers, self.dist = device, workers, dist
+        self.latents: torch.Tensor | None = None
+        if not dist.enabled and len(split):
+            model.eval()
+            with torch.no_grad():
+                z = model.latent(split.batch([0]).to(device))
+            if z.numel() * z.element_size() * len(split) <= budget:
+                self.latents = predict_with_latents(model, split, batch_size, device, workers)[1]
+
+    @torch.no_grad()
+    def logits(self) -> torch.Tensor:
+        """(N, K) float32 on the CPU."""
+        if not len(self.split):
+            return torch.zeros(0, self.model.n_classes)
+        if self.latents is None:
+            return predict(self.model, self.split, self.batch_size, self.device, self.workers, self.dist)
+        prototypes = self.model.prototype_vectors.detach().cpu()
+        head = self.model.last_layer.weight.detach().cpu()
+        return similarity(min_distances_from_latents(self.latents, prototypes)) @ head.t()
+
+
+class _PushEffect:
+    """Push's effect on predictions (paper Theorem 2.1): the val and test logits (and the push split's own,
+    from its latents) before push, right after it with the last layer unchanged, and after stage 4."""
+
+    def __init__(
+        self, model: ProtoPNet, bundle: DatasetBundle, sched: Any, device: torch.device, dist: DistInfo
+    ) -> None:
+        self.model, self.bundle = model, bundle
+        self.splits = {"val": bundle.val, "test": bundle.test}
+        self.probes = {
+            name: _EffectProbe(
+                model, split, sched.eval_batch_size, device, sched.workers, dist, LATENT_CACHE_BYTES // 4
+            )
+            for name, split in self.splits.items()
+        }
+        self.before = {name: probe.logits() for name, probe in self.probes.items()}
+        self.old_prototypes = model.prototype_vectors.detach().clone()
+        self.after_push: dict[str, torch.Tensor] = {}
+        self.push: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    @torch.no_grad()
+    def pushed(self, latents: torch.Tensor | None, min_distances: torch.Tensor) -> None:
+        """After push: ``latents`` (N, D, H, W) of the push split (None when not kept, or sharded) and its
+        (N, m) min distances to the pushed prototypes."""
+        self.after_push = {name: probe.logits() for name, probe in self.probes.items()}
+        if latents is not None:
+            before = self.model.head(min_distances_from_latents(latents, self.old_prototypes)).cpu()
+            self.push = (before, self.model.head(min_distances).cpu())
+
+    @torch.no_grad()
+    def finish(self, min_distances: torch.Tensor) -> tuple[dict[str, Any], torch.Tensor]:
+        """After stage 4: the changes per split and the val logits (model selection's)."""
+        final = {name: probe.logits() for name, probe in self.probes.items()}
+        changes = {
+            name: _effect(self.before[name], self.after_push[name], final[name], split.labels)
+            for name, split in self.splits.items()
+        }
+        if self.push is not None:
+            final_push = self.model.head(min_distances).cpu()
+            changes["push"] = _effect(*self.push, final_push, self.bundle.push.labels)
+        return changes, final["val"]
+
+
 class _LatentKeeper:
     """Push-pass consumer: keeps every batch's latents (up to ``budget`` bytes) for the last-layer stage,
     and forwards each batch to another consumer (the patch index) when given one."""
@@ -401,6 +548,10 @@ def train_member(
             continue
 
         t0 = time.perf_counter()
+        effect = _PushEffect(model, bundle, sched, device, dist)  # paper Theorem 2.1: logits before push
+        seconds["eval"] += time.perf_counter() - t0
+
+        t0 = time.perf_counter()
         keeper = _LatentKeeper(LATENT_CACHE_BYTES, latent_consumer)
         with reporter.task(f"{member.name} push", len(bundle.push)) as advance:
             pushed = push_prototypes(
@@ -437,28 +588,21 @@ def train_member(
             if latents is not None and keep_push_latents:
                 latents = unshard(all_gather_rows(latents.cpu(), dist), len(bundle.push))
         kept = latents if keep_push_latents else None
-        del latents
-        last = last_layer_stage(
-            model,
-            min_d,
-            push_labels,
-            optimizers["last_layer"],
-            sched.last_layer_epochs,
-            coefs["l1"],
-            sched.batch_size,
-            generator,
-        )
         seconds["last_layer"] += time.perf_counter() - t0
+        t0 = time.perf_counter()
+        effect.pushed(None if dist.enabled else latents, min_d)  # after push, the last layer unchanged
+        del latents
+        seconds["eval"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        val = (
-            top1(
-                predict(model, bundle.val, sched.eval_batch_size, device, sched.workers, dist),
-                bundle.val.labels,
-            )
-            if len(bundle.val)
-            else float("nan")
-        )
+        last = fit_last_layer(model, min_d, push_labels, recipe, optimizers["last_layer"], generator)
+        seconds["last_layer"] += time.perf_counter() - t0
+        last["seconds_solver"] = time.perf_counter() - t0
+
+        t0 = time.perf_counter()
+        changes, val_logits = effect.finish(min_d)  # after stage 4
+        del effect
+        val = top1(val_logits, bundle.val.labels) if len(bundle.val) else float("nan")
         seconds["eval"] += time.perf_counter() - t0
         history.append(
             {
@@ -467,6 +611,7 @@ def train_member(
                 "seconds": time.perf_counter() - t0,
                 **last,
                 "val_top1": val,
+                "push_effect": changes,
             }
         )
         reporter.log(
@@ -487,6 +632,20 @@ def train_member(
     return TrainedMember(
         member.name, member, model, pushed, history, score, selected_epoch, seconds, best_latents
     )
+
+
+def _effect(
+    before: torch.Tensor, after_push: torch.Tensor, final: torch.Tensor, labels: Any
+) -> dict[str, Any]:
+    """What push changed on one split: ``push`` (prototypes projected, the last layer unchanged: paper
+    Theorem 2.1's setting) and ``push_and_last_layer`` (after stage 4 too)."""
+    from protoaudit.core.stats import prediction_changes
+
+    y = np.asarray(labels)
+    return {
+        "push": prediction_changes(before.numpy(), after_push.numpy(), y),
+        "push_and_last_layer": prediction_changes(before.numpy(), final.numpy(), y),
+    }
 
 
 @torch.no_grad()

@@ -25,6 +25,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from protoaudit.core.stats import confusion as confusion_matrix
 from protoaudit.engine.io import jsonable
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.run import PRUNED_SUFFIX, Run
@@ -189,6 +190,9 @@ class _Builder:
             "definitions": DEFINITIONS,
             "notes": self.notes,
         }
+        from protoaudit.report.evaluation import section as evaluation_section
+
+        data["evaluation"] = evaluation_section(run, data, self.bundle)
         data = jsonable(data)
         from protoaudit.report.figures import add_figures
 
@@ -268,6 +272,8 @@ class _Builder:
                     "backbone": None if r.get("backbone") is None else str(r.get("backbone")),
                     "pruned": bool(_as_bool(r.get("pruned"))),
                     "top1": _opt_float(r.get("top1")),
+                    "top1_low": _opt_float(r.get("top1_low")),
+                    "top1_high": _opt_float(r.get("top1_high")),
                     "n_prototypes": _opt_int(r.get("n_prototypes")),
                     "n_test": _opt_int(r.get("n_test")),
                 }
@@ -582,7 +588,7 @@ class _Builder:
         for is_pruned, names in groups:
             logits = torch.stack([outputs[n] for n in names]).sum(dim=0)
             predicted = logits.argmax(dim=1).numpy()
-            matrix = np.bincount(labels * k + predicted, minlength=k * k).reshape(k, k)
+            matrix = confusion_matrix(labels, predicted, k)  # sklearn.metrics.confusion_matrix
             top1 = float((predicted == labels).mean()) if len(labels) else None
             recorded = ensemble_rows.get(is_pruned, {}).get("top1")
             confusion.append(

@@ -18,6 +18,21 @@ PETSIUK_2018 = (
     "Petsiuk, Das, Saenko. RISE: Randomized Input Sampling for Explanation of Black-box Models. BMVC 2018"
 )
 
+NAUTA_2023 = (
+    "Nauta, Schlötterer, van Keulen, Seifert. PIP-Net: Patch-Based Intuitive Prototypes for Interpretable "
+    "Image Classification. CVPR 2023"
+)
+GUO_2017 = "Guo, Pleiss, Sun, Weinberger. On Calibration of Modern Neural Networks. ICML 2017"
+EFRON_1993 = "Efron, Tibshirani. An Introduction to the Bootstrap. Chapman & Hall 1993"
+MCNEMAR_1947 = (
+    "McNemar. Note on the sampling error of the difference between correlated proportions or percentages. "
+    "Psychometrika 1947"
+)
+BECK_2009 = (
+    "Beck, Teboulle. A Fast Iterative Shrinkage-Thresholding Algorithm for Linear Inverse Problems. "
+    "SIAM J. Imaging Sciences 2009"
+)
+
 BOX_CAVEAT = (
     "The box drawn on a prototype's source image is the paper's visualisation: the smallest rectangle around the "
     "pixels at or above the 95th percentile of the similarity map upsampled (bicubic) from the latent grid to the "
@@ -86,9 +101,77 @@ DEFINITIONS: list[dict[str, str]] = [
         "source": f"{CHEN_2019}, §2.2 (convex optimisation of the last layer)",
     },
     {
+        "name": "last-layer solver",
+        "definition": "schedule.last_layer_solver = fista (the default): the last layer minimises mean "
+        "cross-entropy + λ·Σ|off-class weights| (λ = loss.l1) on the similarities of the whole push split, by "
+        "accelerated proximal gradient with soft-thresholding of the off-class weights only (which makes them "
+        "exactly 0), a backtracking step and momentum restarts, until every entry of the smallest subgradient "
+        "of the objective (the L1 optimality residual) is at most schedule.last_layer_tol, or "
+        "schedule.last_layer_max_iter iterations (then 'reached tolerance' is no). When the push split is "
+        "separable by the own-class prototypes alone, the cross-entropy has no minimiser (the own-class "
+        "weights can grow without end) and the answer depends on the tolerance. adam: the original code's "
+        "last_layer_epochs Adam epochs at lr.last_layer, which does not reach zeros.",
+        "source": f"{CHEN_2019}, §2.2 (stage 3, convex optimisation of the last layer); {BECK_2009}",
+    },
+    {
+        "name": "compactness: sparsity, global size, local size",
+        "definition": "A weight counts as zero when |w| ≤ 1e-3. Sparsity: share of all last-layer weights "
+        "that are zero; off-class sparsity: the same over off-class weights. Global size: prototypes with at "
+        "least one non-zero weight. Local size: per test image, the prototypes whose contribution "
+        "similarity × weight to the predicted class has a non-zero weight and an absolute value above 1e-3, "
+        "averaged over the test images (any class: a contribution to any class counts). For an ensemble the "
+        "members' last layers stand side by side: global sizes add, and local size counts every member's "
+        "contributions to the ensemble's predicted class.",
+        "source": f"{NAUTA_2023}, §4 (sparsity ratio, global and local explanation size)",
+    },
+    {
+        "name": "bootstrap interval of top-1",
+        "definition": "The test images are resampled with replacement 2000 times (seed 0); the interval runs "
+        "from the 2.5th to the 97.5th percentile of the resampled top-1 (percentile interval). The same "
+        "resamples serve every model, so two models' intervals and their difference are paired. accuracy.csv "
+        "columns top1_low and top1_high.",
+        "source": f"{EFRON_1993}, §13.3",
+    },
+    {
+        "name": "exact McNemar test",
+        "definition": "Two models on the same test images: b images only model a gets right, c only model b. "
+        "Under the hypothesis that both are equally accurate each of the b + c discordant images is a fair "
+        "coin, so the two-sided p = min(1, 2·P[Binomial(b + c, 1/2) ≤ min(b, c)]). Shown for the ensemble "
+        "against its member with the best validation top-1 and for each pruned model against its unpruned "
+        "one, beside the paired bootstrap interval of the difference in top-1.",
+        "source": MCNEMAR_1947,
+    },
+    {
+        "name": "expected calibration error (ECE) and reliability diagram",
+        "definition": "Confidence = the largest softmax probability (for an ensemble, of the summed logits). "
+        "Test images fall into 15 equal-width confidence bins; ECE = Σ over bins of (images in the bin / all "
+        "images) × |accuracy in the bin − mean confidence in the bin|. The reliability diagram shows each "
+        "bin's accuracy against the diagonal of a perfectly calibrated model (scikit-learn's "
+        "calibration_curve bins the same way).",
+        "source": GUO_2017,
+    },
+    {
+        "name": "per-class precision, recall, F1",
+        "definition": "Per class k: precision = right predictions of k / predictions of k; recall = right "
+        "predictions of k / test images of k; F1 their harmonic mean (0 where undefined); macro: the mean "
+        "over classes. With two classes also sensitivity (recall of class 1) and specificity (recall of class "
+        "0). Computed with scikit-learn (precision_recall_fscore_support).",
+        "source": "Sokolova, Lapalme. A systematic analysis of performance measures for classification "
+        "tasks. Information Processing & Management 2009",
+    },
+    {
+        "name": "push's effect on predictions",
+        "definition": "At every push, the val and test images (and the push split's own images) are predicted "
+        "before push, right after push with the last layer unchanged, and after the last-layer stage that "
+        "follows; changed = share of images whose predicted class differs from before push; right → wrong = "
+        "share of images right before push that are wrong after. Test predictions are only reported here, "
+        "never used for model selection.",
+        "source": f"{CHEN_2019}, §2.2, Theorem 2.1",
+    },
+    {
         "name": "confusion matrix",
         "definition": "Counts of test images by true class (rows) and predicted class (columns), for the "
-        "ensemble, from the members' saved test logits (summed).",
+        "ensemble, from the members' saved test logits (summed; scikit-learn's confusion_matrix).",
         "source": "standard",
     },
     {

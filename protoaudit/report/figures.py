@@ -46,6 +46,8 @@ def add_figures(data: dict[str, Any], assets: dict[str, str]) -> None:
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
+    from protoaudit.report.evaluation import reliability_diagram
+
     makers: list[tuple[str, str, str, Callable[[dict[str, Any]], Any]]] = [
         (
             "purity",
@@ -72,6 +74,14 @@ def add_figures(data: dict[str, Any], assets: dict[str, str]) -> None:
             "Ensemble confusion matrix (test)",
             "Rows: true class; columns: predicted class; recomputed from the saved members.",
             confusion_heatmap,
+        ),
+        (
+            "reliability",
+            "Reliability diagrams (test)",
+            "Per model: the share of right predictions in each of 15 equal-width confidence bins (bars) "
+            "against the diagonal of a perfectly calibrated model; the gap, weighted by the bins' images, "
+            "is the expected calibration error (Guo et al. 2017).",
+            reliability_diagram,
         ),
         (
             "deletion",

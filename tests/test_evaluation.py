@@ -1,0 +1,162 @@
+"""The sparse last layer in training and pruning, and the audit sections compactness, uncertainty,
+calibration and push_effect of a real (tiny) run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+from protoaudit.core.lastlayer import l1_residual
+from protoaudit.core.model import similarity
+from protoaudit.core.stats import bootstrap_interval, mcnemar_exact
+from protoaudit.engine.data import build_dataset
+from protoaudit.engine.recipe import load_recipe
+from protoaudit.engine.run import load_run
+from protoaudit.engine.train import _min_distances_pass, train_member
+
+from .conftest import TINY_RECIPE
+
+
+def _trained(solver: str, *overrides: str) -> tuple:
+    recipe = load_recipe(TINY_RECIPE, overrides=[f"schedule.last_layer_solver={solver}", *overrides])
+    bundle = build_dataset(recipe.data, recipe.seed)
+    trained = train_member(recipe.members[0], recipe, bundle, torch.device("cpu"), seed=0)
+    return recipe, bundle, trained
+
+
+def test_training_last_layer_is_the_convex_optimum_with_exact_zeros() -> None:
+    recipe, bundle, trained = _trained(
+        "fista", "schedule.last_layer_tol=1e-4", "schedule.last_layer_max_iter=5000", "loss.l1=0.05"
+    )
+    model = trained.model
+    last = [h for h in trained.history if h["stage"] == "last_layer"]
+    assert last
+    assert all(h["solver"] == "fista" for h in last)
+    assert all(h["converged"] for h in last)
+    # the selected state's h satisfies the L1 optimality conditions on the push split's similarities
+    sims = similarity(_min_distances_pass(model, bundle.push, 16, torch.device("cpu"))).double()
+    labels = torch.as_tensor(np.asarray(bundle.push.labels))
+    w = model.last_layer.weight.detach().double().clone().requires_grad_(True)
+    torch.nn.functional.cross_entropy(sims @ w.t(), labels).backward()
+    assert w.grad is not None
+    off = (1 - model.class_identity().t()).bool()
+    residual = l1_residual(w.detach(), w.grad, off, recipe.loss.l1)
+    assert float(residual.max()) <= 10 * recipe.schedule.last_layer_tol  # float32 weights, recomputed latents
+    weight = model.last_layer.weight.detach()
+    # exact zeros, not small values (λ = 0.05: on this weakly trained member λ = 1e-4 keeps every off-class
+    # connection, which the optimality check above accepts as the optimum)
+    assert (weight[off] == 0).float().mean() >= 0.5
+
+
+def test_adam_solver_keeps_the_original_schedule() -> None:
+    _, _, trained = _trained("adam")
+    last = [h for h in trained.history if h["stage"] == "last_layer"]
+    assert all(h["solver"] == "adam" for h in last)
+    off = (1 - trained.model.class_identity().t()).bool()
+    assert (trained.model.last_layer.weight.detach()[off] == 0).sum() == 0  # Adam leaves no exact zero
+
+
+def test_push_effect_is_recorded_per_push_on_val_test_and_push() -> None:
+    _, bundle, trained = _trained("fista")
+    last = [h for h in trained.history if h["stage"] == "last_layer"]
+    for h in last:
+        effect = h["push_effect"]
+        assert set(effect) == {"val", "test", "push"}
+        assert effect["test"]["push"]["n"] == len(bundle.test)
+        assert 0.0 <= effect["val"]["push"]["changed"] <= 1.0
+        # val top-1 after stage 4, from the kept latents, is the number model selection used
+        assert effect["val"]["push_and_last_layer"]["top1_after"] == pytest.approx(h["val_top1"])
+
+
+@pytest.fixture(scope="module")
+def pruned_run(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    import shutil
+
+    from protoaudit.engine.prune import prune_run
+
+    target = tmp_path_factory.mktemp("evaluation") / tiny_run.name
+    shutil.copytree(tiny_run, target)
+    prune_run(load_run(target), k=6, threshold=3)
+    return target
+
+
+def test_accuracy_csv_has_paired_intervals_that_contain_top1(pruned_run: Path) -> None:
+    accuracy = pd.read_csv(pruned_run / "accuracy.csv")
+    assert {"top1_low", "top1_high"} <= set(accuracy.columns)
+    assert (accuracy["top1_low"] <= accuracy["top1"]).all()
+    assert (accuracy["top1"] <= accuracy["top1_high"]).all()
+    audit = json.loads((pruned_run / "audit.json").read_text())
+    intervals = audit["uncertainty"]["intervals"]
+    ensemble = accuracy[(accuracy["model"] == "ensemble") & ~accuracy["pruned"]].iloc[0]
+    assert intervals["ensemble"]["top1_low"] == pytest.approx(ensemble["top1_low"])
+
+
+def test_audit_sections_match_a_direct_computation(pruned_run: Path) -> None:
+    from protoaudit.engine.evaluation import checkpoint_outputs
+
+    run = load_run(pruned_run)
+    bundle = run.dataset()
+    audit = json.loads((pruned_run / "audit.json").read_text())
+    assert {"compactness", "uncertainty", "calibration", "push_effect"} <= set(audit)
+    labels = np.asarray(bundle.test.labels)
+    outputs = checkpoint_outputs(run, bundle, 16)
+    # McNemar of each pruned member against its unpruned one, from the checkpoints' own predictions
+    for c in audit["uncertainty"]["mcnemar"]:
+        if c["comparison"] != "pruned vs unpruned member":
+            continue
+        a = outputs[c["a"]].logits.argmax(1) == labels
+        b = outputs[c["b"]].logits.argmax(1) == labels
+        assert c["p_value"] == pytest.approx(mcnemar_exact(a, b)["p_value"])
+    assert any(c["a"] == "ensemble" for c in audit["uncertainty"]["mcnemar"])
+    # the ensemble's global size is the members' summed; sparsity is at least the members' smallest
+    comp = audit["compactness"]["models"]
+    assert comp["ensemble"]["global_size"] == sum(comp[m]["global_size"] for m in run.member_names)
+    member = run.member_names[0]
+    w = outputs[member].weight
+    assert w is not None
+    assert comp[member]["sparsity"] == pytest.approx(float((np.abs(w) <= 1e-3).mean()))
+    # ECE bins count every test image
+    assert sum(audit["calibration"]["models"]["ensemble"]["count"]) == len(labels)
+    iv = bootstrap_interval(outputs[member].logits.argmax(1) == labels)
+    assert audit["uncertainty"]["intervals"][member]["top1_high"] == pytest.approx(iv.high)
+    assert audit["push_effect"]["members"][member]  # one row per push and split
+
+
+def test_audit_command_exposes_the_new_keys(pruned_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from protoaudit.engine.prune import flat_metrics, load_audit
+
+    keys = flat_metrics(load_audit(load_run(pruned_run)))
+    for key in ("ensemble.local_size", "vgg.off_class_sparsity", "vgg.top1_low", "ensemble.ece"):
+        assert key in keys, key
+    assert any(k.startswith("mcnemar.vgg-pruned_vs_vgg") for k in keys)
+
+
+def test_report_shows_the_audit_sections_and_traces_their_numbers(pruned_run: Path, tmp_path: Path) -> None:
+    from protoaudit.report.build import ReportOptions, build_report
+    from protoaudit.report.render import write_report
+
+    from .report_helpers import untraced_numbers
+
+    options = ReportOptions(
+        reasoning_correct=1, reasoning_wrong=1, faithfulness_per_member=1, deletion_steps=4, random_orders=1
+    )
+    report = build_report(load_run(pruned_run), options)
+    ev = report.data["evaluation"]
+    assert ev["available"]
+    assert ev["source"] == "audit.json"
+    models = {row["model"] for row in ev["compactness"]}
+    assert {"vgg", "vgg-pruned", "ensemble", "ensemble-pruned"} <= models
+    assert {s["solver"] for s in ev["last_layer_stages"]} == {"fista"}
+    assert any(f["name"] == "reliability" for f in report.data["figures"])
+    accuracy_rows = report.data["accuracy"]["rows"]
+    assert all(r["top1_low"] <= r["top1"] <= r["top1_high"] for r in accuracy_rows)
+    written = write_report(report, tmp_path)
+    html = written["html"].read_text(encoding="utf-8")
+    assert 'id="mcnemar"' in html
+    assert 'id="push-effect"' in html
+    assert untraced_numbers(html, json.loads(written["json"].read_text(encoding="utf-8"))) == []
