@@ -61,6 +61,8 @@ class Case:
     check: Callable[[Env], None] | None = None
     skip: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    quiet: bool = True  # append --quiet (commands without the option: False)
+    absent: str = ""  # must not appear in the line (e.g. advice that would be wrong)
 
 
 # -- helpers that build broken inputs -------------------------------------------------------------------
@@ -414,6 +416,179 @@ def weights_file_is_a_pickle(env: Env) -> list[str]:
     return train(TINY_RECIPE, "--set", f"members.vgg.weights={json.dumps(str(payload))}")(env)
 
 
+# -- a trained run, broken, then given to a command that reads it --------------------------------------------
+
+FIRST_TEST_IMAGE = "test/000048"  # the tiny recipe's 3 classes × 16 training images come first
+
+
+def _run_command(command: str, run_dir: Path) -> list[str]:
+    return {
+        "explain": ["explain", str(run_dir), FIRST_TEST_IMAGE],
+        "report": ["report", str(run_dir), "--reasoning", "1", "--deletion", "1"],
+        "prune": ["prune", str(run_dir), "--finetune-epochs", "1"],
+        "index": ["index", str(run_dir), "--force"],
+        "nearest-patches": ["nearest-patches", str(run_dir), "--member", "vgg", "--prototype", "0"],
+        "nearest-prototypes": ["nearest-prototypes", str(run_dir), FIRST_TEST_IMAGE, "--member", "vgg"],
+        "global-analysis": ["global-analysis", str(run_dir), "--no-thumbnails"],
+        "train --resume": ["train-ensemble", str(TINY_RECIPE), "--out", str(run_dir.parent), "--resume"],
+    }[command]
+
+
+QUIET = {"report", "prune", "index", "global-analysis", "train --resume"}  # the commands with --quiet
+LOADERS = ["explain", "report", "prune", "index", "nearest-patches", "nearest-prototypes", "global-analysis"]
+
+
+def on_run(tamper: Callable[[Path], None], command: str, *more: str) -> Callable[[Env], list[str]]:
+    """Copy the trained tiny run, break it with ``tamper``, give it to ``command``."""
+
+    def setup(env: Env) -> list[str]:
+        run_dir = env.runs / "tiny"
+        shutil.copytree(env.tiny_run, run_dir)
+        tamper(run_dir)
+        if command == "train --resume":  # the run was interrupted during its second member
+            shutil.rmtree(run_dir / "members" / "resnet")
+            (run_dir / "accuracy.csv").unlink()
+            meta = json.loads((run_dir / "run.json").read_text())
+            meta["status"] = "interrupted"
+            (run_dir / "run.json").write_text(json.dumps(meta))
+        return [*_run_command(command, run_dir), *more]
+
+    return setup
+
+
+def flipped_weight_byte(run_dir: Path) -> None:
+    path = run_dir / "members" / "vgg" / "model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-5] ^= 0x01  # one bit of one weight: the file still parses
+    path.write_bytes(bytes(data))
+
+
+def prototypes_csv_missing(run_dir: Path) -> None:
+    (run_dir / "members" / "vgg" / "prototypes.csv").unlink()
+
+
+def prototype_class_out_of_range(run_dir: Path) -> None:
+    path = run_dir / "members" / "vgg" / "model.json"
+    meta = json.loads(path.read_text())
+    meta["config"]["prototype_class"][0] = 99
+    path.write_text(json.dumps(meta))
+
+
+def nan_in_prototypes_csv(run_dir: Path) -> None:
+    path = run_dir / "members" / "vgg" / "prototypes.csv"
+    lines = path.read_text().splitlines()
+    header, row = lines[0].split(","), lines[1].split(",")
+    row[header.index("distance")] = "nan"
+    lines[1] = ",".join(row)
+    path.write_text("\n".join(lines) + "\n")
+
+
+def undecodable_recipe(run_dir: Path) -> None:
+    (run_dir / "recipe.toml").write_bytes(b"\xff\xfe name = 'tiny'")
+
+
+def model_json_missing(run_dir: Path) -> None:
+    (run_dir / "members" / "vgg" / "model.json").unlink()
+
+
+def recipe_with_test_fraction_zero(run_dir: Path) -> None:
+    """The run's recipe.toml as an earlier protoaudit accepted it: a folder dataset with no test split."""
+    import tomllib
+
+    import tomli_w
+
+    recipe = tomllib.loads((run_dir / "recipe.toml").read_text())
+    recipe["data"] = {"kind": "imagefolder", "root": str(run_dir / "images"), "test_fraction": 0.0}
+    (run_dir / "recipe.toml").write_text(tomli_w.dumps(recipe))
+
+
+def older_checkpoint_format(run_dir: Path) -> None:
+    pointer, doc = _pointer(run_dir)
+    doc["format_version"] = 1
+    pointer.write_text(json.dumps(doc))
+
+
+def read_only(env: Env, folder: Path) -> None:
+    """Make ``folder`` unwritable: chmod when not root, else fail as a read-only file system would."""
+    if os.geteuid() != 0:
+        for path in [folder, *folder.rglob("*")]:
+            if path.is_dir():
+                path.chmod(0o555)  # the test puts 0755 back afterwards
+        return
+    real_mkdir, real_mkstemp = os.mkdir, tempfile.mkstemp
+
+    def mkdir(path: Any, *args: Any, **kwargs: Any) -> None:
+        if str(path).startswith(str(folder)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        real_mkdir(path, *args, **kwargs)
+
+    def mkstemp(*args: Any, **kwargs: Any) -> tuple[int, str]:
+        if str(kwargs.get("dir", "")).startswith(str(folder)):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(kwargs["dir"]))
+        return real_mkstemp(*args, **kwargs)
+
+    env.monkeypatch.setattr(os, "mkdir", mkdir)
+    env.monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+
+
+def prune_read_only_run(env: Env) -> list[str]:
+    run_dir = env.runs / "tiny"
+    shutil.copytree(env.tiny_run, run_dir)
+    read_only(env, run_dir)
+    return _run_command("prune", run_dir)
+
+
+def threads_zero(command: str) -> Callable[[Env], list[str]]:
+    def setup(env: Env) -> list[str]:
+        return [*_run_command(command, env.tiny_run), "--threads", "0"]
+
+    return setup
+
+
+def zip_pickle(base: Path) -> Path:
+    """torch.save's own zip format, carrying a pickled object (not only tensors)."""
+    base.mkdir(parents=True, exist_ok=True)
+    torch.save({"prototype_vectors": Payload()}, base / "model.pth")
+    return base / "model.pth"
+
+
+def raw_pickle_protocol_4(base: Path) -> Path:
+    """A plain pickle of another protocol than torch.save's: torch would warn before failing."""
+    base.mkdir(parents=True, exist_ok=True)
+    (base / "model.pth").write_bytes(pickle.dumps({"prototype_vectors": Payload()}, protocol=4))
+    return base / "model.pth"
+
+
+TAMPERED = "members/vgg/model.safetensors: its sha256 differs from the one recorded in model.json"
+RUN_CASES = [
+    *[
+        Case(f"flipped weight byte: {c}", on_run(flipped_weight_byte, c), 2, TAMPERED, quiet=c in QUIET, absent="rebuild", unchanged=c != "train --resume")
+        for c in [*LOADERS, "train --resume"]
+    ],
+    *[
+        Case(f"prototypes.csv missing: {c}", on_run(prototypes_csv_missing, c), 2, "members/vgg/prototypes.csv: file not found", quiet=c in QUIET)
+        for c in ("prune", "explain", "report")
+    ],
+    *[
+        Case(f"prototype_class out of range: {c}", on_run(prototype_class_out_of_range, c), 2, "model.json: config.prototype_class[0] is 99, not a class index in 0..2", quiet=c in QUIET, unchanged=c != "train --resume")
+        for c in [*LOADERS, "train --resume"]
+    ],
+    *[
+        Case(f"model.json missing: {c}", on_run(model_json_missing, c), 2, "members/vgg/model.json is missing", quiet=c in QUIET)
+        for c in ("explain", "report", "prune", "nearest-patches")
+    ],
+    *[
+        Case(f"--threads 0: {c}", threads_zero(c), 2, "--threads: expected a positive number of CPU threads, got 0", quiet=c in QUIET)
+        for c in [*(c for c in LOADERS if c != "prune"), "train --resume"]  # prune has no --threads
+    ],
+    Case("accuracy.csv missing: prune", on_run(lambda d: (d / "accuracy.csv").unlink(), "prune"), 2, "accuracy.csv: file not found; the run did not finish"),
+    Case("accuracy.csv not CSV: prune", on_run(lambda d: (d / "accuracy.csv").write_text('model,"unclosed'), "prune"), 2, "accuracy.csv: not a readable CSV table"),
+    Case("members folder gone: index", on_run(lambda d: shutil.rmtree(d / "members"), "index"), 2, "has no member to index"),
+    Case("NaN in prototypes.csv: report", on_run(nan_in_prototypes_csv, "report"), 2, "prototypes.csv: row 1 has distance = nan, not a finite number"),
+    Case("undecodable recipe.toml: report", on_run(undecodable_recipe, "report"), 2, "recipe.toml is not UTF-8 text"),
+    Case("prune on a read-only run", prune_read_only_run, 4, "Read-only file system" if os.geteuid() == 0 else "Permission denied"),
+]  # fmt: skip
+
 NO_CUDA = "needs a machine without CUDA" if torch.cuda.is_available() else None
 NO_DEV_FULL = None if Path("/dev/full").exists() else "needs /dev/full"
 
@@ -425,7 +600,15 @@ CASES = [
     Case("run name climbs out", train(CORPUS / "recipe_name_path_traversal.toml"), 2, "name: String should match pattern"),
     Case("member name with slash", train(CORPUS / "recipe_member_name_with_slash.toml"), 2, "members[0].name:"),
     Case("members is a table", train(CORPUS / "recipe_members_is_a_table.toml"), 2, "members: Input should be a valid list"),
-    Case("NaN learning rate", train(CORPUS / "recipe_nan_learning_rate.toml"), 2, "lr.trunk: Input should be greater than 0 (got nan)"),
+    Case("NaN learning rate", train(CORPUS / "recipe_nan_learning_rate.toml"), 2, "lr.trunk: Input should be a finite number (got nan)"),
+    Case("infinite learning rate", train(CORPUS / "recipe_inf_learning_rate.toml"), 2, "lr.warm_add_on: Input should be a finite number (got inf)"),
+    Case("NaN loss coefficient", train(CORPUS / "recipe_nan_loss_coefficient.toml"), 2, "loss.cluster: Input should be a finite number (got nan)"),
+    Case("10⁹ training images per class", train(CORPUS / "recipe_huge_train_per_class.toml"), 2, "data.train_per_class: Input should be less than or equal to 100000"),
+    Case("generated dataset beyond memory", train(CORPUS / "recipe_dataset_too_large.toml"), 2, "data: the generated images would take 126.9 GiB of memory"),
+    Case("batch of 10⁷ images", train(CORPUS / "recipe_huge_batch.toml"), 2, "schedule.batch_size: Input should be less than or equal to 65536"),
+    Case("test_fraction = 0", train(CORPUS / "recipe_test_fraction_zero.toml"), 2, "data.test_fraction: Input should be greater than 0"),
+    Case("--threads 0: train-ensemble", train(TINY_RECIPE, "--threads", "0"), 2, "--threads: expected a positive number of CPU threads, got 0"),
+    Case("training diverges", train(TINY_RECIPE, "--set", "lr.warm_add_on=1e30", "--set", "index.build=false"), 2, "member vgg diverged in its warm stage, epoch 1/3: the loss became nan", unchanged=False, check=failed_status),
     Case("push every 0", train(CORPUS / "recipe_push_every_zero.toml"), 2, "schedule.push_every:"),
     Case("zero threads", train(CORPUS / "recipe_zero_threads.toml"), 2, "threads: Input should be greater than or equal to 1"),
     Case("huge image", train(CORPUS / "recipe_huge_image.toml"), 2, "data.image_size: Input should be less than or equal to 512"),
@@ -444,7 +627,9 @@ CASES = [
     Case("full disk", full_disk_while_saving_a_member, 4, "model.safetensors: No space left on device", unchanged=False, check=full_disk_check, skip=NO_DEV_FULL),
     # weights and foreign checkpoints
     Case("trunk weights are a pickle", weights_file_is_a_pickle, 2, "holds pickled Python objects", unchanged=False, check=payload_not_executed),
-    Case("import: pickle payload .pth", imported(lambda d: write_payload(d / "model.pth")), 2, "holds pickled Python objects", check=payload_not_executed),
+    Case("import: pickle payload .pth", imported(lambda d: write_payload(d / "model.pth")), 2, "is not a state dict saved with weights only: it holds pickled Python objects (GLOBAL ", check=payload_not_executed),
+    Case("import: torch zip carrying a pickle", imported(zip_pickle), 2, "is not a state dict saved with weights only: it holds pickled Python objects (GLOBAL ", check=payload_not_executed),
+    Case("import: raw pickle, protocol 4", imported(raw_pickle_protocol_4), 2, "model.pth is not", check=payload_not_executed),
     Case("import: pickle renamed .safetensors", imported(lambda d: write_payload(d / "model.safetensors")), 2, "not a readable safetensors file", check=payload_not_executed),
     Case("import: truncated .pth", imported(truncated_pth), 2, "is not a readable torch checkpoint"),
     Case("import: truncated safetensors", imported(truncated_safetensors), 2, "not a readable safetensors file"),
@@ -462,13 +647,15 @@ CASES = [
     Case("dataset changed since the run", resume(dataset_changed), 2, "its dataset changed since the run started", unchanged=False),
     Case("complete run without accuracy.csv", resume(lambda d: (d / "accuracy.csv").unlink()), 2, "says it is complete but has no accuracy.csv"),
     Case("run.json not JSON", resume(run_json_not_json), 2, "run.json: not valid JSON"),
-    Case("truncated member weights", resume(truncated_member_weights), 2, "model.safetensors: not a readable safetensors file", unchanged=False, check=failed_status),
+    Case("truncated member weights", resume(truncated_member_weights), 2, "model.safetensors: its sha256 differs from the one recorded in model.json", unchanged=False, check=failed_status),
     Case("checkpoint byte flipped", resume(flipped_checkpoint_byte, "checkpoint"), 2, "does not match the sha256", unchanged=False, check=failed_status),
     Case("truncated checkpoint", resume(truncated_checkpoint, "checkpoint"), 2, "not a readable safetensors file", unchanged=False),
     Case("pickle as checkpoint", resume(pickle_checkpoint, "checkpoint"), 2, "not a readable safetensors file", unchanged=False, check=payload_not_executed),
     Case("checkpoint of another architecture", resume(checkpoint_of_other_architecture, "checkpoint"), 2, "does not fit this member's architecture", unchanged=False),
     Case("checkpoint of another member", resume(checkpoint_of_other_member, "checkpoint"), 2, "written for member 'vgg', not 'resnet'", unchanged=False),
     Case("checkpoint of a newer format", resume(newer_checkpoint_format, "checkpoint"), 2, "format version 99 is not one this protoaudit reads", unchanged=False),
+    Case("checkpoint of an older format", resume(older_checkpoint_format, "checkpoint"), 2, "format version 1 was written by an older protoaudit", unchanged=False),
+    *RUN_CASES,
 ]  # fmt: skip
 
 
@@ -540,7 +727,7 @@ def test_bad_input(
     args = case.setup(env)
     before = snapshot(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        main([*args, "--quiet"])
+        main([*args, "--quiet"] if case.quiet else args)
     executed = MARKER_ENV in os.environ
     monkeypatch.undo()  # disk simulations end with the command
     for path in tmp_path.rglob("*"):  # a read-only folder made by a case
@@ -553,6 +740,8 @@ def test_bad_input(
     assert len(lines) == 1, err
     assert case.fragment in lines[0]
     assert lines[0].startswith("error:")
+    if case.absent:
+        assert case.absent not in lines[0]
     assert out == ""
     after = snapshot(tmp_path)
     assert not [name for name in after if name.endswith(".tmp") or "/.tmp" in name], (
@@ -574,3 +763,53 @@ def test_the_corpus_is_large_and_every_static_file_is_used() -> None:
     source = Path(__file__).read_text()
     for path in CORPUS.iterdir():
         assert path.name in source, f"{path.name} is in tests/bad_inputs/ but no case uses it"
+
+
+def _quiet_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str]:
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    out, err = capsys.readouterr()
+    return int(exc.value.code or 0), out, err
+
+
+def test_a_broken_index_shows_as_broken_and_quiet_prints_only_data(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The report says the damaged patch index is broken (not "not computed yet"); with -q, every command
+    prints its data on stdout and nothing at all on stderr."""
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    (run_dir / "members" / "vgg" / "patches.faiss").write_bytes(b"not a faiss index")
+    code, out, err = _quiet_cli(["report", str(run_dir), "--reasoning", "1", "--deletion", "1", "-q"], capsys)
+    assert code == 0
+    assert err == ""
+    assert sorted(line.split("\t")[0] for line in out.splitlines()) == ["html", "json"]  # data only
+    report = json.loads((run_dir / "report.json").read_text())
+    vgg = next(m for m in report["members"] if m["name"] == "vgg")
+    assert "the patch index is broken" in vgg["nearest_note"]
+    assert "not computed yet" not in vgg["nearest_note"]
+    resnet = next(m for m in report["members"] if m["name"] == "resnet")
+    assert resnet["nearest_note"] is None  # its index is fine
+    for args in (
+        ["train-ensemble", str(TINY_RECIPE), "--out", str(tiny_run.parent), "--resume", "-q"],  # complete
+        ["index", str(run_dir), "-q"],  # rebuilds the broken one
+        ["report", "--root", str(tmp_path), "--reasoning", "0", "--deletion", "0", "-q"],  # most recent run
+    ):
+        code, out, err = _quiet_cli(args, capsys)
+        assert code == 0, err
+        assert err == "", args
+        assert out.strip()
+
+
+def test_a_report_on_a_run_without_a_test_split_says_why(
+    tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run recorded with test_fraction = 0 (an earlier protoaudit accepted it): the report is written,
+    without the parts that need the dataset, and its notes name the refused key."""
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    recipe_with_test_fraction_zero(run_dir)
+    code, _, err = _quiet_cli(["report", str(run_dir), "--reasoning", "1", "--deletion", "1"], capsys)
+    assert code == 0, err
+    notes = json.loads((run_dir / "report.json").read_text())["notes"]
+    assert any("data.test_fraction: Input should be greater than 0" in note for note in notes)

@@ -60,11 +60,11 @@ def test_reads_idx_files(tmp_path: Path, gz: bool) -> None:
 def test_splits_resize_and_grey_to_rgb(tmp_path: Path) -> None:
     import torch
 
-    from protoaudit.engine.data.augment import batch_augment
+    from protoaudit.engine.data.augment import image_augment
     from protoaudit.engine.data.fashion_mnist import CLASS_NAMES, build_fashion_mnist
 
     make_fashion_mnist(tmp_path, train_per_class=8)
-    bundle = build_fashion_mnist(tmp_path, 32, 0.25, batch_augment("flip"), seed=0, max_train_per_class=6)
+    bundle = build_fashion_mnist(tmp_path, 32, 0.25, image_augment("flip"), seed=0, max_train_per_class=6)
     assert bundle.class_names == CLASS_NAMES
     assert len(bundle.train) == 10 * 4
     assert len(bundle.val) == 10 * 2
@@ -75,8 +75,8 @@ def test_splits_resize_and_grey_to_rgb(tmp_path: Path) -> None:
     assert torch.equal(x[:, 0], x[:, 1])
     assert torch.equal(x[:, 0], x[:, 2])
     assert 0.9 < float(x.max()) <= 1.0
-    torch.manual_seed(0)
-    augmented = torch.stack([bundle.train.batch([0])[0] for _ in range(8)])
+    assert torch.equal(bundle.train.batch([0])[0], bundle.train.batch([0])[0])  # no seeds: not augmented
+    augmented = torch.stack([bundle.train.batch([0], torch.tensor([s]))[0] for s in range(8)])
     plain = bundle.push.batch([bundle.push.image_ids.index(bundle.train.image_ids[0])])[0]
     flipped = [torch.equal(a, plain.flip(-1)) for a in augmented]
     kept = [torch.equal(a, plain) for a in augmented]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
@@ -185,7 +187,7 @@ def _hand_built_index(
     )
     member = tmp_path / "members" / "m"
     member.mkdir(parents=True)
-    (member / "model.json").write_text("{}")
+    (member / "model.json").write_text(json.dumps({"weights_sha256": hashlib.sha256(b"weights").hexdigest()}))
     (member / "model.safetensors").write_bytes(b"weights")
 
     class Config:
@@ -323,11 +325,20 @@ def test_parts_from_keypoints() -> None:
 # -- stale and damaged indexes --------------------------------------------------------------------------
 
 
+def _record_weights(weights: Path) -> None:
+    """Record the weights' new sha256 in model.json, as saving a changed member does."""
+    meta_path = weights.with_name("model.json")
+    meta = json.loads(meta_path.read_text())
+    meta["weights_sha256"] = hashlib.sha256(weights.read_bytes()).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+
+
 def test_stale_index_is_refused_and_rebuilt(run_copy: Path) -> None:
     weights = run_copy / "members" / "vgg" / "model.safetensors"
     state = load_tensors(weights)
     state["prototype_vectors"] = state["prototype_vectors"] + 0.01
     save_tensors(weights, state)
+    _record_weights(weights)  # the member changed (as a re-save does): model.json records the new weights
     with pytest.raises(StaleIndexError, match=r"model\.safetensors") as exc:
         load_index(run_copy, "vgg", "train")
     assert "\n" not in str(exc.value)
@@ -471,6 +482,7 @@ def test_index_and_query_commands(tiny_run: Path, tmp_path: Path, capsys: pytest
     state = load_tensors(weights)
     state["last_layer.weight"] = state["last_layer.weight"] * 2
     save_tensors(weights, state)
+    _record_weights(weights)
     code, out, err = run_cli(["nearest-patches", str(run_dir), "-m", "vgg", "--image", "test/000050"], capsys)
     assert code == 2
     assert out == ""

@@ -249,7 +249,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(
 def test_resume_refusals_and_a_complete_run(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = _tree(tiny_run)
     base = ["train-ensemble", str(TINY_RECIPE), "--out", str(tiny_run.parent), "--resume"]
-    code, out, err = run_cli([*base, "--quiet"], capsys)
+    code, out, err = run_cli(base, capsys)
     assert code == 0
     assert "already complete; nothing to resume" in err
     assert "ensemble" in out  # the recorded accuracy table
@@ -270,3 +270,69 @@ def test_resume_with_nothing_to_resume(tmp_path: Path, capsys: pytest.CaptureFix
     assert code == 2
     assert "nothing to resume" in err
     assert list(tmp_path.iterdir()) == []
+
+
+KILL_AT = Path(__file__).with_name("kill_at.py")
+
+
+def test_augmented_run_killed_at_four_points_resumes_to_identical_files(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """kill -9 an augmented run mid-joint, mid-push, before a weights file is renamed into place and between
+    members — each time in the process that resumed the previous kill — then `--resume` it to the end: every
+    file equals a run never killed, bit for bit, and no temporary is left."""
+    args = ["--threads", "1", "--set", "data.augment=true", "--set", "index.build=false"]
+    code, _, err = run_cli(
+        ["train-ensemble", str(TINY_RECIPE), "--out", str(tmp_path / "straight"), "-q", *args], capsys
+    )
+    assert code == 0, err
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    train = ["train-ensemble", str(TINY_RECIPE), "--out", str(tmp_path / "killed"), "-q", *args]
+    run_dir = tmp_path / "killed" / "tiny"
+    vgg = run_dir / "members" / "vgg"
+    points = [  # (point, member, n-th occurrence in that process, flags)
+        ("joint", "vgg", 1, []),  # epoch 2, the first joint epoch: checkpoint after epoch 1 (warm)
+        ("push", "vgg", 2, ["--resume"]),  # resumed at epoch 2: its second push is epoch 3's
+        ("rename", "vgg", 1, ["--resume"]),  # vgg's weights written to a temporary, not yet renamed
+        ("between", "resnet", 1, ["--resume"]),  # vgg finished, resnet not started
+    ]
+    for point, member, n, flags in points:
+        proc = subprocess.run(
+            [sys.executable, str(KILL_AT), point, member, str(n), "--", *train, *flags],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=300,
+        )
+        assert proc.returncode == -signal.SIGKILL, (point, proc.returncode, proc.stderr[-2000:])
+        assert json.loads((run_dir / "run.json").read_text())["status"] == "running"
+        assert not (run_dir / "accuracy.csv").exists()
+        if point == "rename":  # the kill left the weights' temporary beside the missing model.safetensors
+            assert list(vgg.glob(".model.safetensors.*.tmp"))
+            assert not (vgg / "model.json").exists()
+        if point == "between":
+            assert (vgg / "model.json").is_file()
+            assert not list(run_dir.rglob("*.tmp"))  # the resumed writer removed the stale temporary
+    resumed = subprocess.run(
+        [sys.executable, "-m", "protoaudit", *train, "--resume"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+
+    straight, after = _tree(tmp_path / "straight" / "tiny"), _tree(run_dir)
+    assert after["accuracy.csv"] == straight["accuracy.csv"]
+    for name in ("vgg", "resnet"):
+        key = f"members/{name}/model.safetensors"
+        a, b = load_tensors(tmp_path / "straight" / "tiny" / key), load_tensors(run_dir / key)
+        assert a.keys() == b.keys()
+        for tensor in a:
+            assert torch.equal(a[tensor], b[tensor]), (name, tensor)
+        assert after[key] == straight[key]
+        assert after[f"members/{name}/prototypes.csv"] == straight[f"members/{name}/prototypes.csv"]
+    assert not [name for name in after if "checkpoint" in name or name.endswith(".tmp")]
+    meta = json.loads(after["run.json"])
+    assert meta["status"] == "complete"
+    assert len(meta["resumed"]) == 4

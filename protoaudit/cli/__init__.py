@@ -80,9 +80,11 @@ def error_line(exc: BaseException) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Console-script entry point: run the app, map known exceptions to one line and an exit code."""
+    from protoaudit.cli.common import quiet_mode
     from protoaudit.errors import ProtoauditError
 
     debug = os.environ.get("PROTOAUDIT_DEBUG", "") not in ("", "0")
+    quiet_mode(False)  # a command with --quiet turns it on for itself
     try:
         app(args=argv)  # standalone: usage errors exit 2, Ctrl-C exits 130
     except KeyboardInterrupt:  # an interruption that reached past the command's own handling

@@ -11,7 +11,14 @@ from rich.console import Console
 from rich.table import Table
 
 out_console = Console(soft_wrap=True)
-err_console = Console(stderr=True)
+err_console = Console(stderr=True)  # errors: always printed
+info_console = Console(stderr=True)  # log lines, notes and timings: silenced by --quiet
+
+
+def quiet_mode(quiet: bool) -> None:
+    """With ``--quiet`` a command prints nothing but its data (stdout) and, on failure, its error line."""
+    info_console.quiet = quiet
+
 
 JsonOpt = Annotated[
     bool, typer.Option("--json", help="Print one JSON document on stdout instead of a table.")
@@ -22,6 +29,20 @@ RunArg = Annotated[
     typer.Argument(help="Run directory (default: the most recent run under reports/).", show_default=False),
 ]
 RootOpt = Annotated[Path, typer.Option("--root", help="Output root searched for the most recent run.")]
+
+
+def _positive_threads(value: int | None) -> int | None:
+    from protoaudit.errors import InputError
+
+    if value is not None and value < 1:
+        raise InputError(f"--threads: expected a positive number of CPU threads, got {value}")
+    return value
+
+
+ThreadsOpt = Annotated[
+    int | None,
+    typer.Option("--threads", help="CPU threads torch (and faiss) use.", callback=_positive_threads),
+]
 
 
 def print_json(document: Any) -> None:
@@ -48,5 +69,16 @@ def resolve_run(run: Path | None, root: Path) -> Any:
 
     loaded = load_run(run, root=root)
     if run is None:
-        err_console.print(f"using the most recent run: {loaded.path}", highlight=False)
+        info_console.print(f"using the most recent run: {loaded.path}", highlight=False)
     return loaded
+
+
+def writing_into(run_dir: Path, folder: Path, command: str) -> Any:
+    """The run's single-writer lock (see :func:`protoaudit.engine.run.writing`) when ``folder`` lies inside
+    the run directory, else nothing to hold: a command that writes elsewhere does not touch the run."""
+    import contextlib
+
+    from protoaudit.engine.run import writing
+
+    inside = folder.resolve().is_relative_to(run_dir.resolve())
+    return writing(run_dir, command) if inside else contextlib.nullcontext()

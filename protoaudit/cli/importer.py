@@ -7,7 +7,16 @@ from typing import Annotated
 
 import typer
 
-from protoaudit.cli.common import JsonOpt, QuietOpt, err_console, frame_table, out_console, print_json
+from protoaudit.cli.common import (
+    JsonOpt,
+    QuietOpt,
+    ThreadsOpt,
+    err_console,
+    frame_table,
+    out_console,
+    print_json,
+    quiet_mode,
+)
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -60,7 +69,7 @@ def import_protopnet_command(
     out: Annotated[Path | None, typer.Option(help="Output root; the run goes to OUT/<name>/.")] = None,
     seed: Annotated[int | None, typer.Option(help="Override the recipe's seed (splits).")] = None,
     device: Annotated[str | None, typer.Option(help="Device: auto, cpu, cuda, cuda:N.")] = None,
-    threads: Annotated[int | None, typer.Option(help="CPU threads torch uses.")] = None,
+    threads: ThreadsOpt = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -76,6 +85,7 @@ def import_protopnet_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Import a ProtoPNet trained with the original code as a run that index, prune, explain and report work on."""
+    quiet_mode(quiet)
     from protoaudit.engine.importer import import_protopnet
     from protoaudit.engine.progress import Reporter
     from protoaudit.engine.recipe import load_recipe

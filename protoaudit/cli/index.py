@@ -12,10 +12,14 @@ from protoaudit.cli.common import (
     QuietOpt,
     RootOpt,
     RunArg,
+    ThreadsOpt,
     err_console,
     frame_table,
+    info_console,
     out_console,
     print_json,
+    quiet_mode,
+    writing_into,
 )
 
 if TYPE_CHECKING:
@@ -72,7 +76,6 @@ ImageArgs = Annotated[
         show_default=False,
     ),
 ]
-ThreadsOpt = Annotated[int | None, typer.Option(help="CPU threads for torch and faiss.")]
 
 
 def _threads(threads: int | None) -> None:
@@ -95,14 +98,18 @@ def _run_and_image(args: list[str], root: Path) -> tuple[Any, str]:
 
 
 def _member(run: Run, member: str | None) -> str:
-    from protoaudit.errors import InputError
+    from protoaudit.errors import CheckpointError, InputError
 
     if member is None:
         if not run.member_names:
             raise InputError(f"run {run.path} has no members")
         member = str(run.member_names[0])
-        err_console.print(f"member: {member} (choose with --member)", highlight=False)
+        info_console.print(f"member: {member} (choose with --member)", highlight=False)
     elif not (run.path / "members" / member / "model.json").is_file():
+        if (run.path / "members" / member).is_dir():
+            raise CheckpointError(
+                f"{run.path / 'members' / member / 'model.json'} is missing: member {member}'s metadata is gone"
+            )
         raise InputError(f"run {run.path} has no member {member!r} (members: {', '.join(run.member_names)})")
     return member
 
@@ -123,6 +130,7 @@ def index_command(
     quiet: QuietOpt = False,
 ) -> None:
     """(Re)build the patch index of every member: FAISS over every latent patch of the push and test splits."""
+    quiet_mode(quiet)
     from protoaudit.cli.common import resolve_run
     from protoaudit.engine.index.build import index_run
     from protoaudit.engine.index.files import SPLITS
@@ -245,9 +253,10 @@ def explain_command(
     sheet = explain_image(loaded, image, top_classes)
     folder = out if out is not None else loaded.path / "explain"
     base = sheet_basename(sheet.image_id)
-    png = render_sheet_png(sheet, folder / f"{base}.png", prototypes)
-    html = folder / f"{base}.html"
-    write_text(html, render_sheet_html(sheet, prototypes))
+    with writing_into(loaded.path, folder, "explain"):  # the run's lock while writing into it
+        png = render_sheet_png(sheet, folder / f"{base}.png", prototypes)
+        html = folder / f"{base}.html"
+        write_text(html, render_sheet_html(sheet, prototypes))
     err_console.print(f"wrote {png} and {html}", highlight=False, soft_wrap=True)
     if json_:
         print_json({**sheet.to_dict(), "png": str(png), "html": str(html)})
@@ -286,6 +295,7 @@ def global_analysis_command(
 ) -> None:
     """For every prototype its k nearest training and test images, each by its closest patch (paper Fig. 5b):
     members/<m>/nearest_train.csv, nearest_test.csv and members/<m>/nearest/<split>/<prototype>.png."""
+    quiet_mode(quiet)
     from protoaudit.cli.common import resolve_run
     from protoaudit.engine.analysis import global_analysis
     from protoaudit.engine.progress import Reporter
@@ -303,7 +313,10 @@ def global_analysis_command(
             def strips(member: str, split: str, table: pd.DataFrame) -> None:
                 write_strips(loaded, member, split, table, bundle)
 
-        table = global_analysis(loaded, k, names, reporter=reporter, on_table=strips)
+        from protoaudit.engine.run import writing
+
+        with writing(loaded.path, "global-analysis"):
+            table = global_analysis(loaded, k, names, reporter=reporter, on_table=strips)
     if json_:
         print_json({"run": str(loaded.path), "k": k, "files": table.to_dict(orient="records")})
     else:

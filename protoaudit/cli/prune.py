@@ -14,8 +14,10 @@ from protoaudit.cli.common import (
     RunArg,
     err_console,
     frame_table,
+    info_console,
     out_console,
     print_json,
+    quiet_mode,
 )
 
 PRUNE_EXAMPLES = """
@@ -60,6 +62,7 @@ def prune_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Prune background prototypes by k-NN class purity (paper §2.6), retrain the last layer, evaluate again."""
+    quiet_mode(quiet)
     from protoaudit.cli.common import resolve_run
     from protoaudit.engine.progress import Reporter
     from protoaudit.engine.prune import prune_run
@@ -92,7 +95,7 @@ def prune_command(
     out_console.print(
         frame_table(result.accuracy, title=f"test top-1 before and after pruning — {loaded.path}")
     )
-    err_console.print(
+    info_console.print(
         f"wrote purity.csv, audit.json, duplicates.csv and members/*-pruned/ in {result.seconds:.1f} s",
         highlight=False,
     )

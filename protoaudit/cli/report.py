@@ -7,7 +7,19 @@ from typing import Annotated
 
 import typer
 
-from protoaudit.cli.common import JsonOpt, QuietOpt, RootOpt, RunArg, err_console, print_json, resolve_run
+from protoaudit.cli.common import (
+    JsonOpt,
+    QuietOpt,
+    RootOpt,
+    RunArg,
+    ThreadsOpt,
+    err_console,
+    info_console,
+    print_json,
+    quiet_mode,
+    resolve_run,
+    writing_into,
+)
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -49,12 +61,13 @@ def report_command(
             "(default: recompute from the test logits saved beside each checkpoint).",
         ),
     ] = False,
-    threads: Annotated[int | None, typer.Option(help="CPU threads torch uses.")] = None,
+    threads: ThreadsOpt = None,
     root: RootOpt = Path("reports"),
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
     """Write report.html (one self-contained page, no network requests) and report.json (the same data) for RUN."""
+    quiet_mode(quiet)
     import time
     import webbrowser
 
@@ -81,7 +94,9 @@ def report_command(
     )
     with Reporter(err_console, quiet=quiet) as reporter:
         report = build_report(loaded, options, reporter)
-    written = write_report(report, out if out is not None else loaded.path, html=html, markdown=markdown)
+    target = out if out is not None else loaded.path
+    with writing_into(loaded.path, target, "report"):  # the run's lock while writing into it
+        written = write_report(report, target, html=html, markdown=markdown)
     seconds = time.perf_counter() - started
     if open_:
         opened = webbrowser.open(written["html"].resolve().as_uri())
@@ -94,11 +109,10 @@ def report_command(
         )
         return
     for note in report.data["notes"]:
-        err_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
+        info_console.print(f"[yellow]note:[/yellow] {note}", highlight=False)
     for kind, info in files.items():
         typer.echo(f"{kind}\t{info['path']}\t{info['bytes']} bytes")
-    if not quiet:
-        err_console.print(f"report written in {seconds:.1f} s", highlight=False)
+    info_console.print(f"report written in {seconds:.1f} s", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

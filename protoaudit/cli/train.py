@@ -7,7 +7,17 @@ from typing import Annotated
 
 import typer
 
-from protoaudit.cli.common import JsonOpt, QuietOpt, err_console, frame_table, out_console, print_json
+from protoaudit.cli.common import (
+    JsonOpt,
+    QuietOpt,
+    ThreadsOpt,
+    err_console,
+    frame_table,
+    info_console,
+    out_console,
+    print_json,
+    quiet_mode,
+)
 
 EXAMPLES = """
 [bold]Examples[/bold]
@@ -29,9 +39,7 @@ def train_ensemble_command(
     out: Annotated[
         Path | None, typer.Option(help="Override the output root; the run goes to OUT/<recipe name>/.")
     ] = None,
-    threads: Annotated[
-        int | None, typer.Option(help="Override the number of CPU threads torch uses.")
-    ] = None,
+    threads: ThreadsOpt = None,
     set_: Annotated[
         list[str] | None,
         typer.Option(
@@ -54,6 +62,7 @@ def train_ensemble_command(
     quiet: QuietOpt = False,
 ) -> None:
     """Train every member of RECIPE through warm, joint, push and last-layer stages, then their ensemble."""
+    quiet_mode(quiet)
     from protoaudit.engine.ensemble import train_ensemble
     from protoaudit.engine.progress import Reporter
     from protoaudit.engine.recipe import load_recipe
@@ -85,7 +94,7 @@ def train_ensemble_command(
     if not main_rank:
         return
     if result.already_complete:
-        err_console.print(
+        info_console.print(
             f"run {result.run_dir} is already complete; nothing to resume", highlight=False, soft_wrap=True
         )
     if json_:
@@ -99,7 +108,7 @@ def train_ensemble_command(
     else:
         out_console.print(frame_table(result.accuracy, title=f"test top-1 — {result.run_dir}"))
         if not result.already_complete:
-            err_console.print(f"done in {result.seconds:.1f} s", highlight=False)
+            info_console.print(f"done in {result.seconds:.1f} s", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fnmatch
 import pickle
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -284,6 +285,16 @@ def _imagenet_unavailable(name: str, enum: Any, exc: BaseException) -> WeightsUn
     )
 
 
+def weights_only_refusal(exc: BaseException) -> str | None:
+    """The global that ``torch.load(weights_only=True)`` refused to load (e.g. "GLOBAL posix.system") when
+    ``exc`` is that refusal: the file is a pickle (raw or in torch's zip format) holding Python objects, not
+    only tensors. None when ``exc`` is some other failure (a damaged file, another format)."""
+    import re
+
+    found = re.search(r"GLOBAL ([\w.]+)", str(exc))
+    return f"GLOBAL {found.group(1)}" if found else None
+
+
 def _reason(exc: BaseException) -> str:
     text = str(getattr(exc, "reason", "") or exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
@@ -302,16 +313,19 @@ def _load_local_state_dict(model: nn.Module, path: str) -> None:
 
             state = load_file(p)
         else:
-            state = torch.load(p, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # torch warns about pickle protocols; the error says enough
+                warnings.simplefilter("ignore")
+                state = torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        if "error: unsupported global" not in str(exc).lower():  # not a torch checkpoint at all
+        refused = weights_only_refusal(exc)
+        if refused is None:  # not a torch checkpoint at all
             raise WeightsUnavailableError(
                 f"weights file {p} is not a readable state dict (not a torch checkpoint)"
             ) from exc
         # weights_only refused a pickled object: it is never unpickled
         raise WeightsUnavailableError(
-            f"weights file {p} holds pickled Python objects, not a plain state dict; save model.state_dict() "
-            "(or a .safetensors file) and pass that"
+            f"weights file {p} is not a state dict saved with weights only: it holds pickled Python objects "
+            f"({refused}); save model.state_dict() (or a .safetensors file) and pass that"
         ) from exc
     except Exception as exc:
         raise WeightsUnavailableError(

@@ -99,10 +99,11 @@ def train_baseline(
     reporter: Reporter = NULL_REPORTER,
 ) -> TrainedBaseline:
     """Train a baseline through warm and joint epochs; returns the state with the best validation top-1."""
-    from protoaudit.engine.train import push_epochs
+    from protoaudit.engine.train import augment_generator_for, push_epochs
 
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
+    augment_generator = augment_generator_for(seed)  # as a ProtoPNet member's: its own, seeded stream
     config = BaselineConfig(member.trunk, bundle.n_classes, bundle.image_size, list(bundle.class_names))
     model = BaselineNet(config, weights=member.weights).to(device)
     lr, sched = recipe.lr, recipe.schedule
@@ -133,7 +134,7 @@ def train_baseline(
         correct = seen = 0
         with reporter.task(f"{member.name} {stage} {epoch}/{sched.epochs}", len(order)) as advance:
             for idx, images in iter_batches(
-                bundle.train, order, sched.batch_size, sched.workers, device.type == "cuda"
+                bundle.train, order, sched.batch_size, sched.workers, device.type == "cuda", augment_generator
             ):
                 x, y = images.to(device, non_blocking=True), labels[idx].to(device)
                 logits = model(x)
@@ -210,7 +211,7 @@ def load_baseline(
 ) -> tuple[BaselineNet, dict[str, Any]]:
     """Rebuild a baseline from ``model.json`` + ``model.safetensors``; raises CheckpointError on a mismatch."""
     from protoaudit.engine.io import load_tensors, read_json
-    from protoaudit.engine.run import check_format
+    from protoaudit.engine.run import check_format, recorded_weights_sha256
 
     d = Path(directory)
     meta = read_json(d / "model.json")
@@ -223,7 +224,8 @@ def load_baseline(
         raise CheckpointError(f"{d / 'model.json'}: bad or missing architecture ({exc})") from None
     model = BaselineNet(config)
     try:
-        model.load_state_dict(load_tensors(d / "model.safetensors"), strict=True)
+        state = load_tensors(d / "model.safetensors", recorded_weights_sha256(meta, d), "model.json")
+        model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         raise CheckpointError(
             f"{d / 'model.safetensors'} does not fit the architecture in model.json"

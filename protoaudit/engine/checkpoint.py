@@ -15,7 +15,8 @@ member's ``model.json`` is written (the finished member is the contract; see :mo
 
 What a checkpoint restores (everything an uninterrupted run carries from one epoch to the next): model weights
 and buffers, the warm / joint / last-layer Adam states, the StepLR scheduler, the shuffling ``torch.Generator``,
-torch's global RNG state (and CUDA's when on a GPU), the history list, the per-stage timings, and the best pushed
+the augmentation ``torch.Generator`` (every augmented draw of every training image comes from it), torch's
+global RNG state (and CUDA's when on a GPU), the history list, the per-stage timings, and the best pushed
 state so far (weights, push result, validation score, epoch) used for model selection.
 """
 
@@ -36,7 +37,7 @@ import torch
 from protoaudit.engine.io import load_tensors, read_json, sha256_file, write_bytes, write_text
 from protoaudit.errors import CheckpointError, OutputError
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the augmentation generator is part of the state
 POINTER = "latest.json"
 _STATE_FILE = re.compile(r"^state-(\d{6})\.safetensors$")
 _MARKERS = ("__tensor__", "__tuple__", "__items__")
@@ -112,6 +113,7 @@ class TrainingState:
     scheduler: dict[str, Any]
     generator: torch.Tensor  # (5056,) uint8: the shuffling generator's state
     torch_rng: torch.Tensor  # uint8: torch.get_rng_state()
+    augment_generator: torch.Tensor | None = None  # (5056,) uint8: the augmentation generator's state
     cuda_rng: list[torch.Tensor] = field(default_factory=list)
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: dict[str, float] = field(default_factory=dict)
@@ -150,7 +152,12 @@ class MemberCheckpoint:
             "optimizers": pack(state.optimizers, tensors, "optimizers"),
             "scheduler": pack(state.scheduler, tensors, "scheduler"),
             "rng": pack(
-                {"generator": state.generator, "torch": state.torch_rng, "cuda": state.cuda_rng},
+                {
+                    "generator": state.generator,
+                    "augment": state.augment_generator,
+                    "torch": state.torch_rng,
+                    "cuda": state.cuda_rng,
+                },
                 tensors,
                 "rng",
             ),
@@ -222,6 +229,11 @@ class MemberCheckpoint:
             raise CheckpointError(
                 f"{where}: format version {version} is not one this protoaudit reads ({CHECKPOINT_FORMAT}); upgrade protoaudit"
             )
+        if version < CHECKPOINT_FORMAT:
+            raise CheckpointError(
+                f"{where}: format version {version} was written by an older protoaudit and lacks the "
+                "augmentation stream, so the run cannot continue identically; start it anew with --force"
+            )
         identity = tree.get("identity", {})
         for key, expected in self.identity.items():
             if identity.get(key) != expected:
@@ -253,6 +265,7 @@ class MemberCheckpoint:
                 scheduler=unpack(tree["scheduler"], tensors),
                 generator=rng["generator"],
                 torch_rng=rng["torch"],
+                augment_generator=rng.get("augment"),
                 cuda_rng=list(rng.get("cuda") or []),
                 history=list(tree.get("history", [])),
                 seconds=dict(tree.get("seconds", {})),
@@ -316,6 +329,7 @@ def capture(
     history: list[dict[str, Any]],
     seconds: dict[str, float],
     best: tuple[float, int, dict[str, torch.Tensor], Any] | None,
+    augment_generator: torch.Generator | None = None,
 ) -> TrainingState:
     """Snapshot the training loop's state (tensors are referenced, not copied: save it before going on)."""
     best_doc = None
@@ -335,6 +349,7 @@ def capture(
         scheduler=scheduler.state_dict(),
         generator=generator.get_state(),
         torch_rng=torch.get_rng_state(),
+        augment_generator=None if augment_generator is None else augment_generator.get_state(),
         cuda_rng=list(torch.cuda.get_rng_state_all()) if torch.cuda.is_initialized() else [],
         history=[dict(h) for h in history],
         seconds=dict(seconds),
@@ -352,6 +367,7 @@ def restore(
     scheduler: Any,
     generator: torch.Generator,
     where: Path,
+    augment_generator: torch.Generator | None = None,
 ) -> tuple[float, int, dict[str, torch.Tensor], Any] | None:
     """Put ``state`` back into the freshly built loop objects; returns the best-so-far tuple.
 
@@ -370,6 +386,10 @@ def restore(
             opt.load_state_dict(state.optimizers[name])
         scheduler.load_state_dict(state.scheduler)
         generator.set_state(state.generator)
+        if augment_generator is not None:
+            if state.augment_generator is None:
+                raise CheckpointError(f"checkpoint {where}: it holds no augmentation generator state")
+            augment_generator.set_state(state.augment_generator)
     except (ValueError, KeyError, RuntimeError) as exc:
         raise CheckpointError(f"checkpoint {where}: optimizer or RNG state does not fit ({exc})") from None
     best = None

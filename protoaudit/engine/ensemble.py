@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import shutil
 import time
@@ -39,6 +40,7 @@ from protoaudit.engine.run import (
     save_member,
     versions,
     write_csv,
+    writing,
 )
 from protoaudit.engine.train import predict, predict_with_latents, resolve_device, train_member
 from protoaudit.errors import CheckpointError, InputError, OutputError
@@ -52,12 +54,16 @@ class EnsembleResult:
     already_complete: bool = False  # --resume on a run that had finished: nothing was trained
 
 
-def prepare_run_dir(run_dir: Path, force: bool) -> None:
-    """Refuse to mix two runs in one folder; with ``force`` replace an earlier protoaudit run."""
+def check_run_dir(run_dir: Path, force: bool) -> None:
+    """Refuse (before anything is written) to mix two runs in one folder: a foreign non-empty folder always,
+    an existing run unless ``force``."""
+    from protoaudit.engine.run import LOCK_FILE, WRITER_FILE, is_run_dir
+
     if run_dir.exists() and not run_dir.is_dir():
         raise InputError(f"output {run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not (run_dir / "run.json").is_file():
+    lock_only = {LOCK_FILE, WRITER_FILE}  # a run that a writer created and then left with nothing in it
+    if run_dir.is_dir() and any(p.name not in lock_only for p in run_dir.iterdir()):
+        if not is_run_dir(run_dir):
             raise InputError(
                 f"output {run_dir} is a non-empty folder that is not a protoaudit run; choose another --out"
             )
@@ -65,12 +71,25 @@ def prepare_run_dir(run_dir: Path, force: bool) -> None:
             raise InputError(
                 f"run directory {run_dir} already exists; pass --force to replace it or --out to write elsewhere"
             )
-        shutil.rmtree(run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:  # a read-only or full disk is an output problem; a file in the way is bad input
-        kind = InputError if exc.errno in (errno.ENOTDIR, errno.EEXIST) else OutputError
-        raise kind(f"cannot create run directory {run_dir}: {exc.strerror or exc}") from None
+
+
+def prepare_run_dir(run_dir: Path, force: bool) -> None:
+    """Empty ``run_dir`` for a new run (with ``force``, an earlier run's files go). Call it holding the run's
+    lock (:func:`protoaudit.run.writing`, which creates the folder): the lock's own files stay."""
+    from protoaudit.engine.run import LOCK_FILE, WRITER_FILE
+
+    check_run_dir(run_dir, force)
+    for entry in list(run_dir.iterdir()) if run_dir.is_dir() else []:
+        if entry.name in (LOCK_FILE, WRITER_FILE):
+            continue
+        try:
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        except OSError as exc:
+            kind = OutputError if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM) else InputError
+            raise kind(f"cannot replace run directory {run_dir}: {exc.strerror or exc}") from None
 
 
 def configure_threads(threads: int | None) -> int:
@@ -112,24 +131,63 @@ def train_ensemble(
         reporter = NULL_REPORTER  # rank 0 reports and writes; the other ranks only compute
     check_inputs(recipe, reporter)
     run_dir = recipe.run_dir()
-    previous = resumable_run(run_dir, recipe, force) if resume else None
+    previous = resumable_run(run_dir, recipe, force, reporter) if resume else None  # read only
     if previous is not None and previous.get("status") == "complete":
         if not (run_dir / "accuracy.csv").is_file():
             raise CheckpointError(f"run {run_dir} says it is complete but has no accuracy.csv")
         return EnsembleResult(run_dir, pd.read_csv(run_dir / "accuracy.csv"), 0.0, already_complete=True)
+    if not resume:
+        check_run_dir(run_dir, force)  # refusals before anything is written
     t0 = time.perf_counter()
     bundle = build_dataset(recipe.data, recipe.seed)
     data_seconds = time.perf_counter() - t0
-    if previous is None:
-        problem: Exception | None = None
-        if info.is_main:
-            try:
-                prepare_run_dir(run_dir, force)
+    command = "train-ensemble" + (" --resume" if resume else " --force" if force else "")
+    with writing(run_dir, command) if info.is_main else contextlib.nullcontext():
+        return _train_ensemble_locked(
+            recipe,
+            reporter,
+            force,
+            previous,
+            resume,
+            info,
+            device,
+            threads,
+            run_dir,
+            bundle,
+            data_seconds,
+            started,
+        )
+
+
+def _train_ensemble_locked(
+    recipe: Recipe,
+    reporter: Reporter,
+    force: bool,
+    previous: dict[str, Any] | None,
+    resume: bool,
+    info: DistInfo,
+    device: torch.device,
+    threads: int,
+    run_dir: Path,
+    bundle: DatasetBundle,
+    data_seconds: float,
+    started: float,
+) -> EnsembleResult:
+    """train_ensemble's work once rank 0 holds the run's lock."""
+    problem: Exception | None = None
+    if info.is_main:
+        try:
+            if resume:  # again, now that no other writer can change it
+                previous = resumable_run(run_dir, recipe, force)
+            if previous is not None and previous.get("status") == "complete":  # finished meanwhile
+                return EnsembleResult(run_dir, pd.read_csv(run_dir / "accuracy.csv"), 0.0, True)
+            if previous is None:  # a new run, or one interrupted before its first run.json
+                prepare_run_dir(run_dir, force or resume)
                 write_text_recipe(run_dir, recipe)
-            except Exception as exc:
-                problem = exc
-        if not all_ok(problem is None, info):
-            raise problem if problem is not None else InputError("rank 0 could not prepare the run directory")
+        except Exception as exc:
+            problem = exc
+    if not all_ok(problem is None, info):
+        raise problem if problem is not None else InputError("rank 0 could not prepare the run directory")
     document = {
         "name": recipe.name,
         "versions": versions(),
@@ -335,15 +393,32 @@ def _reload_finished_member(
     return row, test_logits
 
 
-def resumable_run(run_dir: Path, recipe: Recipe, force: bool) -> dict[str, Any]:
-    """The run.json of the run ``--resume`` continues; refuses a run of another recipe or format."""
+def resumable_run(
+    run_dir: Path, recipe: Recipe, force: bool, reporter: Reporter = NULL_REPORTER
+) -> dict[str, Any] | None:
+    """The run.json of the run ``--resume`` continues; refuses a run of another recipe or format.
+
+    None for a run directory interrupted before its first run.json was written (nothing was trained yet):
+    the run starts there afresh.
+    """
     from protoaudit.engine.io import read_json
-    from protoaudit.engine.run import check_format
+    from protoaudit.engine.run import check_format, is_run_dir
 
     if force:
         raise InputError("--resume and --force contradict each other: --force starts the run anew")
     if not (run_dir / "run.json").is_file():
-        raise InputError(f"nothing to resume: {run_dir} holds no run.json (start the run without --resume)")
+        if not is_run_dir(run_dir):
+            raise InputError(
+                f"nothing to resume: {run_dir} holds no run.json (start the run without --resume)"
+            )
+        if (run_dir / "recipe.toml").is_file():
+            changes = recipe_differences(run_dir / "recipe.toml", recipe)
+            if changes:
+                raise InputError(
+                    f"cannot resume {run_dir}: the recipe differs from the run's recipe.toml ({changes})"
+                )
+        reporter.log(f"{run_dir} was interrupted before training started: starting the run there")
+        return None
     previous = read_json(run_dir / "run.json")
     if not isinstance(previous, dict):
         raise CheckpointError(f"{run_dir / 'run.json'}: expected a JSON object")

@@ -38,7 +38,7 @@ import pandas as pd
 import torch
 
 from protoaudit.core.model import AddOnKind, MemberConfig, ProtoPNet, build_add_on, similarity
-from protoaudit.core.trunks import list_trunks, trunk_info
+from protoaudit.core.trunks import list_trunks, trunk_info, weights_only_refusal
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.recipe import Recipe, recipe_from_dict
 from protoaudit.errors import CheckpointError, InputError
@@ -81,17 +81,17 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
                 warnings.simplefilter("ignore")
                 obj = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError, … by file damage
-            text = str(exc)
-            detail = _unpickler_detail(text) or _first_line(exc)
-            if "Unsupported global" in text:
+            refused = weights_only_refusal(exc)
+            if refused is not None:
                 raise CheckpointError(
-                    f"{p} holds pickled Python objects ({detail}), not a plain state dict; refused without "
-                    "running them (a whole PPNet saved by the original save.py: run "
-                    "torch.save(torch.load(f).state_dict(), 'state_dict.pth') where that code is installed, and "
-                    "import state_dict.pth)"
+                    f"{p} is not a state dict saved with weights only: it holds pickled Python objects "
+                    f"({refused}); refused without running them (a whole PPNet saved by the original save.py: "
+                    "run torch.save(torch.load(f).state_dict(), 'state_dict.pth') where that code is installed, "
+                    "and import state_dict.pth)"
                 ) from None
             raise CheckpointError(
-                f"{p} is not a readable torch checkpoint (damaged, truncated or another format: {detail})"
+                f"{p} is not a readable torch checkpoint (damaged, truncated or another format: "
+                f"{_first_line(exc)})"
             ) from None
     for key in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj, dict) and isinstance(obj.get(key), dict):
@@ -103,13 +103,6 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     if all(k.startswith("module.") for k in obj):
         obj = {k.removeprefix("module."): v for k, v in obj.items()}
     return dict(obj)
-
-
-def _unpickler_detail(text: str) -> str:
-    """The line after "WeightsUnpickler error:" in torch's long weights_only message, shortened."""
-    _, found, rest = text.partition("WeightsUnpickler error:")
-    lines = [line.strip() for line in rest.splitlines() if line.strip()] if found else []
-    return lines[0].split(" was not an allowed")[0][:160] if lines else ""
 
 
 def _first_line(exc: BaseException) -> str:
@@ -323,7 +316,12 @@ def import_protopnet(
     from protoaudit.core.metrics import ensemble_logits, top1
     from protoaudit.core.stats import top1_interval
     from protoaudit.engine.data import build_dataset
-    from protoaudit.engine.ensemble import configure_threads, prepare_run_dir, write_text_recipe
+    from protoaudit.engine.ensemble import (
+        check_run_dir,
+        configure_threads,
+        prepare_run_dir,
+        write_text_recipe,
+    )
     from protoaudit.engine.io import sha256_file
     from protoaudit.engine.run import (
         RunWriter,
@@ -334,6 +332,7 @@ def import_protopnet(
         save_member,
         versions,
         write_csv,
+        writing,
     )
     from protoaudit.engine.train import predict, predict_with_latents, resolve_device
 
@@ -389,125 +388,136 @@ def import_protopnet(
     )
 
     run_dir = run_recipe.run_dir()
-    prepare_run_dir(run_dir, force)
-    write_text_recipe(run_dir, run_recipe)
-    writer = RunWriter(
-        run_dir,
-        {
-            "name": run_recipe.name,
-            "versions": versions(),
-            "seed": run_recipe.seed,
-            "threads": threads,
-            "device": str(device),
-            "recipe_sha256": run_recipe.sha256(),
-            "dataset": {
-                "fingerprint": bundle.fingerprint,
-                "summary": bundle.summary,
-                "n_classes": bundle.n_classes,
-                "splits": {s: len(getattr(bundle, s)) for s in ("train", "push", "val", "test")},
-            },
-            "members": [name],
-            "origin": {
-                "kind": "import-protopnet",
-                "format": ORIGINAL_FORMAT,
-                "file": str(source.resolve()),
-                "sha256": sha256_file(source),
-                "arch": arch,
-                "prototype_class": converted.prototype_class_source,
-            },
-            "timings": {},
-        },
-    )
-    sched = run_recipe.schedule
-    seconds: dict[str, float] = {}
-    with writer:  # records interrupted / failed when an exception ends the run
-        t0 = time.perf_counter()
-        with reporter.task(f"{name} nearest push patches", len(bundle.push)) as advance:
-            nearest, push_latents = nearest_push_patches(
-                model, bundle, sched.eval_batch_size, device, sched.workers, run_recipe.index.build, advance
-            )
-        seconds["nearest_patches"] = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        test_latents = None
-        if run_recipe.index.build:
-            test_logits, test_latents = predict_with_latents(
-                model, bundle.test, sched.eval_batch_size, device, sched.workers
-            )
-        else:
-            test_logits = predict(model, bundle.test, sched.eval_batch_size, device, sched.workers)
-        test_top1 = top1(test_logits, bundle.test.labels)
-        val_top1 = (
-            top1(predict(model, bundle.val, sched.eval_batch_size, device, sched.workers), bundle.val.labels)
-            if len(bundle.val)
-            else float("nan")
-        )
-        seconds["eval"] = time.perf_counter() - t0
-        prototypes = pd.DataFrame(nearest.rows(bundle.push, config.prototype_class, bundle.class_names))
-        member_dir = member_path(run_dir, name)
-        save_member(
-            member_dir,
-            model.cpu(),
+    check_run_dir(run_dir, force)  # refusals before anything is written
+    with writing(run_dir, "import-protopnet" + (" --force" if force else "")):
+        prepare_run_dir(run_dir, force)
+        write_text_recipe(run_dir, run_recipe)
+        writer = RunWriter(
+            run_dir,
             {
-                "name": name,
-                "recipe": run_recipe.members[0].model_dump(mode="json"),
-                "history": [],
-                "selected_epoch": None,
-                "metrics": {"val_top1": val_top1, "test_top1": test_top1},
-                "stage_seconds": seconds,
-                "trunk_family": trunk_info(arch).family,
-                "imported": {
+                "name": run_recipe.name,
+                "versions": versions(),
+                "seed": run_recipe.seed,
+                "threads": threads,
+                "device": str(device),
+                "recipe_sha256": run_recipe.sha256(),
+                "dataset": {
+                    "fingerprint": bundle.fingerprint,
+                    "summary": bundle.summary,
+                    "n_classes": bundle.n_classes,
+                    "splits": {s: len(getattr(bundle, s)) for s in ("train", "push", "val", "test")},
+                },
+                "members": [name],
+                "origin": {
+                    "kind": "import-protopnet",
                     "format": ORIGINAL_FORMAT,
                     "file": str(source.resolve()),
                     "sha256": sha256_file(source),
+                    "arch": arch,
                     "prototype_class": converted.prototype_class_source,
-                    "prototypes_csv": "nearest own-class push patch of each unchanged prototype "
-                    "(distance = how far a push would move it)",
                 },
+                "timings": {},
             },
-            prototypes,
         )
-        save_logits(member_dir, {"test": test_logits}, {"test": bundle.test.labels})
-        model.to(device)
-        if run_recipe.index.build:
-            from protoaudit.engine.index.build import build_member_indexes
-
+        sched = run_recipe.schedule
+        seconds: dict[str, float] = {}
+        with writer:  # records interrupted / failed when an exception ends the run
             t0 = time.perf_counter()
-            build_member_indexes(
-                member_dir,
-                model,
-                bundle,
-                run_recipe.index,
-                device,
-                sched.eval_batch_size,
-                sched.workers,
-                latents={"train": push_latents, "test": test_latents},
-                reporter=reporter,
+            with reporter.task(f"{name} nearest push patches", len(bundle.push)) as advance:
+                nearest, push_latents = nearest_push_patches(
+                    model,
+                    bundle,
+                    sched.eval_batch_size,
+                    device,
+                    sched.workers,
+                    run_recipe.index.build,
+                    advance,
+                )
+            seconds["nearest_patches"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            test_latents = None
+            if run_recipe.index.build:
+                test_logits, test_latents = predict_with_latents(
+                    model, bundle.test, sched.eval_batch_size, device, sched.workers
+                )
+            else:
+                test_logits = predict(model, bundle.test, sched.eval_batch_size, device, sched.workers)
+            test_top1 = top1(test_logits, bundle.test.labels)
+            val_top1 = (
+                top1(
+                    predict(model, bundle.val, sched.eval_batch_size, device, sched.workers),
+                    bundle.val.labels,
+                )
+                if len(bundle.val)
+                else float("nan")
             )
-            seconds["index"] = time.perf_counter() - t0
-        rows = [
-            accuracy_row(
-                name,
-                "member",
-                arch,
-                test_top1,
-                model.n_prototypes,
-                len(bundle.test),
-                interval=top1_interval(test_logits, bundle.test.labels),
-            ),
-            accuracy_row(
-                "ensemble",
-                "ensemble",
-                arch,
-                top1(ensemble_logits([test_logits]), bundle.test.labels),
-                model.n_prototypes,
-                len(bundle.test),
-                interval=top1_interval(ensemble_logits([test_logits]), bundle.test.labels),
-            ),
-        ]
-        accuracy = accuracy_frame(rows)
-        write_csv(run_dir / "accuracy.csv", accuracy)
-        elapsed = time.perf_counter() - started
-        writer.finish("complete", seconds=elapsed, timings={name: seconds})
+            seconds["eval"] = time.perf_counter() - t0
+            prototypes = pd.DataFrame(nearest.rows(bundle.push, config.prototype_class, bundle.class_names))
+            member_dir = member_path(run_dir, name)
+            save_member(
+                member_dir,
+                model.cpu(),
+                {
+                    "name": name,
+                    "recipe": run_recipe.members[0].model_dump(mode="json"),
+                    "history": [],
+                    "selected_epoch": None,
+                    "metrics": {"val_top1": val_top1, "test_top1": test_top1},
+                    "stage_seconds": seconds,
+                    "trunk_family": trunk_info(arch).family,
+                    "imported": {
+                        "format": ORIGINAL_FORMAT,
+                        "file": str(source.resolve()),
+                        "sha256": sha256_file(source),
+                        "prototype_class": converted.prototype_class_source,
+                        "prototypes_csv": "nearest own-class push patch of each unchanged prototype "
+                        "(distance = how far a push would move it)",
+                    },
+                },
+                prototypes,
+            )
+            save_logits(member_dir, {"test": test_logits}, {"test": bundle.test.labels})
+            model.to(device)
+            if run_recipe.index.build:
+                from protoaudit.engine.index.build import build_member_indexes
+
+                t0 = time.perf_counter()
+                build_member_indexes(
+                    member_dir,
+                    model,
+                    bundle,
+                    run_recipe.index,
+                    device,
+                    sched.eval_batch_size,
+                    sched.workers,
+                    latents={"train": push_latents, "test": test_latents},
+                    reporter=reporter,
+                )
+                seconds["index"] = time.perf_counter() - t0
+            rows = [
+                accuracy_row(
+                    name,
+                    "member",
+                    arch,
+                    test_top1,
+                    model.n_prototypes,
+                    len(bundle.test),
+                    interval=top1_interval(test_logits, bundle.test.labels),
+                ),
+                accuracy_row(
+                    "ensemble",
+                    "ensemble",
+                    arch,
+                    top1(ensemble_logits([test_logits]), bundle.test.labels),
+                    model.n_prototypes,
+                    len(bundle.test),
+                    interval=top1_interval(ensemble_logits([test_logits]), bundle.test.labels),
+                ),
+            ]
+            accuracy = accuracy_frame(rows)
+            write_csv(run_dir / "accuracy.csv", accuracy)
+            elapsed = time.perf_counter() - started
+            writer.finish("complete", seconds=elapsed, timings={name: seconds})
     far = float(nearest.distance.max()) if len(nearest.distance) else 0.0
     reporter.log(
         f"{name}: test top-1 {test_top1:.4f}; largest distance from a prototype to its nearest own-class push patch "

@@ -131,8 +131,14 @@ def save_tensors(
     write_bytes(path, data)
 
 
-def load_tensors(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """Read a safetensors file; anything else (a pickle, a truncated file) is a :class:`CheckpointError`."""
+def load_tensors(
+    path: str | os.PathLike[str], sha256: str | None = None, recorded_in: str = ""
+) -> dict[str, Any]:
+    """Read a safetensors file; anything else (a pickle, a truncated file) is a :class:`CheckpointError`.
+
+    With ``sha256``, the bytes read are hashed (once, as they are loaded) and must match it: a file changed
+    since its digest was recorded (in ``recorded_in``) is a :class:`CheckpointError` naming the file.
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load
 
@@ -143,10 +149,23 @@ def load_tensors(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise CheckpointError(f"{p}: file not found") from exc
     except IsADirectoryError as exc:
         raise CheckpointError(f"{p}: is a directory, expected a .safetensors file") from exc
+    if sha256 is not None and hashlib.sha256(data).hexdigest() != sha256:
+        raise TamperedWeightsError(p, recorded_in)
     try:
         return dict(load(data))
     except (SafetensorError, ValueError, RuntimeError, OverflowError) as exc:
         raise CheckpointError(f"{p}: not a readable safetensors file ({_first_line(exc)})") from exc
+
+
+class TamperedWeightsError(CheckpointError):
+    """A weights file whose bytes no longer match the sha256 recorded when it was written."""
+
+    def __init__(self, path: Path, recorded_in: str = "") -> None:
+        where = recorded_in or "its metadata"
+        super().__init__(
+            f"{path}: its sha256 differs from the one recorded in {where}: the file changed after it was "
+            "written (damaged or edited); refused: restore it from a copy or train the member again"
+        )
 
 
 def _first_line(exc: BaseException) -> str:

@@ -370,6 +370,21 @@ def prune_run(
         raise InputError(f"k must be >= 1, got {k}")
     if not 1 <= threshold <= k:
         raise InputError(f"the purity threshold must be between 1 and k = {k}, got {threshold}")
+    from protoaudit.engine.run import writing
+
+    with writing(run.path, "prune"):
+        return _prune_run(run, k, threshold, finetune_epochs, device, reporter)
+
+
+def _prune_run(
+    run: Run,
+    k: int,
+    threshold: int,
+    finetune_epochs: int | None,
+    device: str | torch.device,
+    reporter: Reporter,
+) -> PruneResult:
+    """prune_run's work, holding the run's lock."""
     started = time.perf_counter()
     device = torch.device(device)
     recipe = run.recipe()

@@ -18,10 +18,16 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from protoaudit.errors import RecipeError
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+# Upper bounds: a recipe that would exhaust memory or run for years is refused with its key's name.
+MAX_PER_CLASS = 100_000
+MAX_GENERATED_BYTES = 16 << 30
+MAX_EPOCHS = 100_000
+MAX_BATCH = 65_536
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # every float must be finite: inf and nan are refused with the key's name before any work starts
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class PartsDataConfig(_Strict):
@@ -30,13 +36,13 @@ class PartsDataConfig(_Strict):
     kind: Literal["parts"] = "parts"
     n_classes: int = Field(6, ge=2, le=64)
     image_size: int = Field(64, ge=16, le=512)
-    train_per_class: int = Field(60, ge=2)
-    test_per_class: int = Field(30, ge=1)
+    train_per_class: int = Field(60, ge=2, le=MAX_PER_CLASS)
+    test_per_class: int = Field(30, ge=1, le=MAX_PER_CLASS)
     parts_per_class: int = Field(2, ge=1, le=4)
     shared_parts: int = Field(2, ge=0, le=4)
-    clutter: int = Field(8, ge=0)
-    part_min: int = Field(10, ge=3)
-    part_max: int = Field(16, ge=3)
+    clutter: int = Field(8, ge=0, le=64)
+    part_min: int = Field(10, ge=3, le=512)
+    part_max: int = Field(16, ge=3, le=512)
     drop_prob: float = Field(0.1, ge=0.0, lt=1.0)
     seed: int | None = None  # None: the recipe's seed
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
@@ -52,6 +58,13 @@ class PartsDataConfig(_Strict):
     def _part_sizes(self) -> PartsDataConfig:
         if self.part_max < self.part_min:
             raise ValueError(f"part_max ({self.part_max}) must be >= part_min ({self.part_min})")
+        n_bytes = self.n_classes * (self.train_per_class + self.test_per_class) * self.image_size**2 * 4
+        if n_bytes > MAX_GENERATED_BYTES:  # images (3 bytes a pixel) and part masks (1 byte) in memory
+            raise ValueError(
+                f"the generated images would take {n_bytes / 2**30:.1f} GiB of memory "
+                f"(n_classes × (train_per_class + test_per_class) × image_size² × 4 bytes); at most "
+                f"{MAX_GENERATED_BYTES / 2**30:.0f} GiB: lower train_per_class, test_per_class or image_size"
+            )
         return self
 
     @model_validator(mode="after")
@@ -134,7 +147,7 @@ class ImageFolderDataConfig(_FileDataConfig):
     kind: Literal["imagefolder"] = "imagefolder"
     train_folder: str | None = None
     test_folder: str | None = None
-    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, gt=0.0, lt=1.0)  # 0 would leave no test split to report on
     seed: int | None = None  # seed of the test_fraction split; None: the recipe's seed
 
     @model_validator(mode="after")
@@ -153,7 +166,9 @@ class FashionMnistDataConfig(_Strict):
     n_classes: int | None = Field(10, ge=2)
     val_fraction: float = Field(0.1, ge=0.0, lt=0.5)
     augment: AugmentKind = "flip"
-    max_train_per_class: int | None = Field(None, ge=2)  # first n training images per class; None: all
+    max_train_per_class: int | None = Field(
+        None, ge=2, le=6000
+    )  # first n training images per class; None: all
 
 
 DataConfig = Annotated[
@@ -190,19 +205,21 @@ class Schedule(_Strict):
     """Epoch counts. Push happens after epoch e when e >= push_start and (e - push_start) % push_every == 0,
     and always after the last epoch; each push is followed by the last-layer stage."""
 
-    epochs: int = Field(10, ge=1)  # warm + joint epochs
-    warm_epochs: int = Field(5, ge=0)
-    push_start: int = Field(10, ge=1)
-    push_every: int = Field(10, ge=1)
-    last_layer_epochs: int = Field(20, ge=0)  # Adam epochs of the last-layer stage (solver "adam")
+    epochs: int = Field(10, ge=1, le=MAX_EPOCHS)  # warm + joint epochs
+    warm_epochs: int = Field(5, ge=0, le=MAX_EPOCHS)
+    push_start: int = Field(10, ge=1, le=MAX_EPOCHS)
+    push_every: int = Field(10, ge=1, le=MAX_EPOCHS)
+    last_layer_epochs: int = Field(
+        20, ge=0, le=MAX_EPOCHS
+    )  # Adam epochs of the last-layer stage (solver "adam")
     # stage 4: "fista" solves the paper's convex problem to last_layer_tol (exact zeros); "adam" runs the
     # original code's last_layer_epochs Adam epochs at lr.last_layer
     last_layer_solver: Literal["fista", "adam"] = "fista"
     last_layer_tol: float = Field(1e-5, gt=0)  # FISTA stops when the L1 optimality residual is at most this
-    last_layer_max_iter: int = Field(5000, ge=1)  # FISTA's iteration guard
-    batch_size: int = Field(64, ge=1)
-    eval_batch_size: int = Field(256, ge=1)
-    workers: int = Field(0, ge=0)  # DataLoader workers for file-backed datasets
+    last_layer_max_iter: int = Field(5000, ge=1, le=10_000_000)  # FISTA's iteration guard
+    batch_size: int = Field(64, ge=1, le=MAX_BATCH)
+    eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH)
+    workers: int = Field(0, ge=0, le=256)  # DataLoader workers for file-backed datasets
     amp: Literal["none", "bf16"] = "none"  # bf16 autocast of the trunk and add-on in SGD epochs (GPU)
     channels_last: bool = False  # channels-last memory format for the trunk (GPU)
 
@@ -222,8 +239,8 @@ class IndexConfig(_Strict):
 
     build: bool = True
     kind: Literal["flat", "ivf"] = "flat"
-    nlist: int = Field(1024, ge=1)
-    nprobe: int = Field(16, ge=1)
+    nlist: int = Field(1024, ge=1, le=1 << 20)
+    nprobe: int = Field(16, ge=1, le=1 << 20)
 
 
 class MemberRecipe(_Strict):
@@ -248,9 +265,9 @@ class MemberRecipe(_Strict):
 class Recipe(_Strict):
     name: str = Field(pattern=NAME_PATTERN, max_length=64)
     description: str = ""
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, le=2**62)
     device: str = Field("auto", pattern=r"^(auto|cpu|cuda(:\d+)?|mps)$")
-    threads: int | None = Field(None, ge=1)
+    threads: int | None = Field(None, ge=1, le=4096)
     out: str = "reports"
     data: DataConfig = Field(default_factory=PartsDataConfig)
     schedule: Schedule = Field(default_factory=Schedule)

@@ -14,15 +14,22 @@
 
 This module owns the layout: every other module finds a run file through the functions here (``member_path``,
 ``pruned_name``, ``accuracy_row``, ``save_logits``/``load_logits``, ``RunWriter``). Every file is written
-atomically.
+atomically. One process at a time writes into a run: every command that writes holds
+the run's advisory lock (:func:`writing`) on ``.protoaudit.lock``, the first file of every run directory (so
+a folder is recognisably a run from its first moment on); commands that only read never take it.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import json
 import os
 import platform
+import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,9 +39,11 @@ import torch
 
 from protoaudit.core.model import MemberConfig, ProtoPNet
 from protoaudit.engine.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
-from protoaudit.errors import CheckpointError, InputError, Remedy
+from protoaudit.errors import CheckpointError, InputError, OutputError, Remedy
 
 FORMAT_VERSION = 1
+LOCK_FILE = ".protoaudit.lock"  # a run's first file; its writer holds an advisory lock on it
+WRITER_FILE = ".writer.json"  # who holds the lock: pid, host, command, since (removed on release)
 # top1_low / top1_high: the 95 % percentile bootstrap interval of top1 (the same resamples for every model)
 ACCURACY_COLUMNS = [
     "model",
@@ -148,7 +157,10 @@ def save_member(
     member_dir: Path, model: ProtoPNet, meta: dict[str, Any], prototypes: pd.DataFrame | None = None
 ) -> None:
     """Write ``model.safetensors`` then ``model.json`` (which records the weights' sha256) and prototypes.csv."""
-    member_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        member_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OutputError(f"cannot write {member_dir}: {exc.strerror or exc}") from None
     weights = member_dir / "model.safetensors"
     state = {k: v for k, v in model.state_dict().items()}
     # one metadata key only: safetensors does not keep the order of several, and files must be reproducible
@@ -170,6 +182,11 @@ def load_member(
 ) -> tuple[ProtoPNet, dict[str, Any]]:
     """Rebuild a member from ``model.json`` + ``model.safetensors``; raises CheckpointError on any mismatch."""
     d = Path(member_dir)
+    if not (d / "model.json").is_file() and d.is_dir():
+        raise CheckpointError(
+            f"{d / 'model.json'} is missing: the member's metadata (architecture, classes, weights sha256) "
+            "is gone, so its weights cannot be trusted or rebuilt"
+        )
     meta = read_json(d / "model.json")
     if not isinstance(meta, dict):
         raise CheckpointError(f"{d / 'model.json'}: expected a JSON object")
@@ -178,7 +195,8 @@ def load_member(
         config = MemberConfig.from_dict(meta["config"])
     except (KeyError, TypeError) as exc:
         raise CheckpointError(f"{d / 'model.json'}: bad or missing architecture ({exc})") from None
-    state = load_tensors(d / "model.safetensors")
+    _check_config(config, d / "model.json")
+    state = load_tensors(d / "model.safetensors", recorded_weights_sha256(meta, d), "model.json")
     model = ProtoPNet(config)
     try:
         model.load_state_dict(state, strict=True)
@@ -189,6 +207,82 @@ def load_member(
             f"{d / 'model.safetensors'} does not fit the architecture in model.json ({detail})"
         ) from None
     return model.to(device).eval(), meta
+
+
+def _check_config(config: MemberConfig, where: Path) -> None:
+    """Values of model.json that the weights' shapes do not check: classes and prototype → class."""
+    k = config.n_classes
+    if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+        raise CheckpointError(f"{where}: config.n_classes must be a positive integer, got {k!r}")
+    if len(config.class_names) != k:
+        raise CheckpointError(f"{where}: {len(config.class_names)} class names for {k} classes")
+    bad = [
+        (j, c)
+        for j, c in enumerate(config.prototype_class)
+        if not isinstance(c, int) or isinstance(c, bool) or not 0 <= c < k
+    ]
+    if bad:
+        j, c = bad[0]
+        raise CheckpointError(
+            f"{where}: config.prototype_class[{j}] is {c!r}, not a class index in 0..{k - 1}"
+            + (f" (and {len(bad) - 1} more)" if len(bad) > 1 else "")
+        )
+
+
+PROTOTYPE_COLUMNS = ("prototype", "class", "source_index", "h", "w", "distance")
+
+
+def read_prototypes(member_dir: Path) -> pd.DataFrame:
+    """``prototypes.csv`` of a member, checked: present, readable, the push columns there and finite."""
+    import numpy as np
+
+    path = member_dir / "prototypes.csv"
+    if not path.is_file():
+        raise CheckpointError(f"{path}: file not found (the member's push result; the run is incomplete)")
+    try:
+        frame = pd.read_csv(path)
+    except (ValueError, UnicodeDecodeError, pd.errors.ParserError) as exc:
+        raise CheckpointError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+    missing = [c for c in PROTOTYPE_COLUMNS if c not in frame.columns]
+    if missing:
+        raise CheckpointError(f"{path}: column {missing[0]!r} is missing")
+    for column in PROTOTYPE_COLUMNS:
+        values = pd.to_numeric(frame[column], errors="coerce").to_numpy(dtype=float)
+        bad = np.flatnonzero(~np.isfinite(values))
+        if len(bad):
+            raise CheckpointError(
+                f"{path}: row {int(bad[0]) + 1} has {column} = {frame[column].iloc[bad[0]]}, not a finite number"
+            )
+    return frame
+
+
+def recorded_weights_sha256(meta: dict[str, Any], member_dir: Path) -> str:
+    """The sha256 of ``model.safetensors`` that ``model.json`` records (CheckpointError when it has none)."""
+    recorded = meta.get("weights_sha256")
+    if not isinstance(recorded, str) or len(recorded) != 64:
+        raise CheckpointError(
+            f"{member_dir / 'model.json'}: records no weights_sha256, so model.safetensors cannot be checked"
+        )
+    return recorded
+
+
+def verified_weights_sha256(member_dir: str | os.PathLike[str]) -> str:
+    """sha256 of the member's ``model.safetensors``, checked against the one its ``model.json`` records:
+    a changed weights file raises :class:`protoaudit.io.TamperedWeightsError` naming it."""
+    from protoaudit.engine.io import TamperedWeightsError
+
+    d = Path(member_dir)
+    meta = read_json(d / "model.json")
+    if not isinstance(meta, dict):
+        raise CheckpointError(f"{d / 'model.json'}: expected a JSON object")
+    recorded = recorded_weights_sha256(meta, d)
+    try:
+        current = sha256_file(d / "model.safetensors")
+    except FileNotFoundError:
+        raise CheckpointError(f"{d / 'model.safetensors'}: file not found") from None
+    if current != recorded:
+        raise TamperedWeightsError(d / "model.safetensors", "model.json")
+    return current
 
 
 # -- runs ----------------------------------------------------------------------------------------------
@@ -232,10 +326,21 @@ class Run:
         return {name: self.member(name, device) for name in self.member_names}
 
     def accuracy(self) -> pd.DataFrame:
-        return pd.read_csv(self.path / "accuracy.csv")
+        """``accuracy.csv``, checked: present, readable and with its columns."""
+        path = self.path / "accuracy.csv"
+        if not path.is_file():
+            raise CheckpointError(f"{path}: file not found; the run did not finish (see run.json's status)")
+        try:
+            frame = pd.read_csv(path)
+        except (ValueError, UnicodeDecodeError) as exc:  # pandas' ParserError and EmptyDataError included
+            raise CheckpointError(f"{path}: not a readable CSV table ({str(exc).splitlines()[0]})") from None
+        missing = [c for c in ACCURACY_COLUMNS[:7] if c not in frame.columns]  # the interval came later
+        if missing:
+            raise CheckpointError(f"{path}: column {missing[0]!r} is missing")
+        return frame
 
     def prototypes(self, name: str) -> pd.DataFrame:
-        return pd.read_csv(member_path(self.path, name) / "prototypes.csv")
+        return read_prototypes(member_path(self.path, name))
 
     def logits(self, name: str) -> dict[str, torch.Tensor] | None:
         """Member ``name``'s saved test logits (see :func:`load_logits`)."""
@@ -319,3 +424,91 @@ class RunWriter:
 
 def _now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+# -- one writer per run directory ----------------------------------------------------------------------
+
+
+class RunBusyError(InputError):
+    """Another process is writing into the run directory."""
+
+
+_HELD: dict[Path, int] = {}  # run directories whose lock this process holds (nested writers reuse it)
+
+
+def is_run_dir(path: Path) -> bool:
+    """True for a folder a protoaudit writer made: it holds run.json or the run lock (the first file a
+    writer creates), or nothing but a recipe.toml (a run of an earlier version interrupted at its start)."""
+    if not path.is_dir():
+        return False
+    if (path / "run.json").is_file() or (path / LOCK_FILE).is_file():
+        return True
+    return [p.name for p in path.iterdir()] == ["recipe.toml"]
+
+
+@contextlib.contextmanager
+def writing(run_dir: str | os.PathLike[str], command: str) -> Iterator[None]:
+    """Hold the single-writer lock of ``run_dir`` (created when missing) while ``command`` writes into it.
+
+    A second writer gets :class:`RunBusyError` naming the holder (pid, host, command, since); readers take no
+    lock and are never blocked. The lock is advisory (``flock`` through the ``filelock`` package) and dies
+    with its process, so a ``kill -9`` leaves no stale lock. Once it holds the lock, the writer removes the
+    ``.*.tmp`` temporaries that an interrupted writer left (no other writer can be using them). Nested calls
+    in one process for the same folder share the lock.
+    """
+    from filelock import FileLock, Timeout
+
+    path = Path(run_dir)
+    key = path.resolve()
+    if key in _HELD:
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a read-only or full disk is an output problem; a file in the way is bad input
+        kind = InputError if exc.errno in (errno.ENOTDIR, errno.EEXIST) else OutputError
+        raise kind(f"cannot create run directory {path}: {exc.strerror or exc}") from None
+    lock = FileLock(str(path / LOCK_FILE), timeout=0)
+    try:
+        lock.acquire()
+    except Timeout:
+        raise RunBusyError(f"run {path} is being written by {_holder(path)}; wait for it to end") from None
+    except OSError as exc:
+        raise OutputError(f"cannot lock {path / LOCK_FILE}: {exc.strerror or exc}") from None
+    try:
+        remove_stale_temporaries(path)
+        write_json(
+            path / WRITER_FILE,
+            {"pid": os.getpid(), "host": socket.gethostname(), "command": command, "since": _now()},
+        )
+        _HELD[key] = 1
+        yield
+    finally:
+        _HELD.pop(key, None)
+        with contextlib.suppress(OSError):
+            (path / WRITER_FILE).unlink()
+        lock.release()
+
+
+def _holder(path: Path) -> str:
+    try:
+        info = json.loads((path / WRITER_FILE).read_text(encoding="utf-8"))
+        return f"pid {info['pid']} on {info['host']} ({info['command']}, since {info['since']})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process (it has not said which yet)"
+
+
+def remove_stale_temporaries(run_dir: Path) -> list[Path]:
+    """Delete the ``.<name>.<random>.tmp`` files that an interrupted atomic write left under ``run_dir``;
+    call it only while holding the run's lock. Returns what it removed."""
+    removed = []
+    for stray in sorted(run_dir.rglob(".*.tmp")):
+        if stray.is_file():
+            with contextlib.suppress(FileNotFoundError):
+                stray.unlink()
+                removed.append(stray)
+    return removed

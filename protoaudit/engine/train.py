@@ -39,7 +39,16 @@ LATENT_CACHE_BYTES = 2 << 30  # keep the push pass's latents for the last-layer 
 
 
 class TrainingDivergedError(ProtoauditError):
-    exit_code = 1
+    """The loss became NaN or infinite: the recipe's learning rates or loss coefficients are too large."""
+
+    exit_code = 2
+
+
+def augment_generator_for(seed: int) -> torch.Generator:
+    """The member's augmentation stream: a generator of its own, seeded from the member's seed (distinct
+    from the shuffling generator, which is seeded with ``seed`` itself) and checkpointed with it."""
+    stream = np.random.SeedSequence([seed, 0xA06]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(stream))
 
 
 def resolve_device(name: str) -> torch.device:
@@ -101,10 +110,12 @@ def _sgd_epoch(
     forward: torch.nn.Module | None = None,
     amp: str = "none",
     channels_last: bool = False,
+    augment_generator: torch.Generator | None = None,
 ) -> dict[str, float]:
     """One epoch of SGD over ``split``. Under torchrun each rank takes its share of every batch (``forward``
     is then the DistributedDataParallel wrapper, which averages the gradients). ``amp = "bf16"`` runs the
-    trunk and add-on under bfloat16 autocast (distances, similarities and losses stay float32)."""
+    trunk and add-on under bfloat16 autocast (distances, similarities and losses stay float32). Training
+    images are augmented (when the split augments) with draws from ``augment_generator``."""
     labels = torch.as_tensor(np.asarray(split.labels), dtype=torch.long)
     identity = model.class_identity()
     order = torch.randperm(len(split), generator=generator)
@@ -116,7 +127,8 @@ def _sgd_epoch(
     sums = {"loss": 0.0, "cross_entropy": 0.0, "cluster": 0.0, "separation": 0.0, "l1": 0.0}
     correct = seen = 0
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    for idx, images in iter_batches(split, order, batch_size, workers, device.type == "cuda"):
+    batches = iter_batches(split, order, batch_size, workers, device.type == "cuda", augment_generator)
+    for idx, images in batches:
         x = images.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         y = labels[idx].to(device)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp == "bf16"):
@@ -125,7 +137,8 @@ def _sgd_epoch(
         terms = protopnet_loss(logits, min_distances, y, identity, model.last_layer.weight, coefs)
         if not torch.isfinite(terms.total):
             raise TrainingDivergedError(
-                f"loss became {terms.total.item()} (try lower learning rates in [lr])"
+                f"the loss became {terms.total.item()} (try lower learning rates in [lr] or smaller "
+                "coefficients in [loss])"
             )
         optimizer.zero_grad(set_to_none=True)
         terms.total.backward()
@@ -469,7 +482,8 @@ def train_member(
     uninterrupted run on the same device with the same threads).
     """
     torch.manual_seed(seed)
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)  # shuffles (SGD epochs and the last-layer stage)
+    augment_generator = augment_generator_for(seed)  # augmentation of every training image
     model = build_member(member, bundle).to(device)
     if recipe.schedule.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -491,14 +505,33 @@ def train_member(
         if checkpoint is not None and dist.is_main:
             t0 = time.perf_counter()
             checkpoint.save(
-                capture(epoch, phase, model, optimizers, scheduler, generator, history, seconds, best)
+                capture(
+                    epoch,
+                    phase,
+                    model,
+                    optimizers,
+                    scheduler,
+                    generator,
+                    history,
+                    seconds,
+                    best,
+                    augment_generator=augment_generator,
+                )
             )
             seconds["checkpoint"] = seconds.get("checkpoint", 0.0) + time.perf_counter() - t0
 
     first_epoch, push_pending = 1, False
     saved = checkpoint.load() if checkpoint is not None else None
     if saved is not None and checkpoint is not None:
-        best = restore(saved, model, optimizers, scheduler, generator, checkpoint.directory)
+        best = restore(
+            saved,
+            model,
+            optimizers,
+            scheduler,
+            generator,
+            checkpoint.directory,
+            augment_generator=augment_generator,
+        )
         history, seconds = saved.history, {**seconds, **saved.seconds}
         push_pending = saved.phase == "sgd" and saved.epoch in pushes  # its push + last layer still to do
         first_epoch = saved.epoch if push_pending else saved.epoch + 1
@@ -519,21 +552,27 @@ def train_member(
                 )
             t0 = time.perf_counter()
             with reporter.task(f"{member.name} {stage} {epoch}/{sched.epochs}", len(bundle.train)) as advance:
-                metrics = _sgd_epoch(
-                    model,
-                    bundle.train,
-                    optimizers[stage],
-                    coefs,
-                    sched.batch_size,
-                    generator,
-                    device,
-                    advance,
-                    sched.workers,
-                    dist,
-                    wrapped.get(stage),
-                    sched.amp,
-                    sched.channels_last,
-                )
+                try:
+                    metrics = _sgd_epoch(
+                        model,
+                        bundle.train,
+                        optimizers[stage],
+                        coefs,
+                        sched.batch_size,
+                        generator,
+                        device,
+                        advance,
+                        sched.workers,
+                        dist,
+                        wrapped.get(stage),
+                        sched.amp,
+                        sched.channels_last,
+                        augment_generator,
+                    )
+                except TrainingDivergedError as exc:
+                    raise TrainingDivergedError(
+                        f"member {member.name} diverged in its {stage} stage, epoch {epoch}/{sched.epochs}: {exc}"
+                    ) from None
             sync_buffers(model, dist)  # one set of batch-norm statistics for push and evaluation
             if stage == "joint":
                 scheduler.step()

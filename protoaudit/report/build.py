@@ -204,7 +204,12 @@ class _Builder:
     def _summary(self) -> dict[str, Any]:
         meta = self.run.meta
         recipe_path = self.run.path / "recipe.toml"
-        recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else None
+        try:
+            recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else None
+        except UnicodeDecodeError:
+            from protoaudit.errors import RecipeError
+
+            raise RecipeError(f"recipe {recipe_path} is not UTF-8 text") from None
         description = ""
         data_kind = None
         if recipe_text is not None:
@@ -369,7 +374,7 @@ class _Builder:
         purity = None
         if purity_frame is not None and "member" in purity_frame:
             purity = purity_frame[purity_frame["member"].astype(str) == name].set_index("prototype")
-        nearest_frame, nearest_source = self._nearest(name, model, member_dir)
+        nearest_frame, nearest_source, nearest_problem = self._nearest(name, model, member_dir)
         nearest: dict[int, list[dict[str, Any]]] = {}
         if nearest_frame is not None:
             ordered = nearest_frame.sort_values(["prototype", "rank"], kind="stable")
@@ -482,27 +487,41 @@ class _Builder:
             "purity_available": purity is not None,
             "nearest_available": nearest_frame is not None,
             "nearest_source": nearest_source,
-            "nearest_note": None if nearest_frame is not None else f"nearest training patches {INDEX_HINT}",
+            "nearest_note": None
+            if nearest_frame is not None
+            else f"nearest training patches {nearest_problem or INDEX_HINT}",
             "thumbnails": len(with_thumbs),
             "prototypes": rows,
         }
 
     def _nearest(
         self, name: str, model: ProtoPNet, member_dir: Path
-    ) -> tuple[pd.DataFrame | None, str | None]:
+    ) -> tuple[pd.DataFrame | None, str | None, str | None]:
         """The nearest training patches of every prototype (one per image): ``nearest_train.csv`` when the
-        index step wrote it, else one batched search of the member's fresh patch index, else nothing."""
+        index step wrote it, else one batched search of the member's fresh patch index, else nothing.
+        Returns (frame, its source, why there is none: None when no index was built yet)."""
         frame = _read_csv(member_dir / "nearest_train.csv")
         if frame is not None:
-            return frame, "nearest_train.csv"
+            return frame, "nearest_train.csv", None
         from protoaudit.engine.index.search import index_status, load_index, nearest_images
+        from protoaudit.engine.io import TamperedWeightsError
+        from protoaudit.errors import CheckpointError
 
-        if index_status(self.run, name, "train") != "fresh":
-            return None, None
-        loaded = load_index(self.run, name, "train", backend="faiss")
-        return nearest_images(loaded, model.prototype_vectors, self.options.nearest).table(), (
-            "patch index (members/<m>/patches.faiss)"
-        )
+        status = index_status(self.run, name, "train")
+        if status == "missing":
+            return None, None, None
+        rebuild = f"rebuild it with `protoaudit index {self.run.path} --force`"
+        if status != "fresh":
+            what = "built from other weights" if status == "stale" else "unreadable or incomplete"
+            return None, None, f"not shown: the patch index is {status} ({what}) — {rebuild}"
+        try:
+            loaded = load_index(self.run, name, "train", backend="faiss")
+        except TamperedWeightsError:
+            raise
+        except CheckpointError as exc:
+            return None, None, f"not shown: the patch index is broken ({exc}) — {rebuild}"
+        table = nearest_images(loaded, model.prototype_vectors, self.options.nearest).table()
+        return table, "patch index (members/<m>/patches.faiss)", None
 
     def _asset(self, key: str, make: Callable[[], bytes]) -> str:
         if key not in self.assets:

@@ -11,12 +11,14 @@ the image drawn again without one of them. Other datasets' splits have ``interve
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
+
+from protoaudit.engine.data.augment import Augment
 
 if TYPE_CHECKING:
     from protoaudit.engine.recipe import DataConfig, PartsDataConfig
@@ -31,8 +33,9 @@ class ImageSplit(Protocol):
 
     def __len__(self) -> int: ...
 
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
-        """(B, 3, S, S) float32 in [0, 1] for the given indices (augmented if the split augments)."""
+    def batch(self, indices: Sequence[int], seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, S, S) float32 in [0, 1] for the given indices; when the split augments and (B,) int64
+        ``seeds`` are given, image i is augmented with a generator seeded with ``seeds[i]``."""
         ...
 
     def part_mask(self, index: int) -> np.ndarray | None:
@@ -41,26 +44,45 @@ class ImageSplit(Protocol):
 
 
 def iter_batches(
-    split: ImageSplit, order: torch.Tensor, batch_size: int, workers: int = 0, pin_memory: bool = False
+    split: ImageSplit,
+    order: torch.Tensor,
+    batch_size: int,
+    workers: int = 0,
+    pin_memory: bool = False,
+    augment_generator: torch.Generator | None = None,
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """Yield ``(indices (B,) int64, images (B, 3, S, S) float32)`` over ``order`` in chunks of ``batch_size``.
 
-    With ``workers > 0`` and a split that can load one image at a time (``item(i)``), a DataLoader decodes
-    images in worker processes; otherwise batches come straight from ``split.batch``.
+    Images are augmented only when the split augments and ``augment_generator`` is given: then every image
+    gets its own seed, drawn here in order from that generator, so the draws do not depend on ``workers``.
+    With ``workers > 0`` and a split that can load one image at a time (``item(i, seed)``), a DataLoader
+    decodes images in worker processes; otherwise batches come straight from ``split.batch``. The loader
+    gets its own generator, so it never draws from torch's global one (its workers draw nothing).
     """
+    from protoaudit.engine.data.augment import draw_seeds
+
     chunks = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+    augmenting = augment_generator is not None and getattr(split, "augment", None) is not None
+    seeds: list[torch.Tensor | None] = [
+        draw_seeds(augment_generator, len(c)) if augmenting and augment_generator is not None else None
+        for c in chunks
+    ]
     if workers > 0 and hasattr(split, "item"):
         loader = torch.utils.data.DataLoader(
             _ItemView(split),
-            batch_sampler=[c.tolist() for c in chunks],
+            batch_sampler=[
+                [(int(i), None if s is None else int(s[j])) for j, i in enumerate(c.tolist())]
+                for c, s in zip(chunks, seeds, strict=True)
+            ],
             num_workers=workers,
             pin_memory=pin_memory,
+            generator=torch.Generator().manual_seed(0),
         )
         for chunk, images in zip(chunks, loader, strict=True):
             yield chunk, images
         return
-    for chunk in chunks:
-        yield chunk, split.batch(chunk.tolist())
+    for chunk, chunk_seeds in zip(chunks, seeds, strict=True):
+        yield chunk, split.batch(chunk.tolist(), chunk_seeds)
 
 
 class _ItemView(torch.utils.data.Dataset[torch.Tensor]):
@@ -70,8 +92,9 @@ class _ItemView(torch.utils.data.Dataset[torch.Tensor]):
     def __len__(self) -> int:
         return len(self.split)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        return self.split.item(index)
+    def __getitem__(self, key: tuple[int, int | None]) -> torch.Tensor:
+        index, seed = key
+        return self.split.item(index, seed)
 
 
 class SplitInterventions:
@@ -139,7 +162,7 @@ class TensorSplit:
     labels: np.ndarray
     image_ids: list[str]
     masks: np.ndarray | None = None
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    augment: Augment | None = None
     interventions: SplitInterventions | None = None
     _tensor: torch.Tensor | None = field(default=None, repr=False)
 
@@ -153,16 +176,18 @@ class TensorSplit:
             )
         return self._tensor
 
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+    def batch(self, indices: Sequence[int], seeds: torch.Tensor | None = None) -> torch.Tensor:
         x = self._all()[torch.as_tensor(list(indices), dtype=torch.long)].float().div_(255.0)
-        return self.augment(x) if self.augment is not None else x
+        if self.augment is None or seeds is None:
+            return x
+        from protoaudit.engine.data.augment import augment_batch
+
+        return augment_batch(x, self.augment, seeds)
 
     def part_mask(self, index: int) -> np.ndarray | None:
         return None if self.masks is None else self.masks[index]
 
-    def subset(
-        self, indices: np.ndarray, augment: Callable[[torch.Tensor], torch.Tensor] | None = None
-    ) -> TensorSplit:
+    def subset(self, indices: np.ndarray, augment: Augment | None = None) -> TensorSplit:
         return TensorSplit(
             self.images[indices],
             self.labels[indices],
@@ -228,14 +253,14 @@ def build_dataset(config: DataConfig, seed: int) -> DatasetBundle:
     if config.kind == "parts":
         return _build_parts(config, seed)
     if config.kind == "fashion_mnist":
-        from protoaudit.engine.data.augment import batch_augment
+        from protoaudit.engine.data.augment import image_augment
         from protoaudit.engine.data.fashion_mnist import build_fashion_mnist
 
         bundle = build_fashion_mnist(
             config.root,
             config.image_size,
             config.val_fraction,
-            batch_augment(config.augment),
+            image_augment(config.augment),
             seed,
             config.max_train_per_class,
         )
@@ -320,7 +345,7 @@ def _build_parts(config: PartsDataConfig, seed: int) -> DatasetBundle:
     ]
     interventions = SplitInterventions(PartsRenderer(spec), np.arange(len(data.labels)))
     everything = TensorSplit(data.images, data.labels, ids, data.masks, interventions=interventions)
-    augment = _flip_augment(seed) if config.augment else None
+    augment = _flip_augment() if config.augment else None
     shifted = np.flatnonzero(data.is_shifted)
     base: Any = everything
     if len(shifted):
@@ -338,13 +363,9 @@ def _build_parts(config: PartsDataConfig, seed: int) -> DatasetBundle:
     )
 
 
-def _flip_augment(seed: int) -> Callable[[torch.Tensor], torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-
-    def flip(x: torch.Tensor) -> torch.Tensor:
-        flip_mask = torch.rand(x.shape[0], generator=generator) < 0.5
-        x = x.clone()
-        x[flip_mask] = x[flip_mask].flip(-1)
-        return x
+def _flip_augment() -> Augment:
+    """The embedded dataset's augmentation: a left-right flip with p = 0.5, drawn from the generator the
+    caller gives (the member's augmentation stream, see :func:`iter_batches`), never from a closure."""
+    from protoaudit.engine.data.augment import flip
 
     return flip

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from protoaudit.engine.data import DatasetBundle, stratified_holdout
+from protoaudit.engine.data.augment import Augment
 from protoaudit.errors import DatasetError
 
 DEFAULT_ROOT = "/usr/share/datasets/fashion-mnist"
@@ -148,19 +149,24 @@ class GreySplit:
     images: np.ndarray
     labels: np.ndarray
     image_ids: list[str]
-    augment: Callable[[torch.Tensor], torch.Tensor] | None = None
+    augment: Augment | None = None
     _tensor: torch.Tensor | None = field(default=None, repr=False)
     interventions: None = field(default=None, repr=False)  # no elements to remove in real images
 
     def __len__(self) -> int:
         return len(self.labels)
 
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+    def batch(self, indices: Sequence[int], seeds: torch.Tensor | None = None) -> torch.Tensor:
+        """(B, 3, S, S) float32; augmented per image (seeds[i]) when seeds are given and the split augments."""
         if self._tensor is None:
             self._tensor = torch.from_numpy(self.images)
         idx = torch.as_tensor(list(indices), dtype=torch.long)
         x = self._tensor[idx].float().div_(255.0)[:, None].expand(-1, 3, -1, -1).contiguous()
-        return self.augment(x) if self.augment is not None else x
+        if self.augment is None or seeds is None:
+            return x
+        from protoaudit.engine.data.augment import augment_batch
+
+        return augment_batch(x, self.augment, seeds)
 
     def part_mask(self, index: int) -> np.ndarray | None:  # noqa: ARG002 (the ImageSplit protocol)
         return None
@@ -174,7 +180,7 @@ def build_fashion_mnist(
     root: str | Path,
     image_size: int,
     val_fraction: float,
-    augment: Callable[[torch.Tensor], torch.Tensor] | None,
+    augment: Augment | None,
     seed: int,
     max_train_per_class: int | None = None,
 ) -> DatasetBundle:
@@ -198,7 +204,7 @@ def build_fashion_mnist(
     test_idx = np.flatnonzero(~data.is_train)
     keep, val = stratified_holdout(data.labels[train_idx], val_fraction, seed)
 
-    def split(indices: np.ndarray, aug: Callable[[torch.Tensor], torch.Tensor] | None = None) -> GreySplit:
+    def split(indices: np.ndarray, aug: Augment | None = None) -> GreySplit:
         return GreySplit(images[indices], data.labels[indices], [ids[i] for i in indices], aug)
 
     k = len(CLASS_NAMES)

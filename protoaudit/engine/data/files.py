@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,10 +24,9 @@ import numpy as np
 import torch
 
 from protoaudit.engine.data import DatasetBundle, four_splits
+from protoaudit.engine.data.augment import Augment
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-Augment = Callable[[torch.Tensor], torch.Tensor]  # (3, S, S) float32 in [0, 1] -> same
 
 
 @dataclass
@@ -196,14 +195,22 @@ class FileSplit:
         self._sizes[index] = img.size
         return crop_resize(img, self._box(index, img.size).tolist(), self.image_size)
 
-    def item(self, index: int) -> torch.Tensor:
+    def item(self, index: int, seed: int | None = None) -> torch.Tensor:
+        """(3, S, S) float32 in [0, 1]; augmented with a generator seeded with ``seed`` when one is given
+        and the split augments."""
         x = torch.from_numpy(self.image(index)).permute(2, 0, 1).float().div_(255.0)
-        return self.augment(x) if self.augment is not None else x
+        if self.augment is None or seed is None:
+            return x
+        from protoaudit.engine.data.augment import seeded
 
-    def batch(self, indices: Sequence[int]) -> torch.Tensor:
+        return self.augment(x, seeded(seed))
+
+    def batch(self, indices: Sequence[int], seeds: torch.Tensor | None = None) -> torch.Tensor:
         if len(indices) == 0:
             return torch.zeros(0, 3, self.image_size, self.image_size)
-        return torch.stack([self.item(int(i)) for i in indices])
+        return torch.stack(
+            [self.item(int(i), None if seeds is None else int(seeds[j])) for j, i in enumerate(indices)]
+        )
 
     def part_mask(self, index: int) -> np.ndarray | None:  # noqa: ARG002 (the ImageSplit protocol)
         return None

@@ -25,7 +25,7 @@ from protoaudit.engine.index.files import (
 )
 from protoaudit.engine.index.search import index_status, member_names, read_index_info
 from protoaudit.engine.io import sha256_file, write_bytes
-from protoaudit.errors import InputError
+from protoaudit.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:
     from protoaudit.core.model import ProtoPNet
@@ -249,11 +249,28 @@ def index_run(
     """(Re)build the patch indexes of a run: every index that is missing or stale (all with ``force``).
 
     Returns one row per member and split: member, split, status (built, fresh), n_patches, seconds.
+    Holds the run's lock (:func:`protoaudit.engine.run.writing`) while it works.
     """
+    from protoaudit.engine.run import writing
+
+    with writing(run.path, "index"):
+        return _index_run(run, members, splits, force, device, reporter)
+
+
+def _index_run(
+    run: Run,
+    members: Sequence[str] | None,
+    splits: Sequence[str],
+    force: bool,
+    device: str,
+    reporter: Reporter | None,
+) -> pd.DataFrame:
     from protoaudit.engine.train import resolve_device
 
     recipe = run.recipe()
     names = list(members) if members else member_names(run)
+    if not names:
+        raise CheckpointError(f"run {run.path} has no member to index: no members/<name>/model.json is there")
     for name in names:
         if not (run.path / "members" / name / "model.json").is_file():
             raise InputError(

@@ -15,6 +15,7 @@ import torch
 from protoaudit.core.knn import exact_knn_torch
 from protoaudit.engine.index.files import INDEX_FORMAT_VERSION, META_KEY, index_paths
 from protoaudit.engine.io import sha256_file
+from protoaudit.engine.run import verified_weights_sha256
 from protoaudit.errors import CheckpointError, InputError, Remedy, StaleIndexError
 
 if TYPE_CHECKING:
@@ -261,6 +262,10 @@ def load_index(
     member_dir = root / "members" / member
     faiss_path, meta_path = index_paths(member_dir, split)
     if not (member_dir / "model.json").is_file():
+        if member_dir.is_dir():
+            raise CheckpointError(
+                f"{member_dir / 'model.json'} is missing: member {member}'s metadata is gone"
+            )
         raise InputError(f"run {root} has no member {member!r}")
     if not meta_path.is_file() or not faiss_path.is_file():
         raise CheckpointError(
@@ -273,8 +278,8 @@ def load_index(
         raise CheckpointError(
             f"{meta_path}: index format {version!r} is not readable here", remedy=_rebuild(root)
         )
-    if check:
-        current = sha256_file(member_dir / "model.safetensors")
+    if check:  # a weights file changed since model.json is tampered, not a reason to rebuild the index
+        current = verified_weights_sha256(member_dir)
         if current != info.get("checkpoint_sha256"):
             raise StaleIndexError(
                 f"the {split} patch index of member {member} was built from another checkpoint than "
@@ -306,18 +311,28 @@ def load_index(
 
 
 def index_status(run_dir: str | os.PathLike[str] | Run, member: str, split: str) -> str:
-    """ "fresh", "stale" or "missing": whether a member's index of a split can be queried as it is."""
+    """ "fresh", "stale", "broken" or "missing": whether a member's index of a split can be queried as it is.
+
+    "stale": built from other weights than the member's current ``model.safetensors``; "broken": its files
+    are unreadable or do not belong together (an interrupted or damaged build).
+    """
+    root = _run_root(run_dir)
+    faiss_path, meta_path = index_paths(root / "members" / member, split)
+    if not meta_path.is_file() and not faiss_path.is_file():
+        return "missing"
+    if not meta_path.is_file() or not faiss_path.is_file():
+        return "broken"
     try:
-        root = _run_root(run_dir)
-        faiss_path, meta_path = index_paths(root / "members" / member, split)
-        if not meta_path.is_file() or not faiss_path.is_file():
-            return "missing"
         info = read_index_info(meta_path)
-        sha = sha256_file(root / "members" / member / "model.safetensors")
-        fresh = info.get("checkpoint_sha256") == sha and faiss_path.stat().st_size == info.get("faiss_bytes")
-        return "fresh" if fresh else "stale"
     except CheckpointError:
+        return "broken"
+    if faiss_path.stat().st_size != info.get("faiss_bytes"):
+        return "broken"
+    try:
+        sha = sha256_file(root / "members" / member / "model.safetensors")
+    except OSError:
         return "stale"
+    return "fresh" if info.get("checkpoint_sha256") == sha else "stale"
 
 
 def member_names(run: Run) -> list[str]:
