@@ -49,7 +49,22 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/bench_quickstart.py")  # P5
     session.run("python", "bench/bench_cub_scale.py", "--small")  # the CUB-scale audit, as a smoke run
     # the prepared GPU measurement, as a smoke run on the CPU (GPU figures come from a machine with one)
-    session.run("python", "bench/gpu_check.py", "--device", "cpu", "--images", "64", "--trunks", "resnet34")
+    session.run(
+        "python",
+        "bench/gpu_check.py",
+        "--device",
+        "cpu",
+        "--images",
+        "32",
+        "--size",
+        "64",
+        "--batch",
+        "16",
+        "--classes",
+        "8",
+        "--trunks",
+        "resnet34",
+    )
 
 
 @nox.session(default=False)

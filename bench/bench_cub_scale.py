@@ -262,6 +262,11 @@ def main() -> None:
         for i in range(args.members):
             for key, value in audit_member(Path(tmp), f"member{i}", rng, args, clock, size).items():
                 bare[key] += value
+            so_far = ", ".join(f"{k} {v:.1f}" for k, v in clock.seconds.items())
+            print(
+                f"after member {i + 1}: {so_far}; bare searches {bare['train'] + bare['test']:.1f} s",
+                flush=True,
+            )
     wall = time.perf_counter() - started
     searches = bare["train"] + bare["test"]
     m = args.classes * args.per_class

@@ -244,7 +244,7 @@ def main() -> None:
         t0 = lap("purity, part purity, nearest_train table", t0)
         nearest_images(indexes["test"], protos, 5).table()  # global analysis, test
         lap("test search (5 nearest images) + table", t0)
-        if sum(parts.values()) < sum(best_parts.values()) or not best_parts:
+        if not best_parts or sum(parts.values()) < sum(v for k, v in best_parts.items() if k[0] != "["):
             best_parts.clear()
             best_parts.update(parts)
             best_parts.update({f"[{k}]": float(v) for k, v in searched.items()})

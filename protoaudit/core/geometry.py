@@ -36,12 +36,13 @@ def percentile_boxes(
     """
     out = []
     for start in range(0, maps.shape[0], chunk):
+        # the maps as the channels of one image: the same values as one map per image, and faster on a CPU
         up = F.interpolate(
-            maps[start : start + chunk, None],
+            maps[None, start : start + chunk],
             size=(image_size, image_size),
             mode="bicubic",
             align_corners=False,
-        )[:, 0]
+        )[0]
         threshold = _quantile_rows(up.flatten(1), percentile / 100.0)
         mask = up >= threshold[:, None, None]
         rows, cols = mask.any(dim=2), mask.any(dim=1)  # (c, S)
