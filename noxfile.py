@@ -47,3 +47,29 @@ def bench(session: nox.Session) -> None:
     session.run("python", "bench/bench_prune.py")  # P3
     session.run("python", "bench/bench_index.py")  # P4
     session.run("python", "bench/bench_quickstart.py")  # P5
+    session.run("python", "bench/bench_cub_scale.py", "--small")  # the CUB-scale audit, as a smoke run
+    # the prepared GPU measurement, as a smoke run on the CPU (GPU figures come from a machine with one)
+    session.run(
+        "python",
+        "bench/gpu_check.py",
+        "--device",
+        "cpu",
+        "--images",
+        "32",
+        "--size",
+        "64",
+        "--batch",
+        "16",
+        "--classes",
+        "8",
+        "--trunks",
+        "resnet34",
+    )
+
+
+@nox.session(default=False)
+def cub_scale(session: nox.Session) -> None:
+    """The audit at CUB-200-2011's size from synthetic latents: each stage against the bare FAISS searches,
+    peak memory, the report's size (a few minutes on 2 cores; ``-- --small`` for a smoke run)."""
+    session.install("-e", ".")
+    session.run("python", "bench/bench_cub_scale.py", *session.posargs)

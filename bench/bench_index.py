@@ -9,6 +9,9 @@
    one prototype → its 10 nearest patches; one prototype → its 6 nearest images (one patch per image, as
    pruning asks); one image's 49 patches → each one's 5 nearest patches; and one image's nearest prototypes
    (its latent map against 2000 prototypes, the ``nearest-prototypes`` query, which needs no index).
+   The one-image queries of the command line (``nearest-patches``) take the interactive path on a CPU:
+   exact search by one BLAS product per database chunk and a partial top-k (``resolve_backend``); both
+   paths are timed, and the bare matrix product beside them.
 3. The same query batch (256 queries, k = 10) through flat FAISS and through a brute-force torch k-NN
    (‖q‖² − 2 q·x + ‖x‖² and top-k over chunks): seconds and their ratio, and how often the answers agree.
 
@@ -87,7 +90,10 @@ def quickstart(run_dir: Path) -> None:
         f"standalone rebuild of every index (protoaudit index --force, forward passes included): {rebuild:.2f} s"
     )
 
+    from protoaudit.core.model import ProtoPNet
+    from protoaudit.engine.explain import explain_image
     from protoaudit.engine.index.queries import (
+        image_latents,
         load_query_image,
         nearest_patches_to_image,
         nearest_prototypes_to_image,
@@ -97,10 +103,14 @@ def quickstart(run_dir: Path) -> None:
     member = run.member_names[0]
     to_protos = p50(lambda: nearest_prototypes_to_image(run, query, 3), 20)
     to_patches = p50(lambda: nearest_patches_to_image(run, query, member, 3), 20)
+    explain = p50(lambda: explain_image(run, query, top_classes=3, bundle=bundle), 10)
+    models: list[ProtoPNet] = [run.member(name) for name in run.member_names]
+    forward = p50(lambda: [image_latents(m, query) for m in models], 20)
     print(
-        f"one test image, end to end (forward pass included, members loaded): nearest prototypes of all "
-        f"{len(run.member_names)} members p50 {1e3 * to_protos:.1f} ms; nearest training patches "
-        f"({member}, index loaded per call) p50 {1e3 * to_patches:.1f} ms"
+        f"one test image, end to end (members loaded): one forward pass of every member "
+        f"({len(models)}) p50 {1e3 * forward:.1f} ms; nearest prototypes of all members p50 "
+        f"{1e3 * to_protos:.1f} ms; explain (reasoning sheet) p50 {1e3 * explain:.1f} ms; nearest training "
+        f"patches ({member}, index loaded per call) p50 {1e3 * to_patches:.1f} ms"
     )
 
 
@@ -130,6 +140,7 @@ def large(n_patches: int, dim: int, repeat: int, seed: int = 0) -> dict[str, flo
     build = time.perf_counter() - t0
     info = {"member": "bench", "split": "train", "dim": dim, "grid": [grid, grid], "kind": "flat"}
     index = PatchIndex(flat, meta, info, Path("."), "faiss")
+    interactive = PatchIndex(flat, meta, info, Path("."), "torch")  # what the one-image queries use on a CPU
     prototype = vectors[12345:12346] + rng.normal(0, 0.01, (1, dim)).astype(np.float32)
     image = vectors[49 * 77 : 49 * 78]  # the 49 patches of one image
     prototypes = torch.from_numpy(rng.random((2000, dim), dtype=np.float32))
@@ -148,6 +159,12 @@ def large(n_patches: int, dim: int, repeat: int, seed: int = 0) -> dict[str, flo
         "1 prototype → 10 patches ms": 1e3 * p50(lambda: index.search(prototype, 10), repeat),
         "1 prototype → 6 images ms": 1e3 * p50(lambda: index.search(prototype, 6, per_image=True), repeat),
         "1 image (49 patches) → 5 patches each ms": 1e3 * p50(lambda: index.search(image, 5), repeat),
+        "  the same, interactive path (BLAS, exact) ms": 1e3
+        * p50(lambda: interactive.search(image, 5), repeat),
+        "  its matrix product alone ms": 1e3
+        * p50(lambda: torch.from_numpy(image) @ interactive._database.T, repeat),  # type: ignore[union-attr]
+        "1 prototype → 6 images, interactive ms": 1e3
+        * p50(lambda: interactive.search(prototype, 6, per_image=True), repeat),
         "1 image → nearest of 2000 prototypes ms": 1e3 * p50(nearest_prototypes, repeat),
     }
     # the same batch through flat FAISS and a brute-force torch k-NN

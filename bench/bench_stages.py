@@ -4,7 +4,13 @@ P1  one joint training step (CE + cluster + separation, Adam) vs the same trunk 
 P2  push (class-specific projection + the 95th-percentile boxes of every prototype) vs one eval forward pass over
     the push set (goal ≤ 1.05× on CPU)
 P6  push + test pass with patch indexes + k-NN purity + global nearest patches (train and test) vs plain forward
-    passes over the two splits (goal ≤ 1.1×)
+    passes over the two splits (goal ≤ 1.1×). As ``protoaudit prune`` does, one search of the training index
+    (each prototype's 10 nearest images: purity's k = 6, part purity's 10, and ``nearest_train.csv``) serves
+    purity and the global analysis of the training split; the test split gets its own search (k = 5, as
+    ``protoaudit global-analysis`` writes ``nearest_test.csv``).
+
+Each stage that exceeds the forward passes it rides on is broken down: the seconds of each part of the best
+run, so that what the remaining time is spent on is printed beside the ratio.
 
 Defaults are the paper's scale of prototypes: 200 classes × 10 = 2000 prototypes, D = 128, 49 patches per image
 (a 7 × 7 latent grid: the small ResNet-style trunk at 56 px). Images are generated. P1 can use a torchvision trunk
@@ -25,14 +31,15 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
+from protoaudit.core.geometry import percentile_boxes
 from protoaudit.core.knn import latents_to_patches
 from protoaudit.core.losses import protopnet_loss
 from protoaudit.core.model import MemberConfig, ProtoPNet
-from protoaudit.core.purity import knn_class_purity
+from protoaudit.core.purity import knn_class_purity, part_purity
 from protoaudit.core.trunks import create_trunk, trunk_info
 from protoaudit.engine.data import TensorSplit
 from protoaudit.engine.index.build import build_faiss_index, patch_metadata
-from protoaudit.engine.index.search import PatchIndex
+from protoaudit.engine.index.search import PatchIndex, nearest_images
 from protoaudit.engine.push import push_prototypes
 from protoaudit.engine.train import predict
 
@@ -103,6 +110,20 @@ def p1(
     return {"protopnet": t_proto, "linear": t_lin}
 
 
+def add_p1(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    t = p1(args.p1_trunk, args.p1_size, args.classes, args.per_class, args.dim, args.p1_batch, args.repeat)
+    rows.append(
+        {
+            "check": f"P1 joint step, {args.p1_trunk} {args.p1_size}px batch {args.p1_batch}",
+            "protoaudit_s": t["protopnet"],
+            "baseline_s": t["linear"],
+            "baseline": "trunk + linear head step",
+            "ratio": t["protopnet"] / t["linear"],
+            "goal": 1.10,
+        }
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=2000, help="push-set images (test set: half as many)")
@@ -117,21 +138,13 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--no-p1", action="store_true", help="skip P1 (the joint step at 224 px)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     rows = []
 
-    t = p1(args.p1_trunk, args.p1_size, args.classes, args.per_class, args.dim, args.p1_batch, args.repeat)
-    rows.append(
-        {
-            "check": f"P1 joint step, {args.p1_trunk} {args.p1_size}px batch {args.p1_batch}",
-            "protoaudit_s": t["protopnet"],
-            "baseline_s": t["linear"],
-            "baseline": "trunk + linear head step",
-            "ratio": t["protopnet"] / t["linear"],
-            "goal": 1.10,
-        }
-    )
+    if not args.no_p1:
+        add_p1(rows, args)
 
     rng = np.random.default_rng(0)
     n_train, n_test = args.images, args.images // 2
@@ -166,18 +179,44 @@ def main() -> None:
     def fwd_test() -> None:
         predict(model, test_split, args.batch, cpu)
 
+    parts: dict[str, float] = {}
+    best_parts: dict[str, float] = {}
+    searched: dict[str, int] = {}
+
+    def lap(name: str, t0: float) -> float:
+        now = time.perf_counter()
+        parts[name] = parts.get(name, 0.0) + now - t0
+        return now
+
+    def counted(index: PatchIndex, name: str) -> PatchIndex:
+        """Count the patches the per-image search asks FAISS for (it grows k' until k images are found)."""
+        inner = index._search
+
+        def search(q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+            searched[name] = searched.get(name, 0) + 1
+            searched[name + " queries x k'"] = searched.get(name + " queries x k'", 0) + len(q) * k
+            return inner(q, k)
+
+        index._search = search  # type: ignore[method-assign]
+        return index
+
     def pipeline() -> None:
+        parts.clear()
+        searched.clear()
+        t0 = time.perf_counter()
         model.prototype_vectors.data.copy_(initial)
         kept: list[torch.Tensor] = []
         push_prototypes(model, push_split, args.batch, cpu, args.size, lambda z, _i, _d: kept.append(z))
         train_latents = torch.cat(kept)
+        t0 = lap("push pass (forward + projection + boxes)", t0)
         test_latents: list[torch.Tensor] = []
         for start in range(0, len(test_split), args.batch):  # the test pass that evaluates also keeps latents
             x = test_split.batch(list(range(start, min(start + args.batch, len(test_split)))))
             with torch.no_grad():
                 z = model.latent(x)
-                model.head(model.distances(z).flatten(2).amin(2))
+                model.head(model.distances(z).amin(dim=(2, 3)))
             test_latents.append(z)
+        t0 = lap("test pass (forward, latents kept)", t0)
         grid = tuple(train_latents.shape[2:])
         indexes = {}
         for name, split, lat in (
@@ -185,19 +224,30 @@ def main() -> None:
             ("test", test_split, torch.cat(test_latents)),
         ):
             vectors = latents_to_patches(lat)
-            indexes[name] = PatchIndex(
-                build_faiss_index(vectors),
-                patch_metadata(split, grid),
-                {"member": "b", "split": name, "dim": args.dim, "grid": list(grid), "kind": "flat"},
-                Path("."),
+            indexes[name] = counted(
+                PatchIndex(
+                    build_faiss_index(vectors),
+                    patch_metadata(split, grid),
+                    {"member": "b", "split": name, "dim": args.dim, "grid": list(grid), "kind": "flat"},
+                    Path("."),
+                ),
+                name,
             )
+        t0 = lap("indexes (patches, metadata, faiss add)", t0)
         protos = model.prototype_vectors.detach()
-        _, rows_ = indexes["train"].search(protos, 6, per_image=True)  # purity
-        knn_class_purity(
-            indexes["train"].meta["label"].to_numpy()[rows_], np.asarray(model.config.prototype_class)
-        )
-        indexes["train"].search(protos, 5, per_image=True)  # global analysis, train
-        indexes["test"].search(protos, 5, per_image=True)  # global analysis, test
+        nearest = nearest_images(indexes["train"], protos, 10)  # purity (k = 6), part purity (10), train
+        t0 = lap("train search (10 nearest images)", t0)
+        classes = np.asarray(model.config.prototype_class)
+        knn_class_purity(nearest.first(6).column("label"), classes)
+        part_purity(nearest.column("part"))
+        nearest.table()  # nearest_train.csv
+        t0 = lap("purity, part purity, nearest_train table", t0)
+        nearest_images(indexes["test"], protos, 5).table()  # global analysis, test
+        lap("test search (5 nearest images) + table", t0)
+        if not best_parts or sum(parts.values()) < sum(v for k, v in best_parts.items() if k[0] != "["):
+            best_parts.clear()
+            best_parts.update(parts)
+            best_parts.update({f"[{k}]": float(v) for k, v in searched.items()})
 
     # interleaved, best of each: drift in the machine's load hits both sides alike
     t_fwd_train, t_fwd_test, t_push, t_pipe = interleaved(
@@ -231,6 +281,22 @@ def main() -> None:
         f"{n_train} push + {n_test} test images, threads = {args.threads}, best of {args.repeat}"
     )
     print(table.to_string(index=False, float_format=lambda v: f"{v:.3f}"))
+    maps = push_prototypes(model, push_split, args.batch, cpu, args.size).activation_maps
+    t_boxes, _ = best_of(args.repeat, lambda: percentile_boxes(maps, args.size))
+    print(
+        f"\nP2: of the push's {t_push:.3f} s, the {model.n_prototypes} boxes (bicubic upsampling and the 95th "
+        f"percentile) take {t_boxes:.3f} s ({t_boxes / t_fwd_train:.1%} of the forward pass); the rest, "
+        f"{t_push - t_boxes:.3f} s, is {(t_push - t_boxes) / t_fwd_train:.3f}x the forward pass"
+    )
+    print(
+        f"P6: where the best pipeline run spent its time (forward passes: {t_fwd_train + t_fwd_test:.3f} s)"
+    )
+    for name, value in best_parts.items():
+        if name.startswith("["):
+            print(f"  {name:52s} {value:12.0f}")
+        else:
+            share = value / (t_fwd_train + t_fwd_test)
+            print(f"  {name:52s} {value:9.3f} s  {share:6.1%} of the forward passes")
     print(f"peak RSS: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB")
 
 

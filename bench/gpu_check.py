@@ -8,7 +8,7 @@
    exact k-NN search of the same sizes.
 
     python bench/gpu_check.py                     # on a CUDA machine
-    python bench/gpu_check.py --device cpu --images 64 --trunks resnet34   # a smoke run anywhere
+    python bench/gpu_check.py --device cpu --images 32 --size 64 --classes 8 --trunks resnet34   # a smoke run
 """
 
 from __future__ import annotations

@@ -264,6 +264,55 @@ def test_exact_knn_torch_chunks_and_ties() -> None:
     np.testing.assert_array_equal(small_blocks[1].numpy(), ref_r)  # queries in blocks of one or two
 
 
+def test_interactive_search_is_exact_by_blas(tmp_path: Path) -> None:
+    # one image's 49 patches against the index, as `nearest-patches --image` asks: the interactive path
+    rng = np.random.default_rng(3)
+    vectors = rng.random((3000, 16), dtype=np.float32)
+    vectors[2500] = vectors[40]  # an exact tie: the lower row comes first
+    vectors[1200:1230] = vectors[7]  # more equal patches than the candidate margin
+    images = list(np.repeat(np.arange(600), 5))
+    _hand_built_index(tmp_path, vectors, images)
+    index = load_index(tmp_path, "m", "train", interactive=True)
+    if not torch.cuda.is_available():
+        assert index.backend == "torch"
+    queries = np.concatenate([vectors[40:41], vectors[100:148] + rng.normal(0, 0.01, (48, 16))]).astype(
+        np.float32
+    )
+    for k in (1, 5, 12):
+        dist, rows = index.search(queries, k)
+        ref_d, ref_r = brute_force(vectors, queries, k)
+        np.testing.assert_array_equal(rows, ref_r)
+        np.testing.assert_allclose(dist, ref_d, atol=1e-4)
+        assert dist.dtype == np.float32
+    assert index.search(queries[:1], 2)[1].tolist() == [[40, 2500]]
+    # 31 equal patches: the five lowest rows, in order
+    assert index.search(vectors[7:8], 5)[1].tolist() == [[7, 1200, 1201, 1202, 1203]]
+    dist, rows = index.search(queries, 4, per_image=True)
+    ref_d, ref_r = brute_force_per_image(vectors, np.asarray(images), queries, 4)
+    np.testing.assert_array_equal(rows, ref_r)
+    np.testing.assert_allclose(dist, ref_d, atol=1e-4)
+    # the same answers as FAISS gives for the batch (its BLAS path: more than 20 queries)
+    faiss_index = load_index(tmp_path, "m", "train", backend="faiss")
+    np.testing.assert_array_equal(faiss_index.search(queries, 5)[1], index.search(queries, 5)[1])
+
+
+def test_nearest_patches_to_image_equals_brute_force(tiny_run: Path) -> None:
+    from protoaudit.engine.index.queries import image_latents
+
+    run = load_run(tiny_run)
+    bundle = run.dataset()
+    query = load_query_image(run, bundle.test.image_ids[1], bundle)
+    table = nearest_patches_to_image(run, query, "vgg", k=3)
+    index = load_index(tiny_run, "vgg", "train")
+    z = image_latents(run.member("vgg"), query)
+    patches = z.permute(1, 2, 0).reshape(-1, z.shape[0]).numpy()
+    ref_d, ref_r = brute_force(index.vectors(), patches, 3)
+    meta = index.meta.iloc[ref_r.ravel()]
+    np.testing.assert_array_equal(table["image_index"].to_numpy(), meta["image_index"].to_numpy())
+    np.testing.assert_array_equal(table[["h", "w"]].to_numpy(), meta[["h", "w"]].to_numpy())
+    np.testing.assert_allclose(table["distance"].to_numpy(), ref_d.ravel(), atol=1e-4)
+
+
 def test_write_and_load_round_trip(tmp_path: Path) -> None:
     rng = np.random.default_rng(3)
     vectors = rng.random((24, 5), dtype=np.float32)

@@ -116,3 +116,21 @@ def test_keep_prototypes_removes_columns() -> None:
         model.last_layer.weight.detach(), torch.tensor([[0.0, 2, 3, 5], [6, 8, 9, 11]])
     )
     assert model.config.prototype_class == [0, 0, 1, 1]
+
+
+def test_inference_distances_equal_the_autograd_formula_bit_for_bit() -> None:
+    from protoaudit.core.model import squared_distances
+
+    generator = torch.Generator().manual_seed(0)
+    z = torch.rand(5, 16, 7, 7, generator=generator)
+    prototypes = torch.rand(30, 16, generator=generator)
+    prototypes[3] = z[1, :, 2, 4]  # a prototype on a patch: distance 0 there (clamped, never negative)
+    with_grad = squared_distances(z, prototypes.clone().requires_grad_(True))
+    assert with_grad.requires_grad
+    with torch.no_grad():
+        without = squared_distances(z, prototypes)
+    assert torch.equal(with_grad.detach(), without)
+    assert float(without[1, 3, 2, 4]) < 1e-6
+    assert float(without.min()) >= 0.0
+    reference = (z[:, None] - prototypes[None, :, :, None, None]).pow(2).sum(2)
+    torch.testing.assert_close(without, reference, atol=1e-5, rtol=1e-5)

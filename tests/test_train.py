@@ -118,6 +118,33 @@ def test_percentile_box_surrounds_the_hot_region() -> None:
     assert x1 <= 26
 
 
+def test_percentile_threshold_is_torch_quantile_bit_for_bit() -> None:
+    from protoaudit.core.geometry import _quantile_rows
+
+    generator = torch.Generator().manual_seed(0)
+    for size in (28, 56, 64):
+        values = torch.rand(300, size * size, generator=generator) * 7
+        tied = torch.round(values * 2) / 2  # many equal values around every rank
+        for rows in (values, tied, torch.ones(3, size * size)):
+            for q in (0.95, 0.5, 0.9, 0.999, 0.0, 1.0, 0.333):
+                assert torch.equal(_quantile_rows(rows, q), torch.quantile(rows, q, dim=1)), (size, q)
+    maps = torch.rand(40, 7, 7, generator=generator)
+    up = torch.nn.functional.interpolate(maps[:, None], size=(56, 56), mode="bicubic", align_corners=False)
+    threshold = torch.quantile(up[:, 0].flatten(1), 0.95, dim=1)
+    mask = up[:, 0] >= threshold[:, None, None]
+    rows, cols = mask.any(dim=2), mask.any(dim=1)
+    expected = torch.stack(
+        [
+            rows.float().argmax(1),
+            56 - rows.flip(1).float().argmax(1),
+            cols.float().argmax(1),
+            56 - cols.flip(1).float().argmax(1),
+        ],
+        dim=1,
+    )
+    assert torch.equal(percentile_boxes(maps, 56), expected)
+
+
 def test_push_schedule() -> None:
     class S:
         epochs, push_start, push_every = 10, 4, 3

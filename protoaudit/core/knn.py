@@ -24,10 +24,11 @@ def exact_knn_torch(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact k nearest rows of ``database`` (N, D) to each query (n, D) by squared L2, in torch.
 
-    Candidates come from ‖q‖² − 2 q·x + ‖x‖² (clamped ≥ 0) over chunks of the database, ``margin`` more than
-    k; their distances are then recomputed as Σ (q − x)², which is exact to float32 rounding, so near-ties
-    are ordered as a float64 brute force orders them; ties go to the lower row. Queries go in blocks so that
-    no temporary holds more than about ``memory`` floats.
+    Candidates come from ‖x‖² − 2 q·x (one BLAS ``addmm`` per chunk of the database; ‖q‖² is the same for
+    every row of a query, so it cannot change which rows are nearest) and a partial top-k, ``margin`` more
+    than k; their distances are then recomputed as Σ (q − x)², which is exact to float32 rounding, so
+    near-ties are ordered as a float64 brute force orders them; ties go to the lower row. Queries go in
+    blocks so that no temporary holds more than about ``memory`` floats.
     Returns (distances (n, k') float32 ascending, rows (n, k') int64) with k' = min(k, N).
     """
     n_db, dim = database.shape
@@ -38,12 +39,11 @@ def exact_knn_torch(
     out_d, out_i = [], []
     for q_start in range(0, len(queries), block):
         q = queries[q_start : q_start + block]
-        qn = (q * q).sum(1, keepdim=True)
-        best_d = torch.zeros(len(q), 0, device=q.device)
+        best_d = torch.zeros(len(q), 0, dtype=q.dtype, device=q.device)
         best_i = torch.zeros(len(q), 0, dtype=torch.long, device=q.device)
         for start in range(0, n_db, chunk):
             x = database[start : start + chunk]
-            d = (qn - 2 * q @ x.T + norms[start : start + chunk][None]).clamp_(min=0)
+            d = torch.addmm(norms[start : start + chunk][None], q, x.T, alpha=-2)  # ‖x‖² − 2 q·x
             dd, ii = d.topk(min(wanted, d.shape[1]), dim=1, largest=False, sorted=False)
             best_d = torch.cat([best_d, dd], 1)
             best_i = torch.cat([best_i, ii + start], 1)

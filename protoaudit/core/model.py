@@ -93,7 +93,11 @@ def squared_distances(z: torch.Tensor, prototypes: torch.Tensor) -> torch.Tensor
     z2 = (z * z).sum(dim=1, keepdim=True)  # (N, 1, H, W)
     zp = torch.einsum("ndhw,md->nmhw", z, prototypes)
     p2 = (prototypes * prototypes).sum(dim=1).view(1, -1, 1, 1)
-    return torch.clamp(z2 - 2 * zp + p2, min=0.0)
+    if torch.is_grad_enabled() and (z.requires_grad or prototypes.requires_grad):
+        return torch.clamp(z2 - 2 * zp + p2, min=0.0)
+    # Without autograd the same arithmetic runs in place on the product (−2zp + z2 is z2 − 2zp exactly, so
+    # the values are bit for bit those above): no (N, m, H, W) temporaries, a third of the memory traffic.
+    return zp.mul_(-2).add_(z2).add_(p2).clamp_(min=0.0)
 
 
 def similarity(distances: torch.Tensor) -> torch.Tensor:
@@ -165,7 +169,7 @@ class ProtoPNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         d = self.distances(self.latent(x))
-        min_distances = d.flatten(2).amin(dim=2)
+        min_distances = d.amin(dim=(2, 3))  # over the grid in place (no copy of the strided product)
         return self.head(min_distances), min_distances
 
     def max_distance(self) -> float:

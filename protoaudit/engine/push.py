@@ -105,7 +105,7 @@ def push_prototypes(
         if best_map is None:
             best_map = torch.zeros(m, hh, ww, device=device)
         # each image's closest patch to each prototype, then the closest image of the prototype's class
-        per_image = d.flatten(2).amin(dim=2)  # (B, m), as the forward pass computes it
+        per_image = d.amin(dim=(2, 3))  # (B, m), as the forward pass computes it
         per_image = per_image.masked_fill(y[:, None] != proto_class[None, :], float("inf"))
         value, bi = per_image.min(dim=0)  # (m,)
         better = value < best

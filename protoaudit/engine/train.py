@@ -177,7 +177,7 @@ def min_distances_from_latents(
 ) -> torch.Tensor:
     """(N, D, H, W) latents, (m, D) prototypes → (N, m) smallest squared distance per image."""
     parts = [
-        squared_distances(latents[s : s + chunk], prototypes).flatten(2).amin(2)
+        squared_distances(latents[s : s + chunk], prototypes).amin(dim=(2, 3))
         for s in range(0, len(latents), chunk)
     ]
     return torch.cat(parts)
@@ -213,7 +213,7 @@ def predict_with_latents(
     logits, latents = [], []
     for _, x in batches:
         z = model.latent(x.to(device))
-        logits.append(model.head(model.distances(z).flatten(2).amin(dim=2)).cpu())
+        logits.append(model.head(model.distances(z).amin(dim=(2, 3))).cpu())
         latents.append(z.cpu())
     if not logits:
         return torch.zeros(0, model.n_classes), torch.zeros(0)

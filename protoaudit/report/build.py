@@ -351,10 +351,27 @@ class _Builder:
         if self.bundle is None:
             return None
         if name not in self.grids:
-            with torch.no_grad():
-                z = model.latent(self.bundle.push.batch([0]))  # type: ignore[operator]
-            self.grids[name] = (int(z.shape[-2]), int(z.shape[-1]))
+            grid = self._indexed_grid(name)
+            if grid is None:  # no patch index (a pruned member): one image through the member
+                with torch.no_grad():
+                    z = model.latent(self.bundle.push.batch([0]))  # type: ignore[operator]
+                grid = (int(z.shape[-2]), int(z.shape[-1]))
+            self.grids[name] = grid
         return self.grids[name]
+
+    def _indexed_grid(self, name: str) -> tuple[int, int] | None:
+        """The latent grid recorded with the member's training patch index, when it has one."""
+        from protoaudit.engine.index.files import index_paths
+        from protoaudit.engine.index.search import read_index_info
+
+        meta_path = index_paths(self.run.path / "members" / name, "train")[1]
+        if not meta_path.is_file():
+            return None
+        try:
+            hh, ww = read_index_info(meta_path)["grid"]
+        except (CheckpointError, KeyError, TypeError, ValueError):
+            return None
+        return int(hh), int(ww)
 
     def _push_images(self, indices: list[int]) -> dict[int, np.ndarray]:
         out: dict[int, np.ndarray] = {}
@@ -688,8 +705,15 @@ class _Builder:
             if explain is not None
             else "full reasoning sheets not computed yet — they need protoaudit.explain (the patch index)"
         )
+        # each member's distance maps of the chosen images, one batched pass per member
+        distance_maps: dict[str, torch.Tensor] = {}
+        if chosen:
+            stacked = torch.stack([images[i][0] for i in chosen])
+            for name in members:
+                model = self.run.member(name)
+                distance_maps[name] = model.distances(model.latent(stacked))  # (n, m, H, W)
         out = []
-        for i in chosen:
+        for position, i in enumerate(chosen):
             x, pixels = images[i]
             p = int(predicted[i])
             top = torch.topk(ensemble[i], k=min(3, ensemble.shape[1]))
@@ -713,12 +737,11 @@ class _Builder:
             for name in members:
                 model = self.run.member(name)
                 logits = outputs[name]
-                with torch.no_grad():
-                    sims = similarity(model(x[None])[1][0])  # (m,) at each prototype's closest patch
+                distances = distance_maps[name][position]  # (m, H, W)
+                sims = similarity(distances.amin(dim=(1, 2)))  # (m,) at each prototype's closest patch
                 contribution = sims * model.last_layer.weight[p]  # (m,) evidence for the predicted class
                 best = torch.topk(contribution, k=min(3, contribution.numel())).indices
-                with torch.no_grad():
-                    maps = similarity(model.distances(model.latent(x[None])))[0, best]  # (3, H, W)
+                maps = similarity(distances[best])  # (3, H, W)
                 boxes = percentile_boxes(maps, x.shape[-1])
                 evidence = []
                 for rank, j in enumerate(best.tolist()):

@@ -110,7 +110,7 @@ def nearest_patches_to_prototype(
     model = run.member(member)
     if not 0 <= prototype < model.n_prototypes:
         raise InputError(f"member {member} has prototypes 0…{model.n_prototypes - 1}, not {prototype}")
-    index = load_index(run, member, split, backend)
+    index = load_index(run, member, split, backend, interactive=True)
     query = model.prototype_vectors.detach()[prototype : prototype + 1].float()
     distances, rows = index.search(query, k, per_image=per_image)
     return _rows_frame(index, distances[0], rows[0], _class_names(run, member))
@@ -140,7 +140,7 @@ def nearest_patches_to_image(
     Columns: query_h, query_w, rank, image_index, image_id, label, class_name, h, w, part, distance.
     """
     model = run.member(member)
-    index = load_index(run, member, split, backend)
+    index = load_index(run, member, split, backend, interactive=True)
     query = image if isinstance(image, QueryImage) else load_query_image(run, image)
     z = image_latents(model, query)
     hh, ww = z.shape[1:]

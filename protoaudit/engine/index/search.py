@@ -54,8 +54,14 @@ def read_index_info(meta_path: Path) -> dict[str, Any]:
     return info
 
 
-def resolve_backend(backend: Backend, kind: str) -> tuple[str, torch.device]:
-    """The search backend to use and the torch device of the ``torch`` backend."""
+def resolve_backend(backend: Backend, kind: str, interactive: bool = False) -> tuple[str, torch.device]:
+    """The search backend to use and the torch device of the ``torch`` backend.
+
+    ``interactive``: the index answers a few queries at a time (one image's patches, one prototype). FAISS
+    answers fewer than 20 queries on the CPU without BLAS, one query after another; ``auto`` then picks the
+    exact torch search for a flat index (one BLAS matrix product per database chunk and a partial top-k).
+    Large batches (pruning's search of every prototype) stay on FAISS.
+    """
     import faiss
 
     cuda = torch.cuda.is_available()
@@ -64,7 +70,7 @@ def resolve_backend(backend: Backend, kind: str) -> tuple[str, torch.device]:
     if backend == "auto":
         if gpu_faiss:
             return "faiss-gpu", device
-        return ("torch" if cuda and kind == "flat" else "faiss"), device
+        return ("torch" if (cuda or interactive) and kind == "flat" else "faiss"), device
     if backend == "faiss-gpu" and not gpu_faiss:
         raise InputError("backend faiss-gpu needs CUDA and a GPU-enabled faiss; use --backend auto")
     if backend == "torch" and kind != "flat":
@@ -206,8 +212,14 @@ class PatchIndex:
 
     def _torch_search(self, q: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._database is None:
-            self._database = torch.from_numpy(self.vectors()).to(self.device)
-            self._norms = (self._database * self._database).sum(1)
+            if self.info["kind"] == "flat" and self.device.type == "cpu":
+                import faiss  # the index's own storage, without a copy (it lives as long as the index)
+
+                stored = faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim)
+                self._database = torch.from_numpy(stored.reshape(self.ntotal, self.dim))
+            else:
+                self._database = torch.from_numpy(self.vectors()).to(self.device)
+            self._norms = torch.linalg.vector_norm(self._database, dim=1).square_()
         return exact_knn_torch(self._database, torch.from_numpy(q).to(self.device), k, self._norms)
 
     def _faiss_gpu(self) -> Any:  # pragma: no cover - needs CUDA and a GPU faiss
@@ -250,9 +262,11 @@ def load_index(
     split: str = "train",
     backend: Backend = "auto",
     check: bool = True,
+    interactive: bool = False,
 ) -> PatchIndex:
     """Open the patch index of ``member`` and ``split`` ("train": the push split, or "test") of a run.
 
+    ``interactive``: the index will answer a few queries at a time (see :func:`resolve_backend`).
     Raises :class:`StaleIndexError` when the member's ``model.safetensors`` changed since the index was built
     (``check=False`` skips that test), and :class:`CheckpointError` when the files are missing or damaged.
     """
@@ -306,7 +320,7 @@ def load_index(
         )
     if info.get("kind") == "ivf" and info.get("nprobe"):
         index.nprobe = int(info["nprobe"])
-    chosen, device = resolve_backend(backend, str(info.get("kind", "flat")))
+    chosen, device = resolve_backend(backend, str(info.get("kind", "flat")), interactive)
     return PatchIndex(index, meta, info, meta_path, chosen, device)
 
 
