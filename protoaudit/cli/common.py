@@ -56,6 +56,12 @@ def _default(obj: Any) -> Any:
 
 
 def frame_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") -> Table:
+    if {"top1_low", "top1_high"} <= set(frame.columns):  # one column for accuracy.csv's interval
+        frame = frame.copy()
+        frame["95% interval"] = [
+            f"{lo:.3f}–{hi:.3f}" if lo == lo and hi == hi else "—"
+            for lo, hi in zip(frame.pop("top1_low"), frame.pop("top1_high"), strict=True)
+        ]
     table = Table(title=title, title_justify="left")
     for column in frame.columns:
         table.add_column(str(column), justify="right" if frame[column].dtype.kind in "fiu" else "left")

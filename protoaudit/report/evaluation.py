@@ -174,7 +174,7 @@ def last_layer_stages(run: Run) -> list[dict[str, Any]]:
                     "iterations": entry.get("iterations"),
                     "converged": entry.get("converged"),
                     "residual": entry.get("residual"),
-                    "seconds": entry.get("seconds_solver"),
+                    "seconds": entry.get("seconds"),
                     "objective": entry.get("loss"),
                     "train_top1": entry.get("train_top1"),
                     "val_top1": entry.get("val_top1"),
