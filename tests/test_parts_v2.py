@@ -305,6 +305,7 @@ def test_same_spec_same_bytes(data: PartsData) -> None:
 
 
 def test_fingerprint_pinned_v2() -> None:
+    """Generator 2 draws as it does now from here on: a change to its drawing must be a new generator version."""
     spec = PartsSpec(
         generator=2,
         n_classes=3,
@@ -318,7 +319,7 @@ def test_fingerprint_pinned_v2() -> None:
     assert generate_parts(spec).fingerprint == PINNED_V2
 
 
-PINNED_V2 = "6350a69a4494d3f4fcb11eaa181717aed39735785f8bdaf1ae553f09ef93d473"
+PINNED_V2 = "f55103e72c9a490ea3654224746e0db42e2faf664abc527e825b841fd7265168"
 
 
 def test_fingerprint_sees_the_generator_and_the_new_arrays(data: PartsData) -> None:
