@@ -510,3 +510,13 @@ def test_tiny_recipe_runs_generator_2_with_smaller_parts() -> None:
     bundle = build_dataset(load_recipe("recipes/tiny.toml", ["data.generator=2", "data.part_max=8"]).data, 0)
     assert bundle.test_shifted is not None
     assert len(bundle.test_shifted) == len(bundle.test)
+
+
+def test_data_check_counts_test_shifted() -> None:
+    from protoaudit.engine.data.check import check_data
+
+    result = check_data(CONFIG, 0)
+    assert list(result.counts) == ["train", "val", "test", "test_shifted"]
+    assert result.counts["test_shifted"] == [4, 4, 4, 4]
+    plain = check_data(PartsDataConfig(n_classes=3, image_size=32, part_min=6, part_max=9), 0)
+    assert list(plain.counts) == ["train", "val", "test"]
