@@ -38,8 +38,8 @@ Fine-grained classes and a planted shortcut; the drawing above otherwise.
   (mod ``P``), so every part belongs to ``parts_per_class >= 2`` classes and
   no single part gives the class away. Pool parts share colours and shapes
   too (part ``p`` has colour ``p // 2`` and shape ``(p + 1) // 2`` mod
-  ``ceil(P / 2)`` of the catalogue, for ``P <= 16``), as bird species share
-  colours and shapes. A
+  ``ceil(P / 2)`` of :data:`POOL_SHAPES`, for ``P <= 16``), as bird species
+  share colours and shapes. A
   dropped part (``drop_prob``) can leave an image that two classes explain.
 * A *marker*, a small pink-and-white checkered square of ``marker_size``
   pixels near a random corner of the image (at most ``image_size // 8``
@@ -165,6 +165,10 @@ SHARED_SHAPES: tuple[str, ...] = (
 MARKER_RGB: tuple[int, int, int] = (240, 90, 170)  # pink: no part or background is near it
 MARKER_LIGHT_RGB: tuple[int, int, int] = (240, 240, 240)
 MARKER_NAME: str = "marker"
+
+#: Shape order of the generator 2 pool: the most distinct silhouettes first
+#: (a disc and a square of 10 px differ in a few corner pixels only).
+POOL_SHAPES: tuple[str, ...] = ("disc", "cross", "triangle", "star", "diamond", "square", "ring", "bar")
 
 #: Striped parts alternate the colour with this darker shade of it.
 STRIPE_SHADE: float = 0.45
@@ -460,15 +464,15 @@ def _pool_combo(p: int, n_pool: int) -> tuple[int, int, int]:
     """(colour, shape, texture) indices of pool part ``p`` of ``n_pool``
     (generator 2).
 
-    Up to 16 parts: colour ``p // 2`` and shape ``(p + 1) // 2`` (mod the
-    number of colours used), so parts ``2c`` and ``2c + 1`` share a colour
+    Up to 16 parts: colour ``p // 2`` and shape ``(p + 1) // 2`` of
+    :data:`POOL_SHAPES` (mod the number of colours used), so parts ``2c`` and ``2c + 1`` share a colour
     and parts ``2c - 1`` and ``2c`` a shape; all solid. Larger pools use the
     generator 1 combos, which share colours and shapes anyway.
     """
     if n_pool > 2 * len(PART_COLOURS):
         return _discriminative_combo(p)
     half = (n_pool + 1) // 2
-    return p // 2, ((p + 1) // 2) % half, 0
+    return p // 2, SHAPES.index(POOL_SHAPES[((p + 1) // 2) % half]), 0
 
 
 def _part_name(colour: str, shape: str, texture: str) -> str:
