@@ -76,10 +76,12 @@ def test_corrupt_image_and_empty_class_are_named(tmp_path: Path, capsys: pytest.
     )
     code, stdout, stderr = run_cli(["data", "check", str(recipe)], capsys)
     assert code == 2
-    assert "dog/05.jpg cannot be decoded" in stdout
-    assert str(tmp_path / "pets" / "dog" / "05.jpg") in stdout
-    assert "class 'ferret' has no images" in stdout
+    assert "dog/05.jpg cannot be decoded" in stderr
+    assert str(tmp_path / "pets" / "dog" / "05.jpg") in stderr
+    assert "class 'ferret' has no images" in stderr
     assert "error:" in stderr
+    assert "error" not in stdout and "cannot be decoded" not in stdout  # stdout: the table alone
+    assert stderr.count("cannot be decoded") == 1
     assert "more problem" in stderr
 
     code, stdout, _ = run_cli(["data", "check", str(recipe), "--json"], capsys)

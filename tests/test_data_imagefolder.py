@@ -116,3 +116,15 @@ def test_short_run_on_an_image_folder(tmp_path: Path) -> None:
     accuracy = pd.read_csv(result.run_dir / "accuracy.csv")
     assert accuracy["model"].tolist() == ["vgg", "ensemble", "plain"]
     assert (accuracy["n_test"] == 6).all()
+
+
+def test_split_folders_without_split_keys_are_named(tmp_path: Path) -> None:
+    from protoaudit.engine.data.imagefolder import list_imagefolder
+    from protoaudit.errors import DatasetError
+
+    make_tree(tmp_path / "train")
+    make_tree(tmp_path / "test", per_class=2, seed=1)
+    with pytest.raises(DatasetError, match='set data.train_folder = "train" and data.test_folder = "test"'):
+        list_imagefolder(tmp_path)
+    listing = list_imagefolder(tmp_path, "train", "test")  # the keys it names read the tree as meant
+    assert listing.class_names == ["cat", "dog", "owl"]

@@ -13,7 +13,9 @@ import sys
 import typer
 
 from protoaudit import __version__
-from protoaudit.cli.common import err_console
+from protoaudit.cli.common import err_console, plain_help
+
+plain_help()
 
 app = typer.Typer(
     name="protoaudit",

@@ -1,8 +1,14 @@
-"""Options shared by every command, and the consoles."""
+"""Options shared by every command, the consoles, and how a table is printed.
+
+stdout carries data. On a terminal a table is drawn with rich; anywhere else (a pipe, a file) it is printed as
+tab-separated text — one header line, then one line per row, every value in full — so that ``cut``, ``awk``
+or pandas read it and nothing is cut to the terminal's width. stderr carries logs, never wrapped mid-value.
+"""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -11,8 +17,8 @@ from rich.console import Console
 from rich.table import Table
 
 out_console = Console(soft_wrap=True)
-err_console = Console(stderr=True)  # errors: always printed
-info_console = Console(stderr=True)  # log lines, notes and timings: silenced by --quiet
+err_console = Console(stderr=True, soft_wrap=True)  # errors: always printed
+info_console = Console(stderr=True, soft_wrap=True)  # log lines, notes and timings: silenced by --quiet
 
 
 def quiet_mode(quiet: bool) -> None:
@@ -55,6 +61,22 @@ def _default(obj: Any) -> Any:
     return str(obj)
 
 
+def _cell(value: Any, floats: str | None) -> str:
+    """One table cell: missing values empty, integral floats as integers, other floats with ``floats``
+    (or in full, the shortest text that reads back as the same float, when ``floats`` is None)."""
+    if hasattr(value, "item") and not isinstance(value, str):
+        value = value.item()
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return ""
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        if value.is_integer() and abs(value) < 1e15:
+            return str(int(value))
+        return repr(value) if floats is None else floats.format(value)
+    return str(value)
+
+
 def frame_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") -> Table:
     if {"top1_low", "top1_high"} <= set(frame.columns):  # one column for accuracy.csv's interval
         frame = frame.copy()
@@ -66,8 +88,32 @@ def frame_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") ->
     for column in frame.columns:
         table.add_column(str(column), justify="right" if frame[column].dtype.kind in "fiu" else "left")
     for row in frame.itertuples(index=False):
-        table.add_row(*[floats.format(v) if isinstance(v, float) else str(v) for v in row])
+        table.add_row(*[_cell(v, floats) for v in row])
     return table
+
+
+def plain_table(frame: Any) -> str:
+    """The frame as tab-separated text: a header line and one line per row, full values, no truncation
+    (tabs and newlines inside a value become spaces)."""
+
+    def clean(text: str) -> str:
+        return text.replace("\t", " ").replace("\r", " ").replace("\n", " ")
+
+    lines = ["\t".join(clean(str(c)) for c in frame.columns)]
+    for row in frame.itertuples(index=False):
+        lines.append("\t".join(clean(_cell(v, None)) for v in row))
+    return "\n".join(lines)
+
+
+def print_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") -> None:
+    """A table on stdout: drawn with rich on a terminal; tab-separated with full values elsewhere, its title
+    then going to stderr so that stdout holds the table alone."""
+    if out_console.is_terminal:
+        out_console.print(frame_table(frame, title=title, floats=floats))
+        return
+    if title:
+        err_console.print(title, highlight=False, markup=False)
+    typer.echo(plain_table(frame))
 
 
 def resolve_run(run: Path | None, root: Path) -> Any:
@@ -88,3 +134,27 @@ def writing_into(run_dir: Path, folder: Path, command: str) -> Any:
 
     inside = folder.resolve().is_relative_to(run_dir.resolve())
     return writing(run_dir, command) if inside else contextlib.nullcontext()
+
+
+def plain_help() -> None:
+    """Help pages name a required argument RECIPE rather than ``{recipe}`` and give flags no ``<bool>`` type:
+    the shapes a user types."""
+    from typer import core
+
+    def usage_name(self: Any) -> str:
+        name = str(self.metavar if self.metavar is not None else self.name).upper()
+        if not self.required:
+            name = f"[{name}]"
+        return name + ("..." if self.nargs != 1 else "")
+
+    original = core.TyperOption.display_type_rich
+
+    def option_type(self: Any, ctx: Any) -> str | None:
+        if getattr(self, "is_flag", False) and self.metavar is None:
+            return None
+        return original(self, ctx)
+
+    if hasattr(core, "TyperArgument") and hasattr(core.TyperArgument, "_usage_display_name"):
+        core.TyperArgument._usage_display_name = usage_name  # type: ignore[method-assign]
+    if hasattr(core, "TyperOption"):
+        core.TyperOption.display_type_rich = option_type  # type: ignore[method-assign]

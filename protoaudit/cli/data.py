@@ -7,13 +7,14 @@ from typing import Annotated
 
 import typer
 
-from protoaudit.cli.common import JsonOpt, err_console, out_console, print_json
+from protoaudit.cli.common import JsonOpt, err_console, print_json, print_table
 
 EXAMPLES = """
 [bold]Examples[/bold]
 
-  protoaudit data check recipes/cub_bb.toml
-  protoaudit data check recipes/cub_bb.toml --set data.root=/data/CUB_200_2011 --json
+  protoaudit data check recipes/quickstart.toml
+  protoaudit data check recipes/cub_bb.toml \\
+      --set data.root=/data/CUB_200_2011 --json
   protoaudit data check recipes/fashion_mnist.toml --no-decode
 """
 
@@ -46,7 +47,8 @@ def check_command(
     """Count images per class and split, list missing or unreadable images by path, name classes without
     images, and compare the class count with the recipe's data.n_classes. Exits 2 when a problem would stop
     training (the same checks run before train-ensemble starts)."""
-    from rich.table import Table
+    import pandas as pd
+    from rich.markup import escape
 
     from protoaudit.engine.data.check import check_data
     from protoaudit.engine.recipe import load_recipe
@@ -58,27 +60,27 @@ def check_command(
     else:
         document = result.to_dict()
         splits = list(result.counts)
-        table = Table(
-            title=f"{result.kind} dataset — {result.root or 'generated'} — {len(result.class_names)} classes",
-            title_justify="left",
-        )
-        table.add_column("class", justify="right")
-        table.add_column("name")
-        for split in splits:
-            table.add_column(split, justify="right")
-        for row in document["classes"]:
-            table.add_row(str(row["class"]), row["name"], *[str(row[s]) for s in splits])
-        if result.class_names:
-            table.add_row("", "[bold]total[/bold]", *[str(document["totals"][s]) for s in splits])
+        rows = [
+            {"class": row["class"], "name": row["name"], **{s: row[s] for s in splits}}
+            for row in document["classes"]
+        ]
+        if rows:
+            rows.append({"class": "", "name": "total", **{s: document["totals"][s] for s in splits}})
         if result.class_names:  # a dataset that could not be listed has no table, only its problem
-            out_console.print(table)
+            print_table(
+                pd.DataFrame(rows, columns=["class", "name", *splits]),
+                title=f"{result.kind} dataset — {result.root or 'generated'} — {len(result.class_names)} classes",
+            )
+    if not json_:
+        # stderr only: the first error is the final line (the exit's message); the others come before it
+        errors = [p for p in result.problems if p.severity == "error"]
         for problem in result.problems:
+            if errors and problem is errors[0]:
+                continue
             colour = "red" if problem.severity == "error" else "yellow"
             where = f" ({problem.path})" if problem.path else ""
-            out_console.print(
-                f"[{colour}]{problem.severity}:[/{colour}] {problem.message}{where}",
-                highlight=False,
-                markup=True,
+            err_console.print(
+                f"[{colour}]{problem.severity}:[/{colour}] {escape(problem.message + where)}", highlight=False
             )
         if result.ok:
             err_console.print(

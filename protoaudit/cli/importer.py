@@ -12,22 +12,24 @@ from protoaudit.cli.common import (
     QuietOpt,
     ThreadsOpt,
     err_console,
-    frame_table,
-    out_console,
     print_json,
+    print_table,
     quiet_mode,
 )
 
 EXAMPLES = """
 [bold]Examples[/bold]
 
-  protoaudit import-protopnet saved_models/vgg19/003/10push0.7822.state_dict.pth --arch vgg19 \\
-      --recipe recipes/cub_bb.toml --name cub-vgg19-original
-  protoaudit import-protopnet model.pth --arch resnet34 --recipe recipes/cub_bb.toml --set data.root=/data/CUB_200_2011
-  protoaudit import-protopnet model.pth --arch densenet121 --recipe my_cub.toml --member densenet --out /tmp/runs --json
+  protoaudit import-protopnet saved_models/vgg19/003/10push0.7822.pth \\
+      --arch vgg19 --recipe recipes/cub_bb.toml --name cub-vgg19-original
+  protoaudit import-protopnet model.pth --arch resnet34 \\
+      --recipe recipes/cub_bb.toml --set data.root=/data/CUB_200_2011
+  protoaudit import-protopnet model.pth --arch densenet121 \\
+      --recipe my_cub.toml --member densenet --out /tmp/runs --json
 
-The file must be a state dict ([bold]torch.save(ppnet.state_dict(), f)[/bold]). The original save.py pickles the
-whole model; convert such a file once where the original code is installed:
+The file must be a state dict ([bold]torch.save(ppnet.state_dict(), f)[/bold]).
+The original save.py pickles the whole model; convert such a file once where
+the original code is installed:
 [bold]torch.save(torch.load(f).state_dict(), 'state_dict.pth')[/bold].
 """
 
@@ -125,7 +127,7 @@ def import_protopnet_command(
             }
         )
     else:
-        out_console.print(frame_table(result.accuracy, title=f"imported — {result.run_dir}"))
+        print_table(result.accuracy, title=f"imported — {result.run_dir}")
 
 
 def register(app: typer.Typer) -> None:

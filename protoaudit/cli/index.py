@@ -14,10 +14,9 @@ from protoaudit.cli.common import (
     RunArg,
     ThreadsOpt,
     err_console,
-    frame_table,
     info_console,
-    out_console,
     print_json,
+    print_table,
     quiet_mode,
     writing_into,
 )
@@ -30,39 +29,50 @@ if TYPE_CHECKING:
 INDEX_EXAMPLES = """
 [bold]Examples[/bold]
 
-  protoaudit index                                   # the most recent run: build missing or stale indexes
-  protoaudit index reports/quickstart --force        # rebuild every index
+  # the most recent run: build the missing or stale indexes
+  protoaudit index
+  # rebuild every index
+  protoaudit index reports/quickstart --force
   protoaudit index reports/quickstart --member vgg --split train --json
 """
 
 NEAREST_PATCHES_EXAMPLES = """
 [bold]Examples[/bold]
 
-  protoaudit nearest-patches --member vgg --prototype 12          # 5 nearest training images (one patch each)
-  protoaudit nearest-patches reports/quickstart --member vgg --prototype 12 --split test --k 10 --all-patches
-  protoaudit nearest-patches --member resnet --image test/000432 --k 3     # for every patch of a test image
+  # the 5 nearest training images to prototype 12 (one patch each)
+  protoaudit nearest-patches --member vgg --prototype 12
+  protoaudit nearest-patches reports/quickstart --member vgg --prototype 12 \\
+      --split test --k 10 --all-patches
+  # for every patch of a test image (quick-start test ids: test/000600 on)
+  protoaudit nearest-patches --member resnet --image test/000612 --k 3
+  # an image file of yours (PNG or JPEG)
   protoaudit nearest-patches --member resnet --image bird.jpg --json
 """
 
 NEAREST_PROTOTYPES_EXAMPLES = """
 [bold]Examples[/bold]
 
-  protoaudit nearest-prototypes test/000432                 # every patch's 3 nearest prototypes, each member
-  protoaudit nearest-prototypes reports/quickstart bird.png --k 1 --member vgg --json
+  # every patch's 3 nearest prototypes, of each member
+  protoaudit nearest-prototypes test/000612
+  protoaudit nearest-prototypes reports/quickstart bird.png --k 1 \\
+      --member vgg --json
 """
 
 EXPLAIN_EXAMPLES = """
 [bold]Examples[/bold]
 
-  protoaudit explain test/000432                            # reasoning sheet → <run>/explain/test_000432.png/.html
-  protoaudit explain reports/quickstart bird.jpg --top-classes 2 --prototypes 5 --out /tmp/sheets
-  protoaudit explain test/000432 --json
+  # the reasoning sheet → <run>/explain/test_000612.png and .html
+  protoaudit explain test/000612
+  protoaudit explain reports/quickstart bird.jpg --top-classes 2 \\
+      --prototypes 5 --out /tmp/sheets
+  protoaudit explain test/000612 --json
 """
 
 ANALYSIS_EXAMPLES = """
 [bold]Examples[/bold]
 
-  protoaudit global-analysis                                # k = 5 nearest training and test images per prototype
+  # k = 5 nearest training and test images per prototype
+  protoaudit global-analysis
   protoaudit global-analysis reports/quickstart --k 10 --no-thumbnails --json
 """
 
@@ -71,7 +81,7 @@ ImageArgs = Annotated[
     list[str],
     typer.Argument(
         help="[RUN] IMAGE: an optional run directory, then an image file (PNG/JPEG) or a dataset image id "
-        "such as test/000012.",
+        "such as test/000612 (the quick start's test ids start at test/000600).",
         metavar="[RUN] IMAGE",
         show_default=False,
     ),
@@ -143,7 +153,7 @@ def index_command(
     if json_:
         print_json({"run": str(loaded.path), "indexes": table.to_dict(orient="records")})
     else:
-        out_console.print(frame_table(table, title=f"patch indexes — {loaded.path}", floats="{:.2f}"))
+        print_table(table, title=f"patch indexes — {loaded.path}", floats="{:.2f}")
 
 
 def nearest_patches_command(
@@ -202,7 +212,7 @@ def nearest_patches_command(
             }
         )
     else:
-        out_console.print(frame_table(table, title=title))
+        print_table(table, title=title)
 
 
 def nearest_prototypes_command(
@@ -225,7 +235,7 @@ def nearest_prototypes_command(
     if json_:
         print_json({"run": str(loaded.path), "image": image, "k": k, "rows": table.to_dict(orient="records")})
     else:
-        out_console.print(frame_table(table, title=f"nearest prototypes to each patch of {image}"))
+        print_table(table, title=f"nearest prototypes to each patch of {image}")
 
 
 def explain_command(
@@ -270,12 +280,10 @@ def explain_command(
         row["ensemble"] = cls.points
         rows.append(row)
     truth = "unknown" if sheet.label is None else sheet.class_names[sheet.label]
-    out_console.print(
-        frame_table(
-            pd.DataFrame(rows),
-            title=f"points per class for {sheet.image_id} (true: {truth}; "
-            f"predicted: {sheet.class_names[sheet.predicted]})",
-        )
+    print_table(
+        pd.DataFrame(rows),
+        title=f"points per class for {sheet.image_id} (true: {truth}; "
+        f"predicted: {sheet.class_names[sheet.predicted]})",
     )
 
 
@@ -320,7 +328,7 @@ def global_analysis_command(
     if json_:
         print_json({"run": str(loaded.path), "k": k, "files": table.to_dict(orient="records")})
     else:
-        out_console.print(frame_table(table, title=f"global analysis — {loaded.path}"))
+        print_table(table, title=f"global analysis — {loaded.path}")
 
 
 def register(app: typer.Typer) -> None:

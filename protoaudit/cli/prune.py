@@ -13,17 +13,17 @@ from protoaudit.cli.common import (
     RootOpt,
     RunArg,
     err_console,
-    frame_table,
     info_console,
-    out_console,
     print_json,
+    print_table,
     quiet_mode,
 )
 
 PRUNE_EXAMPLES = """
 [bold]Examples[/bold]
 
-  protoaudit prune                                   # the most recent run, k = 6, τ = 3 (the paper's)
+  # the most recent run, k = 6, τ = 3 (the paper's)
+  protoaudit prune
   protoaudit prune reports/quickstart --k 6 --threshold 3 --finetune-epochs 20
   protoaudit prune reports/quickstart --json
 """
@@ -32,7 +32,8 @@ AUDIT_EXAMPLES = """
 [bold]Examples[/bold]
 
   protoaudit audit reports/quickstart
-  protoaudit audit --fail-under pruning_precision=0.9 --fail-under ensemble.top1_pruned=0.95
+  protoaudit audit --fail-under pruning_precision=0.9 \\
+      --fail-under ensemble.top1_pruned=0.95
   protoaudit audit --json
 """
 
@@ -91,10 +92,8 @@ def prune_command(
             }
         )
         return
-    out_console.print(frame_table(summary.reset_index(), title="pruning (k-NN class purity)"))
-    out_console.print(
-        frame_table(result.accuracy, title=f"test top-1 before and after pruning — {loaded.path}")
-    )
+    print_table(summary.reset_index(), title="pruning (k-NN class purity)")
+    print_table(result.accuracy, title=f"test top-1 before and after pruning — {loaded.path}")
     info_console.print(
         f"wrote purity.csv, audit.json, duplicates.csv and members/*-pruned/ in {result.seconds:.1f} s",
         highlight=False,
@@ -151,7 +150,7 @@ def audit_command(
                 for k, v in sorted(metrics.items())
             ]
         )
-        out_console.print(frame_table(frame, title=f"audit — {loaded.path}"))
+        print_table(frame, title=f"audit — {loaded.path}")
     if failed:
         detail = ", ".join(f"{k} = {v:.4f} < {t}" for k, (v, t) in sorted(failed.items()))
         raise AuditFailedError(f"audit failed: {detail}")

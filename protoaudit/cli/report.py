@@ -24,7 +24,8 @@ from protoaudit.cli.common import (
 EXAMPLES = """
 [bold]Examples[/bold]
 
-  protoaudit report --html                      # the most recent run under reports/
+  # the most recent run under reports/
+  protoaudit report --html
   protoaudit report reports/quickstart --html --open
   protoaudit report reports/quickstart --markdown --out /tmp/review
   protoaudit report --html --reasoning 10 --deletion 12 --json

@@ -12,10 +12,9 @@ from protoaudit.cli.common import (
     QuietOpt,
     ThreadsOpt,
     err_console,
-    frame_table,
     info_console,
-    out_console,
     print_json,
+    print_table,
     quiet_mode,
 )
 
@@ -23,10 +22,14 @@ EXAMPLES = """
 [bold]Examples[/bold]
 
   protoaudit train-ensemble recipes/quickstart.toml
-  protoaudit train-ensemble recipes/quickstart.toml --seed 1 --out /tmp/runs --force
+  protoaudit train-ensemble recipes/quickstart.toml --seed 1 --out /tmp/runs \\
+      --force
   protoaudit train-ensemble recipes/quickstart.toml --resume
-  torchrun --nproc-per-node 2 -m protoaudit train-ensemble recipes/quickstart.toml --force
-  protoaudit train-ensemble recipes/cub_bb.toml --set schedule.epochs=5 --set members.vgg19.prototype_dim=64
+  protoaudit train-ensemble reports/quickstart/recipe.toml --resume
+  torchrun --nproc-per-node 2 -m protoaudit train-ensemble \\
+      recipes/quickstart.toml --force
+  protoaudit train-ensemble recipes/cub_bb.toml --set schedule.epochs=5 \\
+      --set members.vgg19.prototype_dim=64
 """
 
 
@@ -86,7 +89,7 @@ def train_ensemble_command(
             if main_rank:
                 err_console.print(
                     f"interrupted: every file in {loaded.run_dir()} is whole and run.json says so; "
-                    f"continue with: protoaudit train-ensemble {recipe} --resume",
+                    f"continue with: protoaudit train-ensemble {loaded.run_dir() / 'recipe.toml'} --resume",
                     highlight=False,
                     soft_wrap=True,
                 )
@@ -106,7 +109,7 @@ def train_ensemble_command(
             }
         )
     else:
-        out_console.print(frame_table(result.accuracy, title=f"test top-1 — {result.run_dir}"))
+        print_table(result.accuracy, title=f"test top-1 — {result.run_dir}")
         if not result.already_complete:
             info_console.print(f"done in {result.seconds:.1f} s", highlight=False)
 

@@ -25,6 +25,26 @@ def _class_folders(folder: Path) -> list[str]:
     return sorted(p.name for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
 
 
+TRAIN_NAMES = ("train", "training")
+TEST_NAMES = ("test", "testing", "val", "valid", "validation")
+
+
+def _refuse_split_folders_as_classes(base: Path, class_names: list[str]) -> None:
+    """A tree ``root/train/<class>/…`` + ``root/test/<class>/…`` read without split folders would become two
+    classes named after the splits: stop with the keys that read it as meant."""
+    lower = {name.lower(): name for name in class_names}
+    train = next((lower[n] for n in TRAIN_NAMES if n in lower), None)
+    test = next((lower[n] for n in TEST_NAMES if n in lower), None)
+    if train is None or test is None:
+        return
+    if _class_folders(base / train) and _class_folders(base / test):
+        raise DatasetError(
+            f"{base} holds split folders {train}/ and {test}/ with class folders inside: read as classes they "
+            f"would make classes named {train!r} and {test!r}; set data.train_folder = \"{train}\" and "
+            f"data.test_folder = \"{test}\" (or point data.root at a folder of class folders)"
+        )
+
+
 def list_imagefolder(
     root: str | Path,
     train_folder: str | None = None,
@@ -56,6 +76,7 @@ def list_imagefolder(
                 is_train += [train] * len(files)
     else:
         class_names = _class_folders(base)
+        _refuse_split_folders_as_classes(base, class_names)
         rng = np.random.default_rng(seed)
         for c, name in enumerate(class_names):
             files = list_image_files(base / name)
