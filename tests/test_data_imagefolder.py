@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +125,9 @@ def test_split_folders_without_split_keys_are_named(tmp_path: Path) -> None:
 
     make_tree(tmp_path / "train")
     make_tree(tmp_path / "test", per_class=2, seed=1)
-    with pytest.raises(DatasetError, match='set data.train_folder = "train" and data.test_folder = "test"'):
+    with pytest.raises(
+        DatasetError, match=re.escape('set data.train_folder = "train" and data.test_folder = "test"')
+    ):
         list_imagefolder(tmp_path)
     listing = list_imagefolder(tmp_path, "train", "test")  # the keys it names read the tree as meant
     assert listing.class_names == ["cat", "dog", "owl"]

@@ -110,6 +110,8 @@ def test_sheet_basename() -> None:
     assert sheet_basename("test/000012") == "test_000012"
     assert sheet_basename("../../etc/passwd") == "etc_passwd"
     assert sheet_basename("///") == "image"
+    assert sheet_basename("crop.jpg") == "crop"  # a file's own extension does not stay in the sheet's name
+    assert sheet_basename("Bird.JPEG") == "Bird"
 
 
 def test_explain_command(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
@@ -127,7 +129,14 @@ def test_explain_command(tiny_run: Path, tmp_path: Path, capsys: pytest.CaptureF
     assert document["label"] is None
     assert document["image_id"] == "query.jpg"
     assert Path(document["png"]).is_file()
-    assert Path(document["html"]).read_text().count("<section") == 1
+    page = Path(document["html"]).read_text()
+    assert page.count("<section") == 1
+    assert page.startswith("<!doctype html>")
+    assert "<style>" in page
+    assert "Content-Security-Policy" in page
+    assert Path(document["png"]).name == "query.png"
+    assert Path(document["html"]).name == "query.html"
+    assert "as trained, before pruning" in page
     code, out, err = run_cli(["explain", str(tiny_run), str(tmp_path / "missing.png")], capsys)
     assert code == 2
     assert "neither a file nor an image id" in err

@@ -256,7 +256,7 @@ def explain_command(
     points, per member and for the ensemble; written as PNG and as an HTML fragment."""
     from protoaudit.engine.explain import explain_image
     from protoaudit.engine.io import write_text
-    from protoaudit.report.sheet import render_sheet_html, render_sheet_png, sheet_basename
+    from protoaudit.report.sheet import render_sheet_document, render_sheet_png, sheet_basename
 
     _threads(threads)
     loaded, image = _run_and_image(args, root)
@@ -266,7 +266,7 @@ def explain_command(
     with writing_into(loaded.path, folder, "explain"):  # the run's lock while writing into it
         png = render_sheet_png(sheet, folder / f"{base}.png", prototypes)
         html = folder / f"{base}.html"
-        write_text(html, render_sheet_html(sheet, prototypes))
+        write_text(html, render_sheet_document(sheet, prototypes))
     err_console.print(f"wrote {png} and {html}", highlight=False, soft_wrap=True)
     if json_:
         print_json({**sheet.to_dict(), "png": str(png), "html": str(html)})

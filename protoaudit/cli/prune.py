@@ -91,6 +91,7 @@ def prune_command(
                 "audit": result.audit,
             }
         )
+        _stale_report_note(loaded.path)
         return
     print_table(summary.reset_index(), title="pruning (k-NN class purity)")
     print_table(result.accuracy, title=f"test top-1 before and after pruning — {loaded.path}")
@@ -98,6 +99,18 @@ def prune_command(
         f"wrote purity.csv, audit.json, duplicates.csv and members/*-pruned/ in {result.seconds:.1f} s",
         highlight=False,
     )
+    _stale_report_note(loaded.path)
+
+
+def _stale_report_note(run_dir: Path) -> None:
+    """After pruning, a report written before it no longer shows the run: say so, with the command."""
+    if (run_dir / "report.html").is_file() or (run_dir / "report.json").is_file():
+        err_console.print(
+            f"note: {run_dir / 'report.html'} predates this pruning and is stale; "
+            f"rewrite it with: protoaudit report {run_dir} --html",
+            highlight=False,
+            markup=False,
+        )
 
 
 def audit_command(

@@ -30,7 +30,7 @@ from protoaudit.engine.io import jsonable
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.run import PRUNED_SUFFIX, Run
 from protoaudit.errors import CheckpointError, InputError
-from protoaudit.report.definitions import BOX_CAVEAT, DEFINITIONS
+from protoaudit.report.definitions import AUDIT_LABELS, BOX_CAVEAT, DEFINITIONS
 from protoaudit.report.images import box_thumbnail, patch_thumbnail, png_data_uri, to_uint8
 
 if TYPE_CHECKING:
@@ -38,8 +38,10 @@ if TYPE_CHECKING:
 
 REPORT_FORMAT = "protoaudit-report"
 REPORT_FORMAT_VERSION = 1
-PRUNE_HINT = "not computed yet — run `protoaudit prune`"
-INDEX_HINT = "not computed yet — run `protoaudit index` (the patch index) or `protoaudit global-analysis`"
+PRUNE_HINT = "not computed yet — run `protoaudit prune {run}`"
+INDEX_HINT = (
+    "not computed yet — run `protoaudit index {run}` (the patch index) or `protoaudit global-analysis {run}`"
+)
 SHEET_PROTOTYPES = 3  # prototypes listed per member and class on an embedded reasoning sheet
 
 
@@ -148,6 +150,9 @@ class _Builder:
         self.prototype_thumbs: dict[tuple[str, int], str | None] = {}
         self.rng = np.random.default_rng(options.seed)
         self.logits_source: dict[str, str] = {}
+        self.prune_hint = PRUNE_HINT.format(run=run.path)
+        self.index_hint = INDEX_HINT.format(run=run.path)
+        self.pruned_sets: dict[str, set[int]] = {}
 
     # ------------------------------------------------------------------
     def build(self) -> Report:
@@ -193,12 +198,78 @@ class _Builder:
         from protoaudit.report.evaluation import section as evaluation_section
 
         data["evaluation"] = evaluation_section(run, data, self.bundle)
+        data["glance"] = self._glance(data)
         data = jsonable(data)
         from protoaudit.report.figures import add_figures
 
         add_figures(data, self.assets)
         data["build_seconds"] = round(time.perf_counter() - started, 3)
         return Report(jsonable(data), self.assets, self.fragments)
+
+    # -- the first screen -----------------------------------------------------------------------------
+    def _glance(self, data: dict[str, Any]) -> dict[str, Any]:
+        """What a reviewer asks first: accuracy before and after pruning (with 95 % intervals where
+        accuracy.csv has them), how many prototypes were pruned and on which ground-truth parts they sat,
+        and the headline audit figures."""
+        purity = data["purity"]
+        pruning = []
+        for m in data["members"]:
+            rows = [r for r in m["prototypes"] if r["pruned"] is not None]
+            if not rows:
+                continue
+            pruned = [r for r in rows if r["pruned"]]
+            kinds: dict[str, int] = {}
+            for r in pruned:
+                kind = r["source_part_kind"] or "unknown"
+                kinds[kind] = kinds.get(kind, 0) + 1
+            pruning.append(
+                {
+                    "member": m["name"],
+                    "n_prototypes": len(m["prototypes"]),
+                    "n_pruned": len(pruned),
+                    "n_kept": len(rows) - len(pruned),
+                    "pruned_on": [{"kind": k, "n": v} for k, v in sorted(kinds.items())],
+                }
+            )
+        audit = data["audit"]
+        headline: list[dict[str, Any]] = []
+        if audit["available"] and isinstance(audit["data"], dict):
+            run_wide = audit["data"]
+            for key in ("pruning_precision", "pruning_recall"):
+                if isinstance(run_wide.get(key), int | float):
+                    headline.append({"key": key, "label": AUDIT_LABELS[key][0], "value": run_wide[key]})
+            for m, values in (run_wide.get("members") or {}).items():
+                for key in ("part_purity", "consistency", "stability"):
+                    if isinstance(values, dict) and isinstance(values.get(key), int | float):
+                        headline.append(
+                            {
+                                "key": f"{m}.{key}",
+                                "label": f"{AUDIT_LABELS[key][0]} — {m}",
+                                "value": values[key],
+                            }
+                        )
+        faith = data["faithfulness"]
+        deletion = None
+        if faith.get("available") and faith.get("summary", {}).get("n"):
+            deletion = faith["summary"]
+        return {
+            "pruning": pruning,
+            "pruning_rule": None
+            if not purity["available"]
+            else {"k": purity["k"], "threshold": purity["threshold"]},
+            "headline": headline,
+            "duplicates": len(data["duplicates"]["rows"]) if data["duplicates"]["available"] else None,
+            "deletion": deletion,
+            "stale": self._stale_note(),
+        }
+
+    def _stale_note(self) -> str | None:
+        """A note when the run changed (pruned) after the checkpoints this report read were made: nothing to
+        say for the report being built now, which reads the current files, but recorded for the page."""
+        pruning = self.run.meta.get("pruning") or {}
+        if not pruning and (self.run.path / "purity.csv").is_file():
+            return "purity.csv exists but run.json records no pruning: the files may come from another run"
+        return None
 
     # -- run summary ----------------------------------------------------------------------------------
     def _summary(self) -> dict[str, Any]:
@@ -277,7 +348,7 @@ class _Builder:
                     "backbone": None if r.get("backbone") is None else str(r.get("backbone")),
                     "pruned": bool(_as_bool(r.get("pruned"))),
                     "top1": _opt_float(r.get("top1")),
-                    "top1_low": _opt_float(r.get("top1_low")),
+                    "top1_low": _opt_float(r.get("top1_low")),  # 95 % interval, where accuracy.csv has it
                     "top1_high": _opt_float(r.get("top1_high")),
                     "n_prototypes": _opt_int(r.get("n_prototypes")),
                     "n_test": _opt_int(r.get("n_test")),
@@ -292,6 +363,8 @@ class _Builder:
             )
             pair["after" if r["pruned"] else "before"] = {
                 "top1": r["top1"],
+                "top1_low": r["top1_low"],
+                "top1_high": r["top1_high"],
                 "n_prototypes": r["n_prototypes"],
             }
         any_pruned = any(r["pruned"] for r in rows)
@@ -299,7 +372,8 @@ class _Builder:
             "rows": rows,
             "before_after": list(pairs.values()),
             "pruned_available": any_pruned,
-            "note": None if any_pruned else f"accuracy after pruning {PRUNE_HINT}",
+            "intervals": any(r["top1_low"] is not None for r in rows),
+            "note": None if any_pruned else f"accuracy after pruning {self.prune_hint}",
         }
 
     def _pruned_checkpoints(self) -> list[str]:
@@ -329,7 +403,7 @@ class _Builder:
             return {
                 "available": False,
                 "file": "purity.csv",
-                "note": f"k-NN class purity {PRUNE_HINT}",
+                "note": f"k-NN class purity {self.prune_hint}",
                 "k": None,
                 "threshold": None,
                 "scale": None,
@@ -434,6 +508,7 @@ class _Builder:
                 "source_part_kind": None,
                 "source_part_name": None,
                 "part_purity": None,
+                "nearest_major_part": None,
                 "consistent": None,
                 "stability": None,
                 "thumb": None,
@@ -459,6 +534,12 @@ class _Builder:
                 if part is not None and part >= 0 and part_names and part < len(part_names):
                     row["source_part_name"] = part_names[part]
                 row["part_purity"] = _opt_float(p.get("part_purity"))
+                near_parts = [v for v in (_split_list(p.get("nearest_parts"), int) or []) if v > 0]
+                if near_parts:
+                    major = max(sorted(set(near_parts)), key=near_parts.count)
+                    row["nearest_major_part"] = (
+                        part_names[major] if part_names and major < len(part_names) else str(major)
+                    )
                 row["consistent"] = _as_bool(p.get("consistent"))
                 row["stability"] = _opt_float(p.get("stability"))
             if grid is not None and j in with_thumbs:
@@ -487,6 +568,8 @@ class _Builder:
                         )
                     row["nearest"].append(entry)
             self.prototype_thumbs[(name, j)] = row["thumb"]
+            if row["pruned"]:
+                self.pruned_sets.setdefault(name, set()).add(j)
             rows.append(row)
         config = model.config
         return {
@@ -506,7 +589,7 @@ class _Builder:
             "nearest_source": nearest_source,
             "nearest_note": None
             if nearest_frame is not None
-            else f"nearest training patches {nearest_problem or INDEX_HINT}",
+            else f"nearest training patches {nearest_problem or self.index_hint}",
             "thumbnails": len(with_thumbs),
             "prototypes": rows,
         }
@@ -680,9 +763,13 @@ class _Builder:
         labels: np.ndarray,
         class_names: list[str],
     ) -> dict[str, Any]:
-        from protoaudit.core.geometry import percentile_boxes
-        from protoaudit.core.model import similarity
 
+        pruned_names = [f"{m}{PRUNED_SUFFIX}" for m in members]
+        pruned_ensemble = (
+            torch.stack([outputs[n] for n in pruned_names]).sum(dim=0)
+            if all(n in outputs for n in pruned_names)
+            else None
+        )
         predicted = ensemble.argmax(dim=1).numpy()
         correct = np.flatnonzero(predicted == labels)
         wrong = np.flatnonzero(predicted != labels)
@@ -705,15 +792,8 @@ class _Builder:
             if explain is not None
             else "full reasoning sheets not computed yet — they need protoaudit.explain (the patch index)"
         )
-        # each member's distance maps of the chosen images, one batched pass per member
-        distance_maps: dict[str, torch.Tensor] = {}
-        if chosen:
-            stacked = torch.stack([images[i][0] for i in chosen])
-            for name in members:
-                model = self.run.member(name)
-                distance_maps[name] = model.distances(model.latent(stacked))  # (n, m, H, W)
         out = []
-        for position, i in enumerate(chosen):
+        for i in chosen:
             x, pixels = images[i]
             p = int(predicted[i])
             top = torch.topk(ensemble[i], k=min(3, ensemble.shape[1]))
@@ -732,50 +812,47 @@ class _Builder:
                     for v, c in zip(top.values, top.indices, strict=True)
                 ],
                 "members": [],
+                "members_pruned": [],
+                "pruned_predicted": None,
+                "pruned_predicted_name": None,
                 "sheet": None,
             }
             for name in members:
-                model = self.run.member(name)
                 logits = outputs[name]
-                distances = distance_maps[name][position]  # (m, H, W)
-                sims = similarity(distances.amin(dim=(1, 2)))  # (m,) at each prototype's closest patch
-                contribution = sims * model.last_layer.weight[p]  # (m,) evidence for the predicted class
-                best = torch.topk(contribution, k=min(3, contribution.numel())).indices
-                maps = similarity(distances[best])  # (3, H, W)
-                boxes = percentile_boxes(maps, x.shape[-1])
-                evidence = []
-                for rank, j in enumerate(best.tolist()):
-                    box = [int(v) for v in boxes[rank]]
-                    evidence.append(
-                        {
-                            "prototype": j,
-                            "class": int(model.prototype_class[j]),
-                            "class_name": class_names[int(model.prototype_class[j])],
-                            "similarity": float(sims[j]),
-                            "weight": float(model.last_layer.weight[p, j]),
-                            "contribution": float(contribution[j]),
-                            "box": box,
-                            "thumb": self._asset(
-                                f"test/{i}/box/{'-'.join(map(str, box))}",
-                                partial(box_thumbnail, pixels, box),
-                            ),
-                            "prototype_thumb": self.prototype_thumbs.get((name, j)),
-                        }
-                    )
                 entry["members"].append(
                     {
                         "member": name,
+                        "pruned_model": False,
                         "predicted": int(logits[i].argmax()),
                         "predicted_name": class_names[int(logits[i].argmax())],
                         "logit_predicted": float(logits[i, p]),
-                        "evidence": evidence,
+                        "evidence": self._evidence(name, x, pixels, i, p, class_names, name),
                     }
                 )
+            if pruned_ensemble is not None:
+                q = int(pruned_ensemble[i].argmax())
+                entry["pruned_predicted"] = q
+                entry["pruned_predicted_name"] = class_names[q]
+                for name in members:
+                    pruned_name_ = f"{name}{PRUNED_SUFFIX}"
+                    logits = outputs[pruned_name_]
+                    entry["members_pruned"].append(
+                        {
+                            "member": pruned_name_,
+                            "pruned_model": True,
+                            "predicted": int(logits[i].argmax()),
+                            "predicted_name": class_names[int(logits[i].argmax())],
+                            "logit_predicted": float(logits[i, q]),
+                            "evidence": self._evidence(pruned_name_, x, pixels, i, q, class_names, name),
+                        }
+                    )
             if explain is not None and i in with_sheet:
                 entry["sheet"] = self._sheet(explain, i, x)
             out.append(entry)
         return {
             "available": True,
+            "models": list(members),
+            "pruned_models": pruned_names if pruned_ensemble is not None else [],
             "n_images": len(labels),
             "n_correct": len(correct),
             "n_wrong": len(wrong),
@@ -783,6 +860,59 @@ class _Builder:
             "sheets_note": sheets_note,
             "images": out,
         }
+
+    @torch.no_grad()
+    def _evidence(
+        self,
+        name: str,
+        x: torch.Tensor,
+        pixels: np.ndarray,
+        i: int,
+        p: int,
+        class_names: list[str],
+        parent: str,
+    ) -> list[dict[str, Any]]:
+        """The three prototypes of checkpoint ``name`` that add most to class ``p``'s logit on test image
+        ``i`` (similarity × weight). For a pruned checkpoint, each prototype also carries its number in
+        ``parent`` (the member it was pruned from; ``prototypes.csv`` column ``parent_prototype``)."""
+        from protoaudit.core.geometry import percentile_boxes
+        from protoaudit.core.model import similarity
+
+        model = self.run.member(name)
+        parents: list[int] | None = None
+        if name != parent:
+            table = self.run.prototypes(name)
+            if "parent_prototype" in table:
+                parents = [int(v) for v in table["parent_prototype"]]
+        sims = similarity(model(x[None])[1][0])  # (m,) at each prototype's closest patch
+        contribution = sims * model.last_layer.weight[p]  # (m,) evidence for class p
+        best = torch.topk(contribution, k=min(3, contribution.numel())).indices
+        maps = similarity(model.distances(model.latent(x[None])))[0, best]  # (3, H, W)
+        boxes = percentile_boxes(maps, x.shape[-1])
+        pruned_in_parent = self.pruned_sets.get(parent, set())
+        evidence = []
+        for rank, j in enumerate(best.tolist()):
+            box = [int(v) for v in boxes[rank]]
+            original = j if parents is None else parents[j]
+            evidence.append(
+                {
+                    "prototype": j,
+                    "parent_prototype": None if parents is None else original,
+                    "pruned": name == parent and j in pruned_in_parent,
+                    "class": int(model.prototype_class[j]),
+                    "class_name": class_names[int(model.prototype_class[j])],
+                    "similarity": float(sims[j]),
+                    "weight": float(model.last_layer.weight[p, j]),
+                    "contribution": float(contribution[j]),
+                    "box": box,
+                    "thumb": self._asset(
+                        f"test/{i}/box/{'-'.join(map(str, box))}",
+                        partial(box_thumbnail, pixels, box),
+                    ),
+                    "prototype_thumb": self.prototype_thumbs.get((parent, original)),
+                }
+            )
+        return evidence
 
     def _sheet(self, explain: Any, index: int, image: torch.Tensor) -> dict[str, Any] | None:
         from protoaudit.engine.index.queries import QueryImage
@@ -857,6 +987,8 @@ class _Builder:
                     "random": rnd[n].tolist(),
                     "auc_activation": float(auc_act[n]),
                     "auc_random": float(auc_rnd[n]),
+                    "half_activation": _half_point(curves.fractions, act[n]),
+                    "half_random": _half_point(curves.fractions, rnd[n]),
                     "thumb": r["thumb"],
                 }
                 results.append(result)
@@ -887,7 +1019,7 @@ class _Builder:
         if not path.is_file():
             return {
                 "available": False,
-                "note": f"ground-truth audit {PRUNE_HINT}",
+                "note": f"ground-truth audit {self.prune_hint}",
                 "data": None,
                 "members_table": None,
             }
@@ -895,20 +1027,48 @@ class _Builder:
 
         data = jsonable(read_json(path))
         members_table = None
+        metrics: list[dict[str, Any]] = []
+        names: list[str] = []
         if isinstance(data, dict) and isinstance(data.get("members"), dict):
             members_table = [
                 {"member": name, **values}
                 for name, values in data["members"].items()
                 if isinstance(values, dict)
             ]
-        return {"available": True, "note": None, "data": data, "members_table": members_table}
+            names = [str(r["member"]) for r in members_table]
+            keys: list[str] = []
+            for r in members_table:
+                keys += [k for k in r if k != "member" and k not in keys]
+            pooled = {k: data.get(k) for k in ("pruning_precision", "pruning_recall")}
+            for key in keys:
+                label, kind, definition = AUDIT_LABELS.get(key, (key.replace("_", " "), "number", None))
+                metrics.append(
+                    {
+                        "key": key,
+                        "label": label,
+                        "kind": kind,
+                        "definition": definition,
+                        "values": [
+                            next((r.get(key) for r in members_table if r["member"] == n), None) for n in names
+                        ],
+                        "all": pooled.get(key),
+                    }
+                )
+        return {
+            "available": True,
+            "note": None,
+            "data": data,
+            "members_table": members_table,
+            "member_names": names,
+            "metrics": metrics,
+        }
 
     def _duplicates(self) -> dict[str, Any]:
         frame = _read_csv(self.run.path / "duplicates.csv")
         if frame is None:
             return {
                 "available": False,
-                "note": f"duplicate prototypes {PRUNE_HINT}",
+                "note": f"duplicate prototypes {self.prune_hint}",
                 "columns": [],
                 "rows": [],
             }
@@ -918,6 +1078,12 @@ class _Builder:
             "columns": [str(c) for c in frame.columns],
             "rows": _records(frame),
         }
+
+
+def _half_point(fractions: Any, curve: Any) -> float | None:
+    """The deleted fraction at which a normalised deletion curve first falls to one half (None if never)."""
+    below = np.flatnonzero(np.asarray(curve) <= 0.5)
+    return float(np.asarray(fractions)[below[0]]) if len(below) else None
 
 
 def _add_sheet_subtotals(document: Any, shown: int) -> None:

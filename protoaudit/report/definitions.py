@@ -71,9 +71,9 @@ DEFINITIONS: list[dict[str, str]] = [
     {
         "name": "k-NN class purity",
         "definition": "For a prototype of class c: among the k training images nearest to it in latent space "
-        "(each image contributes only its closest patch, over all classes), the fraction that belong to c. "
-        "A prototype is pruned when fewer than τ of the k are of class c (k = 6, τ = 3 by default), then the "
-        "last layer is retrained.",
+        "(each image contributes only its closest patch, over all classes), the number that belong to c, "
+        "shown as “n of k” (purity.csv stores n; divide by k for a fraction). A prototype is pruned when fewer "
+        "than τ of the k are of class c (k = 6, τ = 3 by default), then the last layer is retrained.",
         "source": f"{CHEN_2019}, §2.6 and supplement S8 (prototype pruning)",
     },
     {
@@ -190,8 +190,9 @@ DEFINITIONS: list[dict[str, str]] = [
     },
     {
         "name": "part purity",
-        "definition": "Share of a prototype's 10 nearest training patches (one per image) that carry its most "
-        "frequent ground-truth part; background never counts as that part.",
+        "definition": "Share of a prototype's 10 nearest training patches (one per image) that carry the "
+        "part most frequent among them — which need not be the part under its own source patch; background "
+        "never counts as that part.",
         "source": "Nauta et al. PIP-Net: Patch-Based Intuitive Prototypes for Interpretable Image "
         "Classification. CVPR 2023",
     },
@@ -217,3 +218,36 @@ DEFINITIONS: list[dict[str, str]] = [
         "source": "this project (duplicates.csv of protoaudit prune)",
     },
 ]
+
+
+# audit.json keys → (label shown, how the value reads: "count", "fraction" or "number", definition name)
+AUDIT_LABELS: dict[str, tuple[str, str, str | None]] = {
+    "n_prototypes": ("prototypes", "count", None),
+    "n_pruned": ("pruned", "count", "k-NN class purity"),
+    "mean_purity": ("mean k-NN purity (n of k)", "number", "k-NN class purity"),
+    "top1": ("top-1 before pruning", "fraction", "top-1 accuracy"),
+    "top1_pruned": ("top-1 after pruning", "fraction", "top-1 accuracy"),
+    "prototypes_on_background": ("prototypes on background", "count", "ground-truth part"),
+    "prototypes_on_shared_parts": ("prototypes on shared parts", "count", "ground-truth part"),
+    "prototypes_on_discriminative_parts": (
+        "prototypes on discriminative parts",
+        "count",
+        "ground-truth part",
+    ),
+    "pruning_precision": ("pruning precision", "fraction", "pruning precision and recall"),
+    "pruning_recall": ("pruning recall", "fraction", "pruning precision and recall"),
+    "part_purity": ("part purity", "fraction", "part purity"),
+    "part_purity_kept": ("part purity, kept prototypes", "fraction", "part purity"),
+    "consistency": ("consistency", "fraction", "consistency"),
+    "consistency_kept": ("consistency, kept prototypes", "fraction", "consistency"),
+    "stability": ("stability", "fraction", "stability"),
+    "stability_kept": ("stability, kept prototypes", "fraction", "stability"),
+}
+
+
+def definition_text(name: str | None) -> str | None:
+    """The definition of ``name`` (a DEFINITIONS entry), for tooltips."""
+    for entry in DEFINITIONS:
+        if entry["name"] == name:
+            return entry["definition"]
+    return None

@@ -80,6 +80,16 @@ def _environment(autoescape: bool) -> jinja2.Environment:
     return env
 
 
+def section_partials(data: dict[str, Any]) -> list[str]:
+    """The partials ``templates/sections/<topic>.html.j2`` whose ``<topic>`` is a key of the report, sorted:
+    each builder module adds its key and its partial, and the page includes it."""
+    folder = resources.files("protoaudit.report").joinpath("templates", "sections")
+    if not folder.is_dir():
+        return []
+    names = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".html.j2"))
+    return [f"sections/{name}" for name in names if name.removesuffix(".html.j2") in data]
+
+
 def csp_hash(script: str) -> str:
     """The Content-Security-Policy source that allows exactly this inline script."""
     return "sha256-" + base64.b64encode(hashlib.sha256(script.encode("utf-8")).digest()).decode("ascii")
@@ -101,9 +111,13 @@ def render_html(report: Report) -> str:
         # reasoning sheets of protoaudit.explain: HTML fragments that escape their own data
         return Markup(report.fragments.get(key, ""))
 
+    from protoaudit.report.definitions import definition_text
+
     template = env.get_template("report.html.j2")
     return template.render(
         report=report.data,
+        sections=section_partials(report.data),
+        definition=definition_text,
         asset=asset,
         fragment=fragment,
         css=Markup(_static("report.css")),

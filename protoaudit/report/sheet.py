@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from protoaudit.engine.explain import BOX_NOTE, Box, MemberEvidence, PrototypeEvidence, ReasoningSheet
+from protoaudit.engine.run import PRUNED_SUFFIX
 
 
 def _scale(size: int, target: int = 160) -> int:
@@ -137,8 +138,19 @@ def _title(sheet: ReasoningSheet) -> str:
     truth = "unknown" if sheet.label is None else sheet.class_names[sheet.label]
     return (
         f"{sheet.image_id} — true class: {truth} — ensemble predicts: {sheet.class_names[sheet.predicted]} "
-        f"({len(sheet.member_logits)} members: {', '.join(sheet.member_logits)})"
+        f"({len(sheet.member_logits)} members: {', '.join(sheet.member_logits)}; "
+        f"{_which(list(sheet.member_logits))})"
     )
+
+
+def _which(names: list[str]) -> str:
+    """Whether a sheet shows the members as trained or their pruned versions."""
+    pruned = [n.endswith(PRUNED_SUFFIX) for n in names]
+    if all(pruned):
+        return "pruned models, prototypes renumbered"
+    if not any(pruned):
+        return "as trained, before pruning"
+    return "some pruned"
 
 
 def render_sheet_png(
@@ -307,6 +319,41 @@ def render_sheet_html(sheet: ReasoningSheet, max_prototypes: int | None = 3) -> 
     )
 
 
+IMAGE_SUFFIX = re.compile(r"\.(png|jpe?g|bmp|gif|webp|tiff?)$", re.IGNORECASE)
+
+
 def sheet_basename(image_id: str) -> str:
-    """A file name for an image id: ``test/000012`` → ``test_000012``."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", image_id).strip("._") or "image"
+    """A file name for an image id or file: ``test/000612`` → ``test_000612``, ``crop.jpg`` → ``crop`` (the
+    sheet's own extension is added by the caller)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", IMAGE_SUFFIX.sub("", image_id)).strip("._") or "image"
+
+
+SHEET_CSS = """
+body { margin: 0; padding: 16px 24px; font: 14px/1.45 system-ui, -apple-system, "Segoe UI", Roboto,
+  "DejaVu Sans", sans-serif; color: #1d1f23; }
+.protoaudit-sheet h3 { font-size: 18px; margin: 0 0 8px; }
+.protoaudit-sheet h4 { font-size: 15px; margin: 16px 0 6px; }
+.protoaudit-sheet .note { background: #fff6dd; border-left: 4px solid #e8c766; padding: 6px 10px; }
+.protoaudit-sheet table { border-collapse: collapse; margin: 6px 0 12px; }
+.protoaudit-sheet th, .protoaudit-sheet td { border: 1px solid #d9dde3; padding: 3px 7px; text-align: left;
+  vertical-align: middle; }
+.protoaudit-sheet th { background: #f4f6f8; font-weight: 600; }
+.protoaudit-sheet td img { image-rendering: pixelated; display: block; }
+.protoaudit-sheet tr.subtotal td { background: #f4f6f8; }
+.protoaudit-sheet tr.total td { background: #e8eef7; }
+"""
+
+
+def render_sheet_document(sheet: ReasoningSheet, max_prototypes: int | None = 3) -> str:
+    """The sheet as a page of its own (what ``protoaudit explain`` writes): the fragment of
+    :func:`render_sheet_html` with a title, its style inlined, and a policy that forbids every request."""
+    from markupsafe import Markup, escape
+
+    fragment = Markup(render_sheet_html(sheet, max_prototypes))
+    return (
+        '<!doctype html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta http-equiv="Content-Security-Policy" content="default-src \'none\'; img-src data:; '
+        "style-src 'unsafe-inline'; base-uri 'none'; form-action 'none'\">\n"
+        f"<title>{escape(_title(sheet))}</title>\n<style>{SHEET_CSS}</style>\n</head>\n<body>\n"
+        f"{fragment}</body>\n</html>\n"
+    )

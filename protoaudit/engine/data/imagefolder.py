@@ -40,8 +40,8 @@ def _refuse_split_folders_as_classes(base: Path, class_names: list[str]) -> None
     if _class_folders(base / train) and _class_folders(base / test):
         raise DatasetError(
             f"{base} holds split folders {train}/ and {test}/ with class folders inside: read as classes they "
-            f"would make classes named {train!r} and {test!r}; set data.train_folder = \"{train}\" and "
-            f"data.test_folder = \"{test}\" (or point data.root at a folder of class folders)"
+            f'would make classes named {train!r} and {test!r}; set data.train_folder = "{train}" and '
+            f'data.test_folder = "{test}" (or point data.root at a folder of class folders)'
         )
 
 
