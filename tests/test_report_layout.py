@@ -27,7 +27,7 @@ KEY_COLUMNS = ("source patch", "nearest training patches", "prototype", "purity"
 OVERFLOWS = """
 const out = [];
 for (const table of document.querySelectorAll("main table")) {
-  if (table.offsetParent === null) continue;  // not rendered (a closed <details>)
+  if (!table.checkVisibility()) continue;  // not rendered (inside a closed <details>)
   const box = table.parentElement;
   const t = table.getBoundingClientRect(), b = box.getBoundingClientRect();
   if (t.width > box.clientWidth + 1 || box.scrollWidth > box.clientWidth + 1 || t.right > window.innerWidth + 1
@@ -86,9 +86,15 @@ def report_page(tiny_run: Path, tmp_path_factory: pytest.TempPathFactory) -> Ite
 def test_tables_fit_and_evidence_is_in_view(driver: Any, report_page: Path, width: int) -> None:
     _viewport(driver, width)
     _open(driver, report_page)
-    measured = driver.execute_script(OVERFLOWS)
-    assert measured["tables"] == [], f"tables wider than their container at {width} px: {measured['tables']}"
-    assert measured["page"] <= measured["window"], "the page scrolls sideways"
+    for state in ("closed", "open"):  # and with every <details> (reasoning sheets, purity details) open
+        if state == "open":
+            driver.execute_script("document.querySelectorAll('details').forEach(d => { d.open = true; })")
+        measured = driver.execute_script(OVERFLOWS)
+        assert measured["tables"] == [], (
+            f"tables wider than their box at {width} px, {state}: {measured['tables']}"
+        )
+        assert measured["page"] <= measured["window"], f"the page scrolls sideways ({state})"
+    driver.execute_script("document.querySelectorAll('details').forEach(d => { d.open = false; })")
     driver.execute_script("document.getElementById('purity').scrollIntoView()")
     assert driver.execute_script(KEY_CELLS, list(KEY_COLUMNS)) == []
     # the evidence itself: the first row's thumbnails are drawn inside the window

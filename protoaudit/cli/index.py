@@ -39,9 +39,9 @@ INDEX_EXAMPLES = """
 NEAREST_PATCHES_EXAMPLES = """
 [bold]Examples[/bold]
 
-  # the 5 nearest training images to prototype 12 (one patch each)
-  protoaudit nearest-patches --member vgg --prototype 12
-  protoaudit nearest-patches reports/quickstart --member vgg --prototype 12 \\
+  # the 5 nearest training images to prototype 7 (one patch each)
+  protoaudit nearest-patches --member vgg --prototype 7
+  protoaudit nearest-patches reports/quickstart --member vgg --prototype 7 \\
       --split test --k 10 --all-patches
   # for every patch of a test image (quick-start test ids: test/000600 on)
   protoaudit nearest-patches --member resnet --image test/000612 --k 3
