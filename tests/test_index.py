@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -503,7 +504,7 @@ def test_index_and_query_commands(tiny_run: Path, tmp_path: Path, capsys: pytest
     rows = json.loads(out)["rows"]
     assert [r["rank"] for r in rows] == [1, 2, 3]
     assert len({r["image_id"] for r in rows}) == 3
-    code, out, _ = run_cli(
+    code, out, err = run_cli(
         [
             "nearest-patches",
             str(run_dir),
@@ -520,7 +521,16 @@ def test_index_and_query_commands(tiny_run: Path, tmp_path: Path, capsys: pytest
         capsys,
     )
     assert code == 0
-    assert "nearest test patches to prototype 1 of vgg" in out
+    # off a terminal: the title on stderr, the table on stdout as tab-separated lines, every value in full
+    assert "nearest test patches to prototype 1 of vgg" in err
+    lines = out.splitlines()
+    header = lines[0].split("\t")
+    assert {"rank", "image_id", "distance"} <= set(header)
+    assert len(lines) == 4
+    assert all(len(line.split("\t")) == len(header) for line in lines)
+    ids = [line.split("\t")[header.index("image_id")] for line in lines[1:]]
+    assert all(re.fullmatch(r"test/\d{6}", i) for i in ids), ids  # never cut to "test/00…"
+    assert "…" not in out
     code, _, err = run_cli(["nearest-patches", str(run_dir), "-m", "vgg"], capsys)
     assert code == 2
     assert "exactly one query" in err

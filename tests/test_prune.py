@@ -176,3 +176,39 @@ def test_one_search_serves_every_k(pruned_run: tuple[Path, dict[str, str]]) -> N
     np.testing.assert_array_equal(vgg["purity"].to_numpy(), counted)
     with pytest.raises(ValueError, match="asked for 11"):
         wide.first(11)
+
+
+def test_audit_table_off_a_terminal_reads_cleanly(
+    pruned_run: tuple[Path, dict[str, str]], capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir, _ = pruned_run
+    audit = json.loads((run_dir / "audit.json").read_text())
+    with pytest.raises(SystemExit) as exc:
+        main(["audit", str(run_dir), "--fail-under", "pruning_precision=0"])
+    assert (exc.value.code or 0) == 0
+    out, err = capsys.readouterr()
+    assert f"audit — {run_dir}" in err  # the title on stderr, the table alone on stdout
+    lines = out.splitlines()
+    assert lines[0].split("\t") == ["metric", "value", "fail_under", "ok"]
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    assert all(len(r) == 4 for r in rows.values())
+    assert "None" not in out
+    assert "nan" not in out
+    assert rows["vgg.n_prototypes"][1] == str(audit["members"]["vgg"]["n_prototypes"])  # a count, not 12.0000
+    assert rows["pruning_precision"][2] == "0"
+    assert rows["vgg.mean_purity"][2] == ""
+    assert float(rows["vgg.mean_purity"][1]) == audit["members"]["vgg"]["mean_purity"]  # in full
+
+
+def test_prune_says_an_older_report_is_stale(
+    pruned_run: tuple[Path, dict[str, str]], tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(pruned_run[0], run_dir)
+    (run_dir / "report.html").write_text("<!doctype html>")
+    with pytest.raises(SystemExit) as exc:
+        main(["prune", str(run_dir), "--finetune-epochs", "0", "--quiet"])
+    assert (exc.value.code or 0) == 0
+    err = capsys.readouterr().err
+    assert f"{run_dir / 'report.html'} predates this pruning and is stale" in err
+    assert f"protoaudit report {run_dir} --html" in err
