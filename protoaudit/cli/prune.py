@@ -99,6 +99,12 @@ def prune_command(
         f"wrote purity.csv, audit.json, duplicates.csv and members/*-pruned/ in {result.seconds:.1f} s",
         highlight=False,
     )
+    err_console.print(
+        "the pruned members' prototypes are renumbered 0, 1, …; column parent_prototype of "
+        "members/<m>-pruned/prototypes.csv gives each one's number in its member",
+        highlight=False,
+        markup=False,
+    )
     _stale_report_note(loaded.path)
 
 
