@@ -131,7 +131,7 @@ def test_bare_run_says_what_is_not_computed_yet(tiny_run: Path) -> None:
     assert all(r["purity"] is None and r["pruned"] is None for m in data["members"] for r in m["prototypes"])
     html = render_html(report)
     assert html.count("not computed yet — run <code>") == 0  # notes are text, escaped, not markup
-    assert "k-NN class purity not computed yet — run `protoaudit prune`" in html
+    assert f"k-NN class purity not computed yet — run `protoaudit prune {tiny_run}`" in html  # with the path
 
 
 def test_ensemble_is_recomputed_and_matches_accuracy_csv(full_report: Any, full_run: Path) -> None:

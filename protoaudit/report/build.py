@@ -373,6 +373,7 @@ class _Builder:
             "before_after": list(pairs.values()),
             "pruned_available": any_pruned,
             "intervals": any(r["top1_low"] is not None for r in rows),
+            "interval_level": 0.95,  # top1_low / top1_high, where accuracy.csv has them
             "note": None if any_pruned else f"accuracy after pruning {self.prune_hint}",
         }
 
