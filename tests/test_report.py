@@ -343,3 +343,13 @@ def test_open_hands_the_page_to_the_browser(
     data = json.loads((tmp_path / "report.json").read_text(encoding="utf-8"))
     assert data["faithfulness"]["note"] == "deletion curves: not asked for (--deletion 0)"
     assert data["reasoning"]["images"] == []
+
+
+def test_accuracy_axis_is_fitted_to_the_values() -> None:
+    from protoaudit.report.figures import accuracy_axis
+
+    low, high = accuracy_axis([0.97, 0.985, 1.0])
+    assert high == 1.0  # clipped at 100 %
+    assert 0.95 <= low < 0.97  # not 0: a point of difference stays visible
+    low, high = accuracy_axis([0.5, 0.5])
+    assert (low, high) == (0.49, 0.51)  # equal values get a 1-point margin
