@@ -207,7 +207,7 @@ def test_prune_says_an_older_report_is_stale(
     shutil.copytree(pruned_run[0], run_dir)
     (run_dir / "report.html").write_text("<!doctype html>")
     with pytest.raises(SystemExit) as exc:
-        main(["prune", str(run_dir), "--finetune-epochs", "0", "--quiet"])
+        main(["prune", str(run_dir), "--finetune-epochs", "0"])
     assert (exc.value.code or 0) == 0
     err = capsys.readouterr().err
     assert f"{run_dir / 'report.html'} predates this pruning and is stale" in err

@@ -99,7 +99,7 @@ def prune_command(
         f"wrote purity.csv, audit.json, duplicates.csv and members/*-pruned/ in {result.seconds:.1f} s",
         highlight=False,
     )
-    err_console.print(
+    info_console.print(
         "the pruned members' prototypes are renumbered 0, 1, …; column parent_prototype of "
         "members/<m>-pruned/prototypes.csv gives each one's number in its member",
         highlight=False,
@@ -111,7 +111,7 @@ def prune_command(
 def _stale_report_note(run_dir: Path) -> None:
     """After pruning, a report written before it no longer shows the run: say so, with the command."""
     if (run_dir / "report.html").is_file() or (run_dir / "report.json").is_file():
-        err_console.print(
+        info_console.print(
             f"note: {run_dir / 'report.html'} predates this pruning and is stale; "
             f"rewrite it with: protoaudit report {run_dir} --html",
             highlight=False,
