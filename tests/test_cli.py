@@ -127,6 +127,7 @@ def test_train_json_and_refusal_to_overwrite(tmp_path: Path, capsys: pytest.Capt
     assert code == 0
 
 
+@pytest.mark.slow
 def test_ctrl_c_leaves_no_half_written_file(tmp_path: Path) -> None:
     """SIGINT in the middle of training: exit 130, run.json says interrupted, every file present is whole."""
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -142,6 +142,7 @@ def test_missing_test_labels_and_single_file_layout(tmp_path: Path) -> None:
     assert listing.boxes[0].tolist() == [4.0, 4.0, 30.0, 25.0]
 
 
+@pytest.mark.slow
 def test_short_run_from_the_cars_recipe(tmp_path: Path) -> None:
     from protoaudit.engine.ensemble import train_ensemble
     from protoaudit.engine.recipe import load_recipe

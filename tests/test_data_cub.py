@@ -194,6 +194,7 @@ def test_annotation_errors_name_the_file(tmp_path: Path) -> None:
         list_cub(base)
 
 
+@pytest.mark.slow
 def test_short_run_from_the_cub_bb_recipe(tmp_path: Path) -> None:
     """recipes/cub_bb.toml with size overrides trains three ProtoPNets, their ensemble and the baseline."""
     from protoaudit.engine.ensemble import train_ensemble

@@ -22,6 +22,8 @@ from protoaudit.engine.io import load_tensors
 from .conftest import ROOT, TINY_RECIPE
 from .ddp_common import run_steps
 
+pytestmark = pytest.mark.slow  # spawns torchrun processes
+
 
 def _torchrun(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}

@@ -178,6 +178,7 @@ def _tree(run_dir: Path) -> dict[str, bytes]:
     return {str(p.relative_to(run_dir)): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted_run(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -275,6 +276,7 @@ def test_resume_with_nothing_to_resume(tmp_path: Path, capsys: pytest.CaptureFix
 KILL_AT = Path(__file__).with_name("kill_at.py")
 
 
+@pytest.mark.slow
 def test_augmented_run_killed_at_four_points_resumes_to_identical_files(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
