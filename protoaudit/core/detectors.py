@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 from scipy.stats import rankdata
 
-from protoaudit.purity import knn_class_purity, prune_decision
+from protoaudit.core.purity import knn_class_purity, prune_decision
 
 BAD_KINDS = ("background", "shared", "shortcut")
 KNOWN_KINDS = ("discriminative", *BAD_KINDS)
