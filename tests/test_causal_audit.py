@@ -133,26 +133,15 @@ def test_run_detectors_flags_and_keeps_the_right_prototypes() -> None:
     model.config.prototype_class = [0, 0, 0, 0]
     model.prototype_class = torch.zeros(4, dtype=torch.long)
 
-    class Tensors:
-        def __init__(self, x: torch.Tensor, y: np.ndarray) -> None:
-            self.x, self.labels = x, y
-
-        def __len__(self) -> int:
-            return len(self.labels)
-
-        def batch(self, idx: list[int]) -> torch.Tensor:
-            return self.x[idx]
-
     cpu = torch.device("cpu")
     push_d = min_distances(model, push_x, 16, cpu)
+    test_d, shifted_d = min_distances(model, test_x, 16, cpu), min_distances(model, shifted_x, 16, cpu)
     paper = np.array([False, True, False, True])
-    result = run_detectors(
-        model, paper, push_d, push_y, Tensors(test_x, test_y), Tensors(shifted_x, shifted_y), 16, cpu
-    )
+    result = run_detectors(model, paper, push_d, push_y, test_d, test_y, shifted_d, shifted_y)
     assert result.flags["knn_purity"].tolist() == paper.tolist()
     assert result.flags["class_information"].tolist() == [False, True, False, True]
     assert result.flags["shift_sensitivity"].tolist() == [True, False, False, False]
     assert result.flags["class_information_or_shift"].tolist() == [True, True, False, True]
-    no_shift = run_detectors(model, paper, push_d, push_y, Tensors(test_x, test_y), None, 16, cpu)
+    no_shift = run_detectors(model, paper, push_d, push_y, test_d, test_y, None, None)
     assert "shift_sensitivity" not in no_shift.flags
     assert "test_shifted" in no_shift.skipped["shift_sensitivity"]

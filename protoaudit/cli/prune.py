@@ -24,6 +24,9 @@ PRUNE_EXAMPLES = """
   protoaudit prune                                   # the most recent run, k = 6, τ = 3 (the paper's)
   protoaudit prune reports/quickstart --k 6 --threshold 3 --finetune-epochs 20
   protoaudit prune reports/quickstart --json
+  protoaudit prune --detector class_information_or_shift     # prune what another detector flags
+  protoaudit prune --remove vgg:12,15 --reason "both sit on the scanner tag"   # a reviewer's own decision
+  protoaudit prune --keep resnet:3 --reason "the beak: checked by hand"
 """
 
 AUDIT_EXAMPLES = """
@@ -54,11 +57,40 @@ def prune_command(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="Device for the evaluation passes.")] = "cpu",
+    detector: Annotated[
+        str,
+        typer.Option(
+            "--detector",
+            help="Which detector's flags are pruned: knn_purity (the paper's, default), class_information, "
+            "shift_sensitivity, class_information_or_shift. Every detector is run and scored either way.",
+        ),
+    ] = "knn_purity",
+    remove: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remove",
+            help="MEMBER:P[,P...]: prune these prototypes whatever the detector says (repeatable; needs --reason).",
+            metavar="MEMBER:PROTOTYPES",
+        ),
+    ] = None,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keep",
+            help="MEMBER:P[,P...]: never prune these prototypes (repeatable; needs --reason).",
+            metavar="MEMBER:PROTOTYPES",
+        ),
+    ] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option("--reason", help="Why: recorded with --remove/--keep in the run's decisions.jsonl."),
+    ] = None,
     root: RootOpt = Path("reports"),
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Prune background prototypes by k-NN class purity (paper §2.6), retrain the last layer, evaluate again."""
+    """Prune bad prototypes (default: k-NN class purity, paper §2.6), retrain the last layer, evaluate again;
+    label every prototype causally where the dataset can be re-rendered, and score every detector."""
     from protoaudit.cli.common import resolve_run
     from protoaudit.engine.progress import Reporter
     from protoaudit.engine.prune import prune_run
@@ -72,6 +104,10 @@ def prune_command(
             finetune_epochs=finetune_epochs,
             device=device,
             reporter=reporter,
+            detector=detector,
+            remove=remove,
+            keep=keep,
+            reason=reason,
         )
     summary = result.purity.groupby("member").agg(
         prototypes=("prototype", "size"), pruned=("pruned", "sum"), mean_purity=("purity", "mean")
@@ -87,7 +123,14 @@ def prune_command(
             }
         )
         return
-    out_console.print(frame_table(summary.reset_index(), title="pruning (k-NN class purity)"))
+    out_console.print(frame_table(summary.reset_index(), title=f"pruning ({detector})"))
+    scores = result.audit.get("detectors", {}).get("pooled", {})
+    if scores:
+        import pandas as pd
+
+        labels = result.audit["detectors"].get("labels")
+        frame = pd.DataFrame([{"detector": d, **v} for d, v in scores.items()])
+        out_console.print(frame_table(frame, title=f"detectors against the {labels} labels (all members)"))
     out_console.print(
         frame_table(result.accuracy, title=f"test top-1 before and after pruning — {loaded.path}")
     )
