@@ -39,7 +39,9 @@ class FakeInterventions:
             if colour is None:
                 yy, xx = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
                 checker = ((yy + xx) % 2).bool()
-                cell[:] = torch.where(checker, torch.tensor([1.0, 0.4, 0.8]).view(3, 1, 1), torch.ones(3, 1, 1))
+                cell[:] = torch.where(
+                    checker, torch.tensor([1.0, 0.4, 0.8]).view(3, 1, 1), torch.ones(3, 1, 1)
+                )
             else:
                 cell[:] = torch.tensor(colour).view(3, 1, 1)
         return x
@@ -62,7 +64,9 @@ def hand_built_member() -> ProtoPNet:
     """A member whose latent patch (h, w) depends only on the pixels of cell (h, w): average pooling over
     8 × 8 cells, then a random 1 × 1 convolution, then the add-on."""
     torch.manual_seed(0)
-    model = ProtoPNet(MemberConfig("tiny_vgg", n_classes=2, prototypes_per_class=2, prototype_dim=16, image_size=S))
+    model = ProtoPNet(
+        MemberConfig("tiny_vgg", n_classes=2, prototypes_per_class=2, prototype_dim=16, image_size=S)
+    )
     model.trunk = nn.Sequential(nn.AvgPool2d(8), nn.Conv2d(3, 96, 1))
     return model.eval()
 
@@ -129,7 +133,9 @@ def test_run_detectors_flags_and_keeps_the_right_prototypes() -> None:
     shifted_x, shifted_y = split(40, None, 0)  # the marker now on class 1, not class 0
     with torch.no_grad():
         z = model.latent(push_x[:1])
-        model.prototype_vectors.copy_(torch.stack([z[0, :, 0, 0], z[0, :, 2, 1], z[0, :, 3, 3], z[0, :, 0, 3]]))
+        model.prototype_vectors.copy_(
+            torch.stack([z[0, :, 0, 0], z[0, :, 2, 1], z[0, :, 3, 3], z[0, :, 0, 3]])
+        )
     model.config.prototype_class = [0, 0, 0, 0]
     model.prototype_class = torch.zeros(4, dtype=torch.long)
 

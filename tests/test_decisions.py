@@ -48,7 +48,7 @@ def test_remove_is_logged_applied_and_survives_a_report_round_trip(
     run = load_run(run_copy)
     purity = pd.read_csv(run_copy / "purity.csv")
     vgg = purity[purity["member"] == "vgg"].set_index("prototype")
-    assert bool(vgg.loc[1, "pruned"]) and bool(vgg.loc[2, "pruned"])
+    assert vgg.loc[[1, 2], "pruned"].astype(bool).tolist() == [True, True]
     assert vgg.loc[1, "decision"] == "removed by reviewer"
     parents = run.member_meta("vgg-pruned")["pruning"]["pruned_prototypes"]
     assert {1, 2} <= set(parents)

@@ -120,7 +120,9 @@ def read_decisions(run_path: Path) -> list[dict[str, Any]]:
             or not isinstance(record.get("prototypes"), list)
             or not all(isinstance(p, int) for p in record["prototypes"])
         ):
-            raise InputError(f"{path}:{number}: expected member, action (remove/keep) and a list of prototypes")
+            raise InputError(
+                f"{path}:{number}: expected member, action (remove/keep) and a list of prototypes"
+            )
         out.append(record)
     return out
 

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from protoaudit.core.causal import MIN_DROP
+from protoaudit.core.detectors import DETECTOR_NAMES
 from protoaudit.core.geometry import box_iou
 from protoaudit.core.knn import min_distances_by_image
 from protoaudit.core.metrics import ensemble_logits, top1
@@ -34,8 +36,6 @@ from protoaudit.core.purity import (
     prune_decision,
     stability,
 )
-from protoaudit.core.causal import MIN_DROP
-from protoaudit.core.detectors import DETECTOR_NAMES
 from protoaudit.engine.analysis import NEAREST_COLUMNS, nearest_csv_path
 from protoaudit.engine.causal_audit import (
     SHIFT_LEAK_NOTE,
