@@ -180,12 +180,17 @@ def audit_member(
     paper_flags: np.ndarray,
     batch_size: int,
     device: torch.device,
+    test_patches: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> MemberAudit:
     """Causal labels and every detector for one member: the push distances from its patch index (no pass),
-    one pass over test and one over test_shifted, one over the re-rendered source images."""
+    the test distances from the test split's index where given (``test_patches``: vectors and their image
+    index; else one pass), one pass over test_shifted and one over the re-rendered source images."""
     prototypes = model.prototype_vectors.detach().float()
     push_d = min_distances_by_image(push_vectors, push_image_index, len(bundle.push), prototypes)
-    test_d = min_distances(model, bundle.test, batch_size, device)
+    if test_patches is not None:
+        test_d = min_distances_by_image(test_patches[0], test_patches[1], len(bundle.test), prototypes)
+    else:
+        test_d = min_distances(model, bundle.test, batch_size, device)
     shifted = getattr(bundle, "test_shifted", None)
     shifted_d = None if shifted is None else min_distances(model, shifted, batch_size, device)
     causal = causal_labels(model, bundle.push, source_index, batch_size, device)

@@ -142,6 +142,7 @@ def prune_member(
         paper_flags,
         recipe.schedule.eval_batch_size,
         device,
+        _test_patches(run, name),
     )
     if detector not in member_audit.detection.flags:
         raise InputError(f"--detector {detector}: {member_audit.detection.skipped.get(detector, 'unknown')}")
@@ -186,6 +187,19 @@ def prune_member(
         )
     return MemberPruning(
         name, table, pruned_model, test_logits, member_audit=member_audit, stale_decisions=stale
+    )
+
+
+def _test_patches(run: Run, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The test split's indexed patches of member ``name`` (vectors, image index), or None when the index is
+    missing or stale (the audit then runs one pass over the test images instead)."""
+    try:
+        index = load_index(run.path, name, "test")
+    except (InputError, FileNotFoundError):  # StaleIndexError is an InputError
+        return None
+    return (
+        torch.as_tensor(index.vectors()),
+        torch.tensor(index.meta["image_index"].to_numpy(), dtype=torch.long),
     )
 
 
@@ -239,11 +253,51 @@ def _add_ground_truth(
     )
     source_part = np.where(src_rows.notna(), part_col[src_rows.fillna(0).astype(int).to_numpy()], -1)
     table["source_part"] = source_part
+    names = getattr(bundle, "part_names", None) or []
+    table["source_part_name"] = [names[p] if 0 <= p < len(names) else "" for p in source_part]
+    if kinds is None and hasattr(bundle.push, "part_keypoints"):
+        # part locations (CUB): a cell without one is not known to be background
+        grid = (int(meta["h"].max()) + 1, int(meta["w"].max()) + 1)
+        table["source_part_kind"] = _keypoint_part_kinds(bundle, prototypes, source_part, grid)
+        return _finish_nearest(table, part_col, rows)
     table["source_part_kind"] = [
         (kinds[p] if kinds is not None and 0 <= p < len(kinds) else ("background" if p == 0 else "unknown"))
         for p in source_part
     ]
+    _finish_nearest(table, part_col, rows)
+
+
+def _finish_nearest(table: pd.DataFrame, part_col: np.ndarray, rows: np.ndarray) -> None:
     table["nearest_parts"] = [";".join(str(part_col[r]) for r in row if r >= 0) for row in rows]
+
+
+def _keypoint_part_kinds(
+    bundle: Any, prototypes: pd.DataFrame, source_part: np.ndarray, grid: tuple[int, int]
+) -> list[str]:
+    """Location kinds where parts are annotated as points: an annotated part is an object part
+    ("discriminative"); a cell without a part location is "no part annotated" — unless the dataset gives the
+    object's bounding box and the patch's cell lies wholly outside it, which is background."""
+    push = bundle.push
+    size = bundle.image_size
+    out = []
+    for (i, h, w), p in zip(prototypes[["source_index", "h", "w"]].to_numpy(), source_part, strict=True):
+        if p > 0:
+            out.append("discriminative")
+            continue
+        if p < 0:
+            out.append("unknown")
+            continue
+        box = push.object_box(int(i)) if hasattr(push, "object_box") else None
+        if box is None:
+            out.append("no part annotated")
+            continue
+        y0, y1, x0, x1 = box
+        gh, gw = grid
+        cy0, cy1 = int(h) * size // gh, (int(h) + 1) * size // gh
+        cx0, cx1 = int(w) * size // gw, (int(w) + 1) * size // gw
+        outside = cy1 <= y0 or cy0 >= y1 or cx1 <= x0 or cx0 >= x1
+        out.append("background" if outside else "no part annotated")
+    return out
 
 
 def ground_truth_audit(
