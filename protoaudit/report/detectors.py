@@ -37,7 +37,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def section(run: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:
+def section(run: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:  # noqa: ARG001 (every section takes the report data)
     """The section's data (strict JSON): ``available`` and, when it is, ``labels``, ``causal``, ``scores``,
     ``verdicts``, ``shortcut`` and ``decisions``."""
     path = run.path / "audit.json"
