@@ -66,6 +66,16 @@ def test_remove_is_logged_applied_and_survives_a_report_round_trip(
     assert 1 in kept_parents
     assert 2 not in kept_parents
 
+    # every detector's pooled scores are audit keys for --fail-under
+    from protoaudit.engine.prune import flat_metrics
+
+    audit = json.loads((run_copy / "audit.json").read_text())
+    metrics = flat_metrics(audit)
+    assert any(key.startswith("detector.knn_purity.") for key in metrics)
+    for name, scores in audit["detectors"]["pooled"].items():
+        if scores["precision"] is not None:
+            assert metrics[f"detector.{name}.precision"] == scores["precision"]
+
     from protoaudit.report import build_report
 
     report = build_report(load_run(run_copy))

@@ -746,8 +746,9 @@ def _pooled(results: list[MemberPruning]) -> dict[str, Any]:
 
 
 def flat_metrics(audit: dict[str, Any]) -> dict[str, float]:
-    """The audit as ``key → number`` for ``--fail-under``: ``<member>.<metric>``, ``ensemble.<metric>`` and the
-    pooled ``pruning_precision`` / ``pruning_recall``."""
+    """The audit as ``key → number`` for ``--fail-under``: ``<member>.<metric>``, ``ensemble.<metric>``, the
+    pooled ``pruning_precision`` / ``pruning_recall``, and each detector's pooled scores against its labels,
+    ``detector.<name>.precision`` / ``.recall`` / ``.f1``."""
     out: dict[str, float] = {}
     for member, values in audit.get("members", {}).items():
         for key, value in values.items():
@@ -759,6 +760,10 @@ def flat_metrics(audit: dict[str, Any]) -> dict[str, float]:
     for key in ("pruning_precision", "pruning_recall"):
         if isinstance(audit.get(key), int | float):
             out[key] = float(audit[key])
+    for name, scores in (audit.get("detectors") or {}).get("pooled", {}).items():
+        for key in ("precision", "recall", "f1"):
+            if isinstance(scores.get(key), int | float):
+                out[f"detector.{name}.{key}"] = float(scores[key])
     return out
 
 
