@@ -689,12 +689,16 @@ def _shortcut_entry(
         index = load_index(run.path, r.name, "train")
         vectors = torch.as_tensor(index.vectors())
         image_index = torch.tensor(index.meta["image_index"].to_numpy(), dtype=torch.long)
+        pruned = r.purity["pruned"].to_numpy().astype(bool)
         for det_name, flags in ma.detection.flags.items():
+            same = np.array_equal(np.asarray(flags, dtype=bool), pruned)  # the saved member: no retune
             removals[det_name] = (
                 flags,
-                retuned_copy(model, flags, vectors, image_index, bundle, recipe, epochs),
+                r.pruned_model
+                if same
+                else retuned_copy(model, flags, vectors, image_index, bundle, recipe, epochs),
             )
-        removals["pruned member"] = (r.purity["pruned"].to_numpy(), r.pruned_model)
+        removals["pruned member"] = (pruned, r.pruned_model)
         for removal, (flags, reduced) in removals.items():
             keep = ~np.asarray(flags, dtype=bool)
             logits.setdefault(removal, {})[r.name] = {
