@@ -216,6 +216,23 @@ def retuned_copy(
     its last layer retrained on the indexed push patches (CE + L1, the last-layer stage), in eval mode."""
     pruned_model = copy.deepcopy(model).cpu()
     pruned_model.keep_prototypes(torch.as_tensor(~np.asarray(pruned, dtype=bool)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a K × m layer in batches of a few images: more threads only wait on each other
+    try:
+        _retune(pruned_model, vectors, image_index, bundle, recipe, finetune_epochs)
+    finally:
+        torch.set_num_threads(threads)
+    return pruned_model.eval()
+
+
+def _retune(
+    pruned_model: ProtoPNet,
+    vectors: torch.Tensor,
+    image_index: torch.Tensor,
+    bundle: Any,
+    recipe: Any,
+    finetune_epochs: int,
+) -> None:
     if pruned_model.n_prototypes:
         min_d = min_distances_by_image(
             vectors, image_index, len(bundle.push), pruned_model.prototype_vectors.detach()
@@ -231,7 +248,6 @@ def retuned_copy(
             recipe.schedule.batch_size,
             torch.Generator().manual_seed(recipe.seed),
         )
-    return pruned_model.eval()
 
 
 def _add_ground_truth(
@@ -690,14 +706,12 @@ def _shortcut_entry(
         vectors = torch.as_tensor(index.vectors())
         image_index = torch.tensor(index.meta["image_index"].to_numpy(), dtype=torch.long)
         pruned = r.purity["pruned"].to_numpy().astype(bool)
+        retuned = {pruned.tobytes(): r.pruned_model}  # one retune per distinct set of flags
         for det_name, flags in ma.detection.flags.items():
-            same = np.array_equal(np.asarray(flags, dtype=bool), pruned)  # the saved member: no retune
-            removals[det_name] = (
-                flags,
-                r.pruned_model
-                if same
-                else retuned_copy(model, flags, vectors, image_index, bundle, recipe, epochs),
-            )
+            key = np.asarray(flags, dtype=bool).tobytes()
+            if key not in retuned:
+                retuned[key] = retuned_copy(model, flags, vectors, image_index, bundle, recipe, epochs)
+            removals[det_name] = (flags, retuned[key])
         removals["pruned member"] = (pruned, r.pruned_model)
         for removal, (flags, reduced) in removals.items():
             keep = ~np.asarray(flags, dtype=bool)
