@@ -706,7 +706,8 @@ def _shortcut_entry(
         vectors = torch.as_tensor(index.vectors())
         image_index = torch.tensor(index.meta["image_index"].to_numpy(), dtype=torch.long)
         pruned = r.purity["pruned"].to_numpy().astype(bool)
-        retuned = {pruned.tobytes(): r.pruned_model}  # one retune per distinct set of flags
+        # one retune per distinct set of flags; nothing flagged leaves the member as it is
+        retuned = {pruned.tobytes(): r.pruned_model, np.zeros(m, bool).tobytes(): model}
         for det_name, flags in ma.detection.flags.items():
             key = np.asarray(flags, dtype=bool).tobytes()
             if key not in retuned:
