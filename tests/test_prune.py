@@ -212,3 +212,22 @@ def test_prune_says_an_older_report_is_stale(
     err = capsys.readouterr().err
     assert f"{run_dir / 'report.html'} predates this pruning and is stale" in err
     assert f"protoaudit report {run_dir} --html" in err
+
+
+def test_prune_searches_each_members_training_index_once(tiny_run: Path, tmp_path: Path) -> None:
+    """One nearest-images search per member serves purity, the ground-truth audit and nearest_train.csv."""
+    from protoaudit.engine.index.search import PatchIndex
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    searched: list[int] = []
+    original = PatchIndex.search
+
+    def counting(self: PatchIndex, queries: object, k: int, per_image: bool = False) -> object:
+        searched.append(k)
+        return original(self, queries, k, per_image=per_image)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PatchIndex, "search", counting)
+        prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0)
+    assert searched == [10] * len(load_run(run_dir).member_names)  # max(k, PIP-Net's top 10)

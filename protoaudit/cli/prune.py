@@ -26,6 +26,9 @@ PRUNE_EXAMPLES = """
   protoaudit prune
   protoaudit prune reports/quickstart --k 6 --threshold 3 --finetune-epochs 20
   protoaudit prune reports/quickstart --json
+  protoaudit prune --detector class_information_or_shift     # prune what another detector flags
+  protoaudit prune --remove vgg:12,15 --reason "both sit on the scanner tag"   # a reviewer's own decision
+  protoaudit prune --keep resnet:3 --reason "the beak: checked by hand"
 """
 
 AUDIT_EXAMPLES = """
@@ -58,11 +61,40 @@ def prune_command(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="Device for the evaluation passes.")] = "cpu",
+    detector: Annotated[
+        str,
+        typer.Option(
+            "--detector",
+            help="Which detector's flags are pruned: knn_purity (the paper's, default), class_information, "
+            "shift_sensitivity, class_information_or_shift. Every detector is run and scored either way.",
+        ),
+    ] = "knn_purity",
+    remove: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remove",
+            help="MEMBER:P[,P...]: prune these prototypes whatever the detector says (repeatable; needs --reason).",
+            metavar="MEMBER:PROTOTYPES",
+        ),
+    ] = None,
+    keep: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--keep",
+            help="MEMBER:P[,P...]: never prune these prototypes (repeatable; needs --reason).",
+            metavar="MEMBER:PROTOTYPES",
+        ),
+    ] = None,
+    reason: Annotated[
+        str | None,
+        typer.Option("--reason", help="Why: recorded with --remove/--keep in the run's decisions.jsonl."),
+    ] = None,
     root: RootOpt = Path("reports"),
     json_: JsonOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Prune background prototypes by k-NN class purity (paper §2.6), retrain the last layer, evaluate again."""
+    """Prune bad prototypes (default: k-NN class purity, paper §2.6), retrain the last layer, evaluate again;
+    label every prototype causally where the dataset can be re-rendered, and score every detector."""
     quiet_mode(quiet)
     from protoaudit.cli.common import resolve_run
     from protoaudit.engine.progress import Reporter
@@ -77,6 +109,10 @@ def prune_command(
             finetune_epochs=finetune_epochs,
             device=device,
             reporter=reporter,
+            detector=detector,
+            remove=remove,
+            keep=keep,
+            reason=reason,
         )
     summary = result.purity.groupby("member").agg(
         prototypes=("prototype", "size"), pruned=("pruned", "sum"), mean_purity=("purity", "mean")
@@ -93,7 +129,14 @@ def prune_command(
         )
         _stale_report_note(loaded.path)
         return
-    print_table(summary.reset_index(), title="pruning (k-NN class purity)")
+    print_table(summary.reset_index(), title=f"pruning ({detector})")
+    scores = result.audit.get("detectors", {}).get("pooled", {})
+    if scores:
+        import pandas as pd
+
+        labels = result.audit["detectors"].get("labels")
+        frame = pd.DataFrame([{"detector": d, **v} for d, v in scores.items()])
+        print_table(frame, title=f"detectors against the {labels} labels (all members)")
     print_table(result.accuracy, title=f"test top-1 before and after pruning — {loaded.path}")
     info_console.print(
         f"wrote purity.csv, audit.json, duplicates.csv and members/*-pruned/ in {result.seconds:.1f} s",

@@ -19,6 +19,8 @@ import numpy as np
 import pandas as pd
 import torch
 
+from protoaudit.core.causal import MIN_DROP
+from protoaudit.core.detectors import DETECTOR_NAMES
 from protoaudit.core.geometry import box_iou
 from protoaudit.core.knn import min_distances_by_image
 from protoaudit.core.metrics import ensemble_logits, top1
@@ -36,6 +38,22 @@ from protoaudit.core.purity import (
 )
 from protoaudit.core.stats import top1_interval
 from protoaudit.engine.analysis import NEAREST_COLUMNS, nearest_csv_path
+from protoaudit.engine.causal_audit import (
+    SHIFT_LEAK_NOTE,
+    MemberAudit,
+    audit_member,
+    causal_entry,
+    detectors_entry,
+    evaluate_without,
+    table_columns,
+)
+from protoaudit.engine.decisions import (
+    append_decisions,
+    apply_decisions,
+    new_decisions,
+    read_decisions,
+    weights_digest,
+)
 from protoaudit.engine.index.search import NearestImages, PatchIndex, load_index, nearest_images
 from protoaudit.engine.io import read_json, write_json
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
@@ -60,7 +78,8 @@ if TYPE_CHECKING:
 
 PART_PURITY_TOP = 10  # PIP-Net's top-10 patches
 CONSISTENCY_THRESHOLD = 0.8  # Huang et al.'s μ
-BAD_PART_KINDS = ("background", "shared")  # what pruning should remove, where parts are known
+BAD_PART_KINDS = ("background", "shared", "shortcut")  # what pruning should remove, where parts are known
+UNKNOWN_PART_KINDS = ("unknown", "no part annotated")  # left out of precision and recall
 
 
 @dataclass
@@ -70,6 +89,8 @@ class MemberPruning:
     pruned_model: ProtoPNet
     test_logits: torch.Tensor
     audit: dict[str, Any] = field(default_factory=dict)
+    member_audit: MemberAudit | None = None
+    stale_decisions: list[dict[str, Any]] = field(default_factory=list)
     duplicates: list[dict[str, Any]] = field(default_factory=list)
     retune: dict[str, Any] = field(default_factory=dict)  # the last-layer solver's report after pruning
 
@@ -96,9 +117,12 @@ def prune_member(
     index: PatchIndex,
     nearest: NearestImages,
     reporter: Reporter = NULL_REPORTER,
+    detector: str = "knn_purity",
+    decisions: list[dict[str, Any]] | None = None,
 ) -> MemberPruning:
     """k-NN class purity of every prototype of member ``name`` from its ``k`` nearest training images
-    (``nearest``, searched once in ``index``), the pruned member, and its test logits."""
+    (``nearest``, searched once in ``index``), its causal labels and every detector's flags, the pruned member
+    (the prototypes ``detector`` flags, then the reviewer's ``decisions``), and its test logits."""
     model = run.member(name)
     meta = index.meta
     nearest = nearest.first(k)
@@ -108,7 +132,26 @@ def prune_member(
     image_ids = meta["image_id"].to_numpy()[np.maximum(rows, 0)]
     proto_class = np.asarray(model.config.prototype_class)
     purity = knn_class_purity(labels, proto_class)
-    pruned = prune_decision(purity, threshold)
+    paper_flags = prune_decision(purity, threshold)
+    vectors = torch.as_tensor(index.vectors())
+    image_index = torch.tensor(meta["image_index"].to_numpy(), dtype=torch.long)
+    member_audit = audit_member(
+        model,
+        vectors,
+        image_index,
+        bundle,
+        run.prototypes(name)["source_index"].to_numpy(),
+        paper_flags,
+        recipe.schedule.eval_batch_size,
+        device,
+        _test_patches(run, name),
+    )
+    if detector not in member_audit.detection.flags:
+        raise InputError(f"--detector {detector}: {member_audit.detection.skipped.get(detector, 'unknown')}")
+    digest = weights_digest(run.path, name)
+    pruned, decided, stale = apply_decisions(
+        member_audit.detection.flags[detector], name, decisions or [], digest
+    )
 
     table = pd.DataFrame(
         {
@@ -125,38 +168,102 @@ def prune_member(
             "nearest_classes": [";".join(str(c) for c in row[row >= 0]) for row in labels],
             "nearest_distance": np.where(valid[:, 0], distances[:, 0], np.nan),
             "pruned": pruned,
+            "detector": detector,
+            "decision": decided,
         }
     )
+    for column, values in table_columns(member_audit).items():
+        table[column] = values
     _add_ground_truth(table, run, name, meta, rows, bundle)
 
     # the pruned member: drop the prototypes and their last-layer columns, retrain h from the indexed patches
-    pruned_model = copy.deepcopy(model)
-    pruned_model.keep_prototypes(torch.as_tensor(~pruned))
     retune_info: dict[str, Any] = {}
-    if pruned_model.n_prototypes and finetune_epochs > 0:  # 0: keep h's remaining columns as they are
-        vectors = torch.as_tensor(index.vectors())
-        image_index = torch.tensor(meta["image_index"].to_numpy(), dtype=torch.long)
-        min_d = min_distances_by_image(
-            vectors, image_index, len(bundle.push), pruned_model.prototype_vectors.detach()
-        )
-        # the training's stage 4 with the recipe's solver (FISTA: to its tolerance; Adam: finetune_epochs)
-        retune = fit_last_layer(
-            pruned_model,
-            min_d,
-            torch.tensor(np.asarray(bundle.push.labels), dtype=torch.long),
-            recipe,
-            None,
-            torch.Generator().manual_seed(recipe.seed),
-            epochs=finetune_epochs,
-        )
-        retune_info = {k: retune[k] for k in ("solver", "iterations", "converged", "residual") if k in retune}
-    pruned_model.eval()
+    pruned_model = retuned_copy(
+        model, pruned, vectors, image_index, bundle, recipe, finetune_epochs, info=retune_info
+    )
     test_logits = predict(pruned_model.to(device), bundle.test, recipe.schedule.eval_batch_size, device).cpu()
     pruned_model.cpu()
-    reporter.log(
-        f"[bold]{name}[/bold]: pruned {int(pruned.sum())} of {len(pruned)} prototypes (purity < {threshold} of k = {k})"
+    why = f"purity < {threshold} of k = {k}" if detector == "knn_purity" else f"flagged by {detector}"
+    reporter.log(f"[bold]{name}[/bold]: pruned {int(pruned.sum())} of {len(pruned)} prototypes ({why})")
+    for record in stale:
+        reporter.log(
+            f"[yellow]{name}[/yellow]: a decision of {record.get('time')} was made for other weights "
+            "(weights_sha256 differs); not applied"
+        )
+    return MemberPruning(
+        name,
+        table,
+        pruned_model,
+        test_logits,
+        member_audit=member_audit,
+        stale_decisions=stale,
+        retune=retune_info,
     )
-    return MemberPruning(name, table, pruned_model, test_logits, retune=retune_info)
+
+
+def _test_patches(run: Run, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The test split's indexed patches of member ``name`` (vectors, image index), or None when the index is
+    missing or stale (the audit then runs one pass over the test images instead)."""
+    try:
+        index = load_index(run.path, name, "test")
+    except (InputError, FileNotFoundError):  # StaleIndexError is an InputError
+        return None
+    return (
+        torch.as_tensor(index.vectors()),
+        torch.tensor(index.meta["image_index"].to_numpy(), dtype=torch.long),
+    )
+
+
+def retuned_copy(
+    model: ProtoPNet,
+    pruned: np.ndarray,
+    vectors: torch.Tensor,
+    image_index: torch.Tensor,
+    bundle: Any,
+    recipe: Any,
+    finetune_epochs: int,
+    info: dict[str, Any] | None = None,
+) -> ProtoPNet:
+    """A copy of ``model`` without the prototypes where ``pruned`` (m,) is True and their last-layer columns,
+    its last layer retrained on the indexed push patches (the training's stage 4 with the recipe's solver), in
+    eval mode; ``info`` receives the solver's report (solver, iterations, converged, residual)."""
+    pruned_model = copy.deepcopy(model).cpu()
+    pruned_model.keep_prototypes(torch.as_tensor(~np.asarray(pruned, dtype=bool)))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a K × m layer in batches of a few images: more threads only wait on each other
+    try:
+        report = _retune(pruned_model, vectors, image_index, bundle, recipe, finetune_epochs)
+    finally:
+        torch.set_num_threads(threads)
+    if info is not None:
+        info.update(report)
+    return pruned_model.eval()
+
+
+def _retune(
+    pruned_model: ProtoPNet,
+    vectors: torch.Tensor,
+    image_index: torch.Tensor,
+    bundle: Any,
+    recipe: Any,
+    finetune_epochs: int,
+) -> dict[str, Any]:
+    if not pruned_model.n_prototypes or finetune_epochs <= 0:  # 0: keep h's remaining columns as they are
+        return {}
+    min_d = min_distances_by_image(
+        vectors, image_index, len(bundle.push), pruned_model.prototype_vectors.detach()
+    )
+    # the training's stage 4 with the recipe's solver (FISTA: to its tolerance; Adam: finetune_epochs)
+    retune = fit_last_layer(
+        pruned_model,
+        min_d,
+        torch.tensor(np.asarray(bundle.push.labels), dtype=torch.long),
+        recipe,
+        None,
+        torch.Generator().manual_seed(recipe.seed),
+        epochs=finetune_epochs,
+    )
+    return {k: retune[k] for k in ("solver", "iterations", "converged", "residual") if k in retune}
 
 
 def _add_ground_truth(
@@ -178,11 +285,51 @@ def _add_ground_truth(
     )
     source_part = np.where(src_rows.notna(), part_col[src_rows.fillna(0).astype(int).to_numpy()], -1)
     table["source_part"] = source_part
+    names = getattr(bundle, "part_names", None) or []
+    table["source_part_name"] = [names[p] if 0 <= p < len(names) else "" for p in source_part]
+    if kinds is None and hasattr(bundle.push, "part_keypoints"):
+        # part locations (CUB): a cell without one is not known to be background
+        grid = (int(meta["h"].max()) + 1, int(meta["w"].max()) + 1)
+        table["source_part_kind"] = _keypoint_part_kinds(bundle, prototypes, source_part, grid)
+        return _finish_nearest(table, part_col, rows)
     table["source_part_kind"] = [
         (kinds[p] if kinds is not None and 0 <= p < len(kinds) else ("background" if p == 0 else "unknown"))
         for p in source_part
     ]
+    _finish_nearest(table, part_col, rows)
+
+
+def _finish_nearest(table: pd.DataFrame, part_col: np.ndarray, rows: np.ndarray) -> None:
     table["nearest_parts"] = [";".join(str(part_col[r]) for r in row if r >= 0) for row in rows]
+
+
+def _keypoint_part_kinds(
+    bundle: Any, prototypes: pd.DataFrame, source_part: np.ndarray, grid: tuple[int, int]
+) -> list[str]:
+    """Location kinds where parts are annotated as points: an annotated part is an object part
+    ("discriminative"); a cell without a part location is "no part annotated" — unless the dataset gives the
+    object's bounding box and the patch's cell lies wholly outside it, which is background."""
+    push = bundle.push
+    size = bundle.image_size
+    out = []
+    for (i, h, w), p in zip(prototypes[["source_index", "h", "w"]].to_numpy(), source_part, strict=True):
+        if p > 0:
+            out.append("discriminative")
+            continue
+        if p < 0:
+            out.append("unknown")
+            continue
+        box = push.object_box(int(i)) if hasattr(push, "object_box") else None
+        if box is None:
+            out.append("no part annotated")
+            continue
+        y0, y1, x0, x1 = box
+        gh, gw = grid
+        cy0, cy1 = int(h) * size // gh, (int(h) + 1) * size // gh
+        cx0, cx1 = int(w) * size // gw, (int(w) + 1) * size // gw
+        outside = cy1 <= y0 or cy0 >= y1 or cx1 <= x0 or cx0 >= x1
+        out.append("background" if outside else "no part annotated")
+    return out
 
 
 def ground_truth_audit(
@@ -197,17 +344,19 @@ def ground_truth_audit(
     first :data:`PART_PURITY_TOP` of ``nearest``), and Huang et al.'s consistency and stability — only where
     ground-truth parts are known."""
     audit: dict[str, Any] = {}
-    known = table["source_part_kind"] != "unknown"
+    known = ~table["source_part_kind"].isin(UNKNOWN_PART_KINDS).to_numpy()
     if known.any():
         bad = table["source_part_kind"].isin(BAD_PART_KINDS).to_numpy()
-        precision, recall = precision_recall(table["pruned"].to_numpy(), bad)
+        precision, recall = precision_recall(table["pruned"].to_numpy()[known], bad[known])
         audit.update(
             {
                 "prototypes_on_background": int((table["source_part_kind"] == "background").sum()),
                 "prototypes_on_shared_parts": int((table["source_part_kind"] == "shared").sum()),
+                "prototypes_on_shortcut": int((table["source_part_kind"] == "shortcut").sum()),
                 "prototypes_on_discriminative_parts": int(
                     (table["source_part_kind"] == "discriminative").sum()
                 ),
+                "prototypes_part_unknown": int((~known).sum()),
                 "pruning_precision": precision,
                 "pruning_recall": recall,
             }
@@ -363,9 +512,19 @@ def prune_run(
     finetune_epochs: int | None = None,
     device: str | torch.device = "cpu",
     reporter: Reporter = NULL_REPORTER,
+    detector: str = "knn_purity",
+    remove: list[str] | None = None,
+    keep: list[str] | None = None,
+    reason: str | None = None,
 ) -> PruneResult:
     """Prune every member of ``run``, write purity.csv, pruned checkpoints, accuracy rows, audit.json and
-    duplicates.csv, and return them."""
+    duplicates.csv, and return them.
+
+    ``detector`` names the detector whose flags are pruned (default: the paper's k-NN purity); ``remove`` and
+    ``keep`` (``"vgg:12,15"``) with ``reason`` are a reviewer's decisions, appended to ``decisions.jsonl`` and
+    applied after the detector's flags together with every earlier decision of the log."""
+    if detector not in DETECTOR_NAMES:
+        raise InputError(f"--detector {detector!r}: expected one of {', '.join(DETECTOR_NAMES)}")
     if k < 1:
         raise InputError(f"k must be >= 1, got {k}")
     if not 1 <= threshold <= k:
@@ -373,7 +532,9 @@ def prune_run(
     from protoaudit.engine.run import writing
 
     with writing(run.path, "prune"):
-        return _prune_run(run, k, threshold, finetune_epochs, device, reporter)
+        return _prune_run(
+            run, k, threshold, finetune_epochs, device, reporter, detector, remove, keep, reason
+        )
 
 
 def _prune_run(
@@ -383,6 +544,10 @@ def _prune_run(
     finetune_epochs: int | None,
     device: str | torch.device,
     reporter: Reporter,
+    detector: str,
+    remove: list[str] | None,
+    keep: list[str] | None,
+    reason: str | None,
 ) -> PruneResult:
     """prune_run's work, holding the run's lock."""
     started = time.perf_counter()
@@ -395,25 +560,58 @@ def _prune_run(
     names = prunable_members(run)
     if not names:
         raise InputError(f"run {run.path} has no ProtoPNet member to prune")
+    counts = {n: run.member(n).n_prototypes for n in names}
+    earlier = read_decisions(run.path)
+    recorded = new_decisions(run.path, counts, remove or [], keep or [], reason)
     results = []
     audit: dict[str, Any] = {
         "k": k,
         "threshold": threshold,
         "purity_scale": "count",  # purity.csv's purity: how many of the k nearest images share the class
         "finetune_epochs": epochs,
+        "detector": detector,
         "members": {},
     }
     nearest_by_member: dict[str, NearestImages] = {}
+    index_by_member: dict[str, PatchIndex] = {}
     for name in names:
         # one index load and one search per member, with the largest k any consumer needs
         index = load_index(run.path, name, "train")
         nearest = nearest_images(index, run.member(name).prototype_vectors, max(k, PART_PURITY_TOP))
         result = prune_member(
-            run, name, bundle, k, threshold, epochs, recipe, device, index, nearest, reporter
+            run,
+            name,
+            bundle,
+            k,
+            threshold,
+            epochs,
+            recipe,
+            device,
+            index,
+            nearest,
+            reporter,
+            detector,
+            earlier + recorded,
         )
         result.audit = ground_truth_audit(run.member(name), result.purity, nearest, bundle, recipe, device)
         nearest_by_member[name] = nearest
+        index_by_member[name] = index
         results.append(result)
+    member_audits = {r.name: r.member_audit for r in results if r.member_audit is not None}
+    audit["causal"] = {
+        "available": any(a.causal is not None for a in member_audits.values()),
+        "min_drop": MIN_DROP,
+        "members": {
+            n: causal_entry(a, run.member(n).config.prototype_class) for n, a in member_audits.items()
+        },
+    }
+    audit["detectors"] = detectors_entry({r.name: r.purity for r in results}, member_audits, detector)
+    audit["shortcut"] = _shortcut_entry(run, results, bundle, recipe, epochs, index_by_member)
+    audit["decisions"] = {
+        "log": earlier + recorded,
+        "new": len(recorded),
+        "stale": [rec for r in results for rec in r.stale_decisions],
+    }
 
     # write: pruned checkpoints first, then the tables that refer to them
     accuracy = run.accuracy()
@@ -503,6 +701,7 @@ def _prune_run(
             nearest_csv_path(run.path, result.name, "train"),
             nearest_by_member[result.name].table()[NEAREST_COLUMNS],
         )
+    append_decisions(run.path, recorded)
     write_csv(run.path / "purity.csv", purity)
     write_csv(run.path / "duplicates.csv", duplicates)
     from protoaudit.engine.evaluation import evaluate  # compactness, uncertainty, calibration, push effect
@@ -521,12 +720,94 @@ def _prune_run(
     return PruneResult(run, purity, accuracy, audit, duplicates, time.perf_counter() - started)
 
 
+def _shortcut_entry(
+    run: Run,
+    results: list[MemberPruning],
+    bundle: DatasetBundle,
+    recipe: Recipe,
+    epochs: int,
+    indexes: dict[str, PatchIndex],
+) -> dict[str, Any]:
+    """audit.json ``shortcut``: the prototypes on the shortcut (causal label), and the top-1 of every member
+    and of the ensemble on ``test`` and ``test_shifted``, before and after removing each detector's flags (the
+    last layer retuned each time, as pruning does) and for the pruned members as saved."""
+    shifted = getattr(bundle, "test_shifted", None)
+    labels = {"test": np.asarray(bundle.test.labels)}
+    if shifted is not None:
+        labels["test_shifted"] = np.asarray(shifted.labels)
+    on_shortcut = {
+        r.name: r.purity.loc[r.purity["concept_kind"] == "shortcut", "prototype"].astype(int).tolist()
+        for r in results
+        if "concept_kind" in r.purity
+    }
+    logits: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # removal → member → split → logits
+    counts: dict[str, dict[str, int]] = {}
+    for r in results:
+        ma = r.member_audit
+        if ma is None:
+            continue
+        model = run.member(r.name)
+        distances = {"test": ma.test_min_distances}
+        if ma.shifted_min_distances is not None:
+            distances["test_shifted"] = ma.shifted_min_distances
+        m = model.n_prototypes
+        removals: dict[str, tuple[np.ndarray, ProtoPNet]] = {"none": (np.zeros(m, bool), model)}
+        index = indexes[r.name]  # loaded (and its weights checked) once, by prune_run
+        vectors = torch.as_tensor(index.vectors())
+        image_index = torch.tensor(index.meta["image_index"].to_numpy(), dtype=torch.long)
+        pruned = r.purity["pruned"].to_numpy().astype(bool)
+        # one retune per distinct set of flags; nothing flagged leaves the member as it is
+        retuned = {pruned.tobytes(): r.pruned_model, np.zeros(m, bool).tobytes(): model}
+        for det_name, flags in ma.detection.flags.items():
+            key = np.asarray(flags, dtype=bool).tobytes()
+            if key not in retuned:
+                retuned[key] = retuned_copy(model, flags, vectors, image_index, bundle, recipe, epochs)
+            removals[det_name] = (flags, retuned[key])
+        removals["pruned member"] = (pruned, r.pruned_model)
+        for removal, (flags, reduced) in removals.items():
+            keep = ~np.asarray(flags, dtype=bool)
+            logits.setdefault(removal, {})[r.name] = {
+                split: evaluate_without(reduced, keep, d) for split, d in distances.items()
+            }
+            counts.setdefault(removal, {})[r.name] = int((~keep).sum())
+    rows = []
+    for removal, per_member in logits.items():
+        for member, per_split in per_member.items():
+            rows.append(
+                {
+                    "model": member,
+                    "removed": removal,
+                    "n_removed": counts[removal][member],
+                    **{split: top1(per_split[split], labels[split]) for split in per_split},
+                }
+            )
+        splits = set.intersection(*(set(v) for v in per_member.values())) if per_member else set()
+        rows.append(
+            {
+                "model": "ensemble",
+                "removed": removal,
+                "n_removed": sum(counts[removal].values()),
+                **{
+                    split: top1(ensemble_logits([v[split] for v in per_member.values()]), labels[split])
+                    for split in sorted(splits)
+                },
+            }
+        )
+    return {
+        "available": shifted is not None,
+        "splits": list(labels),
+        "prototypes_on_shortcut": on_shortcut,
+        "rows": rows,
+        "note": SHIFT_LEAK_NOTE if shifted is not None else "the dataset has no test_shifted split",
+    }
+
+
 def _pooled(results: list[MemberPruning]) -> dict[str, Any]:
     """Pruning precision and recall over all members' prototypes together."""
-    tables = [r.purity for r in results if (r.purity["source_part_kind"] != "unknown").any()]
-    if not tables:
+    t = pd.concat([r.purity for r in results])
+    t = t[~t["source_part_kind"].isin(UNKNOWN_PART_KINDS)]
+    if not len(t):
         return {}
-    t = pd.concat(tables)
     precision, recall = precision_recall(
         t["pruned"].to_numpy(), t["source_part_kind"].isin(BAD_PART_KINDS).to_numpy()
     )
@@ -534,8 +815,9 @@ def _pooled(results: list[MemberPruning]) -> dict[str, Any]:
 
 
 def flat_metrics(audit: dict[str, Any]) -> dict[str, float]:
-    """The audit as ``key → number`` for ``--fail-under``: ``<member>.<metric>``, ``ensemble.<metric>`` and the
-    pooled ``pruning_precision`` / ``pruning_recall``."""
+    """The audit as ``key → number`` for ``--fail-under``: ``<member>.<metric>``, ``ensemble.<metric>``, the
+    pooled ``pruning_precision`` / ``pruning_recall``, and each detector's pooled scores against its labels,
+    ``detector.<name>.precision`` / ``.recall`` / ``.f1``."""
     out: dict[str, float] = {}
     for member, values in audit.get("members", {}).items():
         for key, value in values.items():
@@ -550,6 +832,10 @@ def flat_metrics(audit: dict[str, Any]) -> dict[str, float]:
     from protoaudit.engine.evaluation import flat_metrics as evaluation_metrics
 
     out.update(evaluation_metrics(audit))
+    for name, scores in (audit.get("detectors") or {}).get("pooled", {}).items():
+        for key in ("precision", "recall", "f1"):
+            if isinstance(scores.get(key), int | float):
+                out[f"detector.{name}.{key}"] = float(scores[key])
     return out
 
 

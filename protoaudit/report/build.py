@@ -31,6 +31,7 @@ from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.run import PRUNED_SUFFIX, Run
 from protoaudit.errors import CheckpointError, InputError
 from protoaudit.report.definitions import AUDIT_LABELS, BOX_CAVEAT, DEFINITIONS
+from protoaudit.report.detectors import section as detectors_section
 from protoaudit.report.images import box_thumbnail, patch_thumbnail, png_data_uri, to_uint8
 
 if TYPE_CHECKING:
@@ -190,6 +191,7 @@ class _Builder:
             "reasoning": predictions["reasoning"],
             "faithfulness": faithfulness,
             "audit": self._audit(),
+            "detectors": detectors_section(run),
             "duplicates": self._duplicates(),
             "box_caveat": BOX_CAVEAT,
             "definitions": DEFINITIONS,

@@ -217,6 +217,71 @@ DEFINITIONS: list[dict[str, str]] = [
         "with boxes that overlap (IoU at least one half).",
         "source": "this project (duplicates.csv of protoaudit prune)",
     },
+    {
+        "name": "concept, concept_kind (causal label)",
+        "definition": "The prototype's source image is drawn again with each of its elements (object part, "
+        "shared distractor, shortcut marker) removed in turn. The relative drop of the prototype's similarity "
+        "(max over patches) is (base − removed) / base for each element; the concept is the element with the "
+        "largest drop, and its kind the element's kind. When no removal takes away more than half of the "
+        "similarity (a fraction fixed in advance: similarity × weight is the evidence a prototype adds to a "
+        "logit, so the concept must carry most of it), the concept is the background. causal_drop is the "
+        "largest drop; causal_drops lists every element's.",
+        "source": "Hesse, Schaub-Meyer, Roth. FunnyBirds: A Synthetic Vision Dataset for a Part-Based "
+        "Analysis of Explainable AI Methods. ICCV 2023 (part removal); " + CHEN_2019 + ", §2.1 (similarity)",
+    },
+    {
+        "name": "source_part_kind (location view)",
+        "definition": "A second, weaker view: the part whose pixels (or, on CUB, whose annotated location) lie "
+        "at the prototype's source patch. A prototype responds to what its receptive field sees, not to the "
+        "pixels of its cell, so this view can differ from the causal label. On CUB-format data a cell without "
+        "a part location is 'no part annotated', which is unknown, never background; unknown prototypes are "
+        "left out of precision and recall and counted.",
+        "source": "this project",
+    },
+    {
+        "name": "detector knn_purity",
+        "definition": "The paper's pruning rule: flagged when fewer than τ = 3 of the k = 6 nearest training "
+        "images (each through its closest patch) are of the prototype's class.",
+        "source": CHEN_2019 + ", §2.6",
+    },
+    {
+        "name": "detector class_information",
+        "definition": "Flagged when the class explains less than a large effect of the ranks of the "
+        "prototype's similarity over the training images: η²_H = (H − G + 1)/(n − G) < 0.14 from the "
+        "Kruskal–Wallis H over the G classes. An element every class's images carry gives η² ≈ 0; a part "
+        "some classes have and others lack gives a large effect, however many classes share it.",
+        "source": "Kruskal, Wallis. JASA 1952; Tomczak, Tomczak. Trends in Sport Sciences 2014 (η²_H); "
+        "Cohen. Statistical Power Analysis for the Behavioral Sciences, 1988 (0.14: large)",
+    },
+    {
+        "name": "detector shift_sensitivity",
+        "definition": "Flagged when the prototype's similarity on the images of its own class falls from the "
+        "test split to test_shifted (where the shortcut marker leaves its class) with AUC ≥ 0.75, halfway "
+        "between no effect (0.5) and complete separation (1). It looks at test and test_shifted, so its "
+        "accuracies after removal there are not held out.",
+        "source": "Geirhos et al. Shortcut learning in deep neural networks. Nature Machine Intelligence 2020; "
+        "Mann, Whitney. Ann. Math. Statist. 1947 (AUC)",
+    },
+    {
+        "name": "detector class_information_or_shift",
+        "definition": "Flagged by class_information or by shift_sensitivity.",
+        "source": "this project",
+    },
+    {
+        "name": "detector precision, recall, F1",
+        "definition": "Against the labels of kind background, shared or shortcut (the causal label where the "
+        "dataset can be drawn again, else the location view): precision = flagged bad / flagged, recall = "
+        "flagged bad / bad, F1 their harmonic mean, over the prototypes whose label is known.",
+        "source": "van Rijsbergen. Information Retrieval, 1979 (F1)",
+    },
+    {
+        "name": "reviewer's decisions",
+        "definition": "protoaudit prune --remove MEMBER:P,... or --keep MEMBER:P,... with --reason records "
+        "member, prototypes, reason, time and the sha256 of the member's weights in the run's append-only "
+        "decisions.jsonl; every decision of the log is applied after the detector's flags, in order, unless it "
+        "was made for other weights.",
+        "source": "this project",
+    },
 ]
 
 

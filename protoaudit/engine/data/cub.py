@@ -122,7 +122,7 @@ def list_cub(root: str | Path, variant: str = "bb") -> ImageListing:
     is_train = per_image("train_test_split.txt", [r[1] == 1 for r in split_rows], [r[0] for r in split_rows])
 
     boxes: np.ndarray | None = None
-    if variant == "bb":
+    if variant == "bb" or (base / "bounding_boxes.txt").is_file():  # "full": the object's box, if given
         box_path = base / "bounding_boxes.txt"
         rows = _read_table(box_path, 5)
         keys = [k[0] for k in _ints(box_path, rows, (0,))]
@@ -148,8 +148,9 @@ def list_cub(root: str | Path, variant: str = "bb") -> ImageListing:
         image_ids=[r[1] for r in images],
         labels=np.array(labels, dtype=np.int64) - 1,
         is_train=np.array(is_train, dtype=bool),
-        boxes=boxes,
+        boxes=boxes if variant == "bb" else None,
         parts=parts,
+        object_boxes=boxes,
         part_names=part_names,
         problems=problems,
     )

@@ -49,7 +49,9 @@ class ImageListing:
     paths: absolute file paths; image_ids: paths relative to the dataset root (stable ids);
     labels: (N,) int64 in [0, K); is_train: (N,) bool, the dataset's own train/test split;
     boxes: (N, 4) float64 crop boxes (x0, y0, x1, y1) in source pixels, or None for whole images;
-    parts: (N, P, 3) float32 (x, y, visible) in source pixels, or None; part_names[p] names part id p + 1.
+    parts: (N, P, 3) float32 (x, y, visible) in source pixels, or None; part_names[p] names part id p + 1;
+    object_boxes: (N, 4) float64 the object's bounding box (x0, y0, x1, y1) in source pixels where the dataset
+    gives one (whether or not images are cropped to it), or None.
     problems: what listing found wrong (missing files, classes without images); decoding is checked later.
     """
 
@@ -63,6 +65,7 @@ class ImageListing:
     parts: np.ndarray | None = None
     part_names: list[str] | None = None
     problems: list[Problem] = field(default_factory=list)
+    object_boxes: np.ndarray | None = None
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -183,6 +186,7 @@ class FileSplit:
     boxes: np.ndarray | None = None  # (N, 4) float64 crop boxes in source pixels
     parts: np.ndarray | None = None  # (N, P, 3) float32 (x, y, visible) in source pixels
     augment: Augment | None = None
+    object_boxes: np.ndarray | None = None  # (N, 4) float64 the object's box (x0, y0, x1, y1), source pixels
     _sizes: dict[int, tuple[int, int]] = field(default_factory=dict, repr=False)
     interventions: None = field(default=None, repr=False)  # no elements to remove in real images
 
@@ -236,6 +240,16 @@ class FileSplit:
         cols = np.clip(np.floor(locations[visible, 0]), 0, self.image_size - 1)
         return np.stack([visible + 1, rows, cols], axis=1).astype(np.int64).reshape(-1, 3)
 
+    def object_box(self, index: int) -> np.ndarray | None:
+        """(4,) float64 (y0, y1, x0, x1) of the object's bounding box in the model's S × S input frame (after
+        the crop and resize), or None where the dataset gives no box."""
+        if self.object_boxes is None:
+            return None
+        bx0, by0, bx1, by1 = self._box(index, self._source_size(index))
+        ox0, oy0, ox1, oy1 = self.object_boxes[index]
+        sx, sy = self.image_size / (bx1 - bx0), self.image_size / (by1 - by0)
+        return np.array([(oy0 - by0) * sy, (oy1 - by0) * sy, (ox0 - bx0) * sx, (ox1 - bx0) * sx])
+
     def subset(self, indices: np.ndarray, augment: Augment | None = None) -> FileSplit:
         idx = [int(i) for i in indices]
         return FileSplit(
@@ -246,6 +260,7 @@ class FileSplit:
             None if self.boxes is None else self.boxes[idx],
             None if self.parts is None else self.parts[idx],
             augment,
+            None if self.object_boxes is None else self.object_boxes[idx],
         )
 
     def _source_size(self, index: int) -> tuple[int, int]:
@@ -274,7 +289,13 @@ def bundle_from_listing(
     """The four splits of a listing: train (augmented), push (same images, never augmented), val (carved
     from train by :func:`four_splits`) and test (never augmented)."""
     everything = FileSplit(
-        listing.paths, listing.labels, listing.image_ids, image_size, listing.boxes, listing.parts
+        listing.paths,
+        listing.labels,
+        listing.image_ids,
+        image_size,
+        listing.boxes,
+        listing.parts,
+        object_boxes=listing.object_boxes,
     )
     part_names = None if listing.part_names is None else ["background", *listing.part_names]
     return DatasetBundle(

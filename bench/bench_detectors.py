@@ -1,0 +1,177 @@
+"""Detectors of bad prototypes against causal labels: detector × seed → precision, recall, F1.
+
+Trains the recipe once per seed (one run at a time), prunes it (every detector is run and scored by
+``protoaudit prune``), and reads ``audit.json``'s ``detectors`` (pooled over the members) and ``shortcut``.
+With ``--cub`` it does the same on a CUB-format directory generated like the tests' (location labels: there are
+no interventions on files).
+
+    python bench/bench_detectors.py                                 # recipes/quickstart.toml, seeds 0 1 2
+    python bench/bench_detectors.py --seeds 0 --set data.generator=2
+    python bench/bench_detectors.py --cub --seeds 0 1 2
+
+Prints the table (and the mean over seeds) as Markdown; ``--json FILE`` writes every number.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+CUB_RECIPE = """
+name = "cub_detectors"
+seed = 0
+device = "cpu"
+threads = 1
+
+[data]
+kind = "cub"
+root = "{root}"
+variant = "full"
+image_size = 32
+n_classes = 3
+val_fraction = 0.25
+augment = "none"
+
+[schedule]
+epochs = 6
+warm_epochs = 1
+push_start = 3
+push_every = 3
+last_layer_epochs = 20
+batch_size = 8
+eval_batch_size = 16
+workers = 0
+
+[[members]]
+name = "vgg"
+trunk = "tiny_vgg"
+weights = "none"
+prototypes_per_class = 4
+prototype_dim = 16
+
+[[members]]
+name = "resnet"
+trunk = "tiny_resnet"
+weights = "none"
+prototypes_per_class = 4
+prototype_dim = 16
+"""
+
+
+def run_seed(recipe_path: Path, seed: int, overrides: list[str], out: Path, threads: int) -> dict[str, Any]:
+    from protoaudit.engine.ensemble import train_ensemble
+    from protoaudit.engine.prune import prune_run
+    from protoaudit.engine.recipe import load_recipe
+    from protoaudit.engine.run import load_run
+
+    started = time.perf_counter()
+    recipe = load_recipe(
+        recipe_path, overrides=overrides, seed=seed, out=str(out / f"seed{seed}"), threads=threads
+    )
+    run_dir = train_ensemble(recipe).run_dir
+    trained = time.perf_counter()
+    result = prune_run(load_run(run_dir))
+    done = time.perf_counter()
+    audit = result.audit
+    return {
+        "seed": seed,
+        "run_dir": str(run_dir),
+        "train_seconds": trained - started,
+        "prune_seconds": done - trained,
+        "labels": audit["detectors"]["labels"],
+        "pooled": audit["detectors"]["pooled"],
+        "members": audit["detectors"]["members"],
+        "causal_counts": {
+            m: (e or {}).get("counts") for m, e in (audit.get("causal", {}).get("members") or {}).items()
+        },
+        "shortcut": audit.get("shortcut", {}).get("rows", []),
+        "accuracy": result.accuracy.to_dict(orient="records"),
+    }
+
+
+def fmt(x: Any) -> str:
+    return "—" if x is None else f"{x:.3f}"
+
+
+def table(results: list[dict[str, Any]], title: str) -> str:
+    names = [d for d in results[0]["pooled"]] if results else []
+    lines = [
+        f"### {title}",
+        "",
+        "| detector | seed | precision | recall | F1 | flagged | bad | labelled | unknown |",
+    ]
+    lines.append("|---|---|---|---|---|---|---|---|---|")
+    for name in names:
+        for r in results:
+            s = r["pooled"].get(name)
+            if s is None:
+                continue
+            lines.append(
+                f"| {name} | {r['seed']} | {fmt(s['precision'])} | {fmt(s['recall'])} | {fmt(s['f1'])} | "
+                f"{s['n_flagged']} | {s['n_positive']} | {s['n_labelled']} | {s['n_unknown']} |"
+            )
+        values = [r["pooled"][name] for r in results if name in r["pooled"]]
+        mean = {}
+        for key in ("precision", "recall", "f1"):
+            got = [v[key] for v in values if v[key] is not None]
+            mean[key] = sum(got) / len(got) if got else None
+        lines.append(
+            f"| **{name}** | mean | {fmt(mean['precision'])} | {fmt(mean['recall'])} | {fmt(mean['f1'])} | | | | |"
+        )
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--recipe", type=Path, default=ROOT / "recipes" / "quickstart.toml")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--cub", action="store_true", help="a generated CUB-format directory instead")
+    parser.add_argument(
+        "--out", type=Path, default=None, help="where the runs go (default: a temporary folder)"
+    )
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--json", type=Path, default=None)
+    args = parser.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = args.out or Path(tmp)
+        recipe = args.recipe
+        if args.cub:
+            from tests.test_data_cub import make_cub
+
+            data = out / "cub_data"
+            if not data.exists():
+                make_cub(data, train_per_class=12, test_per_class=4)
+            recipe = out / "cub_detectors.toml"
+            recipe.write_text(CUB_RECIPE.format(root=data))
+        results = []
+        for seed in args.seeds:
+            r = run_seed(recipe, seed, args.overrides, out, args.threads)
+            print(
+                f"seed {seed}: trained in {r['train_seconds']:.0f} s, pruned in {r['prune_seconds']:.0f} s",
+                file=sys.stderr,
+            )
+            results.append(r)
+        label = results[0]["labels"] if results else "causal"
+        print(
+            table(
+                results, f"{'CUB-format' if args.cub else recipe.name}: detectors against the {label} labels"
+            )
+        )
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
