@@ -14,8 +14,9 @@ push. Per member, one member at a time (as ``protoaudit prune`` works):
                  (consistency and stability need the images: not part of this benchmark)
   global         the test split's 5 nearest images (its own search), nearest_train.csv / nearest_test.csv
   report         what the report does per member: nearest_train.csv read back, prototype rows, and the
-                 thumbnails of the default budget (``ReportOptions.max_thumbnails`` prototypes: the source image
-                 with its box and the cells of its 6 nearest patches) encoded as the report encodes them
+                 thumbnails of the default budget (up to ``ReportOptions.max_thumbnails`` prototypes per member
+                 and ``thumbnail_bytes`` in all: the source image with its box and the cells of its 6 nearest
+                 patches) encoded as the report encodes them
 
 The baseline is the bare searches those stages need: per member one faiss ``search`` of the prototypes in the
 training index (k = 10) and one in the test index (k = 5). Printed beside it, not in the audit's total: the
@@ -198,19 +199,25 @@ def audit_member(
             images[i] = synthetic_image(i)
         return images[i]
 
-    for j in range(budget):
-        key_ = f"push/{source[j]}/box"
-        if key_ not in thumbs:
-            thumbs[key_] = len(box_thumbnail(image(int(source[j])), (40, 120, 60, 150)))
+    by_prototype: dict[int, list[dict[str, object]]] = {}
     for r in rows:
-        if int(r["prototype"]) >= budget:
-            continue
-        key_ = f"push/{r['image_index']}/cell/{r['h']}-{r['w']}"
-        if key_ not in thumbs:
-            thumbs[key_] = len(patch_thumbnail(image(int(r["image_index"])), int(r["h"]), int(r["w"]), GRID))
+        by_prototype.setdefault(int(r["prototype"]), []).append(r)  # type: ignore[call-overload]
+    spent = size["thumbnail_bytes"]
+    for j in range(budget):  # as the report: prototype by prototype until the byte budget is spent
+        if spent >= options.thumbnail_bytes:
+            break
+        made = {f"push/{source[j]}/box": lambda j=j: box_thumbnail(image(int(source[j])), (40, 120, 60, 150))}
+        for r in by_prototype.get(j, []):
+            i, h, w = int(r["image_index"]), int(r["h"]), int(r["w"])  # type: ignore[call-overload]
+            made[f"push/{i}/cell/{h}-{w}"] = lambda i=i, h=h, w=w: patch_thumbnail(image(i), h, w, GRID)
+        for key_, make in made.items():
+            if key_ not in thumbs:
+                thumbs[key_] = -(-4 * len(make()) // 3) + 22  # the base64 data URI
+                spent += thumbs[key_]
+        size["prototypes_shown"] += 1
     t0 = clock.add("report (rows, thumbnails of the default budget)", t0)
     size["thumbnails"] += len(thumbs)
-    size["thumbnail_bytes"] += sum(-(-4 * b // 3) + 22 for b in thumbs.values())  # base64 data URIs
+    size["thumbnail_bytes"] += sum(thumbs.values())
     size["rows_bytes"] += len(json.dumps(table.astype(object).where(table.notna(), None).to_dict("records")))
     size["rows_bytes"] += len(json.dumps(rows, default=str))
 
@@ -256,7 +263,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     clock = Clock()
     bare: dict[str, float] = {"train": 0.0, "test": 0.0, "last layer input": 0.0}
-    size = {"thumbnails": 0, "thumbnail_bytes": 0, "rows_bytes": 0}
+    size = {"thumbnails": 0, "thumbnail_bytes": 0, "rows_bytes": 0, "prototypes_shown": 0}
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         for i in range(args.members):
@@ -308,7 +315,8 @@ def main() -> None:
     print(
         f"report size estimate: {size['thumbnails']} thumbnails ({size['thumbnail_bytes'] / 2**20:.1f} MiB as "
         f"data URIs) + prototype rows ({size['rows_bytes'] / 2**20:.1f} MiB JSON) = {mib:.1f} MiB "
-        f"(goal <= 10 MB; max_thumbnails = {ReportOptions().max_thumbnails} per member)"
+        f"(goal <= 10 MB; {size['prototypes_shown']} prototypes with thumbnails: max_thumbnails = "
+        f"{ReportOptions().max_thumbnails} per member, thumbnail_bytes = {ReportOptions().thumbnail_bytes >> 20} MiB)"
     )
     print(f"peak RSS {peak_mib():.0f} MiB (goal <= 6 GB); wall {wall:.1f} s (synthetic latents included)")
 

@@ -60,6 +60,9 @@ class ReportOptions:
     random_orders: int = 2
     nearest: int = 6  # nearest training patches shown per prototype
     max_thumbnails: int = 400  # prototypes per member shown with thumbnails (the rest: numbers only)
+    # and at most this many bytes of prototype-table thumbnails in all (data URIs), so that a report at
+    # CUB-200's size (3 members × 2000 prototypes) stays near 10 MB: later prototypes get numbers only
+    thumbnail_bytes: int = 6 << 20
     sparsity_threshold: float = 1e-3
     verify: bool = False  # re-run every saved checkpoint over the test split instead of reading saved logits
     batch_size: int = 64
@@ -154,6 +157,7 @@ class _Builder:
         self.prune_hint = PRUNE_HINT.format(run=run.path)
         self.index_hint = INDEX_HINT.format(run=run.path)
         self.pruned_sets: dict[str, set[int]] = {}
+        self.thumbnail_bytes = 0  # of the prototype tables' thumbnails so far
 
     # ------------------------------------------------------------------
     def build(self) -> Report:
@@ -479,6 +483,8 @@ class _Builder:
         grid = self._grid(name, model)
         images: dict[int, np.ndarray] = {}
         with_thumbs = prototypes["prototype"].head(self.options.max_thumbnails).tolist() if grid else []
+        with_set = set(with_thumbs)
+        shown = 0
         if grid is not None:
             wanted = prototypes[prototypes["prototype"].isin(with_thumbs)]["source_index"].tolist()
             for j in with_thumbs:
@@ -545,8 +551,10 @@ class _Builder:
                     )
                 row["consistent"] = _as_bool(p.get("consistent"))
                 row["stability"] = _opt_float(p.get("stability"))
-            if grid is not None and j in with_thumbs:
-                row["thumb"] = self._asset(
+            show = grid is not None and j in with_set and self.thumbnail_bytes < self.options.thumbnail_bytes
+            shown += int(show)
+            if show:
+                row["thumb"] = self._counted_asset(
                     f"push/{row['source_index']}/box/{'-'.join(map(str, box))}",
                     partial(box_thumbnail, images[row["source_index"]], box),
                 )
@@ -564,8 +572,8 @@ class _Builder:
                         "thumb": None,
                     }
                     i, h, w = entry["image_index"], entry["h"], entry["w"]
-                    if grid is not None and i in images and h is not None and w is not None:
-                        entry["thumb"] = self._asset(
+                    if show and grid is not None and i in images and h is not None and w is not None:
+                        entry["thumb"] = self._counted_asset(
                             f"push/{i}/cell/{h}-{w}",
                             partial(patch_thumbnail, images[i], h, w, grid),
                         )
@@ -593,7 +601,7 @@ class _Builder:
             "nearest_note": None
             if nearest_frame is not None
             else f"nearest training patches {nearest_problem or self.index_hint}",
-            "thumbnails": len(with_thumbs),
+            "thumbnails": shown,
             "prototypes": rows,
         }
 
@@ -625,6 +633,14 @@ class _Builder:
             return None, None, f"not shown: the patch index is broken ({exc}) — {rebuild}"
         table = nearest_images(loaded, model.prototype_vectors, self.options.nearest).table()
         return table, "patch index (members/<m>/patches.faiss)", None
+
+    def _counted_asset(self, key: str, make: Callable[[], bytes]) -> str:
+        """:meth:`_asset` for the prototype tables: new images count against ``thumbnail_bytes``."""
+        new = key not in self.assets
+        self._asset(key, make)
+        if new:
+            self.thumbnail_bytes += len(self.assets[key])
+        return key
 
     def _asset(self, key: str, make: Callable[[], bytes]) -> str:
         if key not in self.assets:

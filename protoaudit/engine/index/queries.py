@@ -110,7 +110,7 @@ def nearest_patches_to_prototype(
     model = run.member(member)
     if not 0 <= prototype < model.n_prototypes:
         raise InputError(f"member {member} has prototypes 0…{model.n_prototypes - 1}, not {prototype}")
-    index = load_index(run, member, split, backend, interactive=True)
+    index = load_index(run, member, split, backend)  # one query: FAISS's direct path is as fast
     query = model.prototype_vectors.detach()[prototype : prototype + 1].float()
     distances, rows = index.search(query, k, per_image=per_image)
     return _rows_frame(index, distances[0], rows[0], _class_names(run, member))
