@@ -112,7 +112,7 @@ def print_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") ->
         out_console.print(frame_table(frame, title=title, floats=floats))
         return
     if title:
-        err_console.print(title, highlight=False, markup=False)
+        info_console.print(title, highlight=False, markup=False)  # silenced by --quiet
     typer.echo(plain_table(frame))
 
 

@@ -26,8 +26,10 @@ PRUNE_EXAMPLES = """
   protoaudit prune
   protoaudit prune reports/quickstart --k 6 --threshold 3 --finetune-epochs 20
   protoaudit prune reports/quickstart --json
-  protoaudit prune --detector class_information_or_shift     # prune what another detector flags
-  protoaudit prune --remove vgg:12,15 --reason "both sit on the scanner tag"   # a reviewer's own decision
+  # prune what another detector flags
+  protoaudit prune --detector class_information
+  # a reviewer's own decisions, logged in decisions.jsonl
+  protoaudit prune --remove vgg:2,5 --reason "both sit on the scanner tag"
   protoaudit prune --keep resnet:3 --reason "the beak: checked by hand"
 """
 

@@ -30,12 +30,13 @@ class MemberConfig:
     add_on: AddOnKind = "bottleneck"
     image_size: int = 224
     class_names: list[str] = field(default_factory=list)
-    prototype_class: list[int] = field(default_factory=list)  # empty: j // prototypes_per_class
+    # None: prototype j belongs to class j // prototypes_per_class; [] is a member whose every prototype was pruned
+    prototype_class: list[int] = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if not self.class_names:
             self.class_names = [str(k) for k in range(self.n_classes)]
-        if not self.prototype_class:
+        if self.prototype_class is None:
             self.prototype_class = [j // self.prototypes_per_class for j in range(self.n_prototypes_initial)]
 
     @property

@@ -30,10 +30,10 @@ ACTIONS = ("remove", "keep")
 
 
 def parse_selection(text: str, option: str) -> tuple[str, list[int]]:
-    """``"vgg:12,15"`` → ("vgg", [12, 15]); a bad selection raises :class:`InputError` naming the option."""
+    """``"vgg:2,5"`` → ("vgg", [12, 15]); a bad selection raises :class:`InputError` naming the option."""
     member, sep, numbers = text.partition(":")
     if not sep or not member.strip() or not numbers.strip():
-        raise InputError(f"{option} {text!r}: expected MEMBER:PROTOTYPE[,PROTOTYPE...], e.g. vgg:12,15")
+        raise InputError(f"{option} {text!r}: expected MEMBER:PROTOTYPE[,PROTOTYPE...], e.g. vgg:2,5")
     out: list[int] = []
     for part in numbers.split(","):
         try:

@@ -521,7 +521,7 @@ def prune_run(
     duplicates.csv, and return them.
 
     ``detector`` names the detector whose flags are pruned (default: the paper's k-NN purity); ``remove`` and
-    ``keep`` (``"vgg:12,15"``) with ``reason`` are a reviewer's decisions, appended to ``decisions.jsonl`` and
+    ``keep`` (``"vgg:2,5"``) with ``reason`` are a reviewer's decisions, appended to ``decisions.jsonl`` and
     applied after the detector's flags together with every earlier decision of the log."""
     if detector not in DETECTOR_NAMES:
         raise InputError(f"--detector {detector!r}: expected one of {', '.join(DETECTOR_NAMES)}")
