@@ -42,7 +42,17 @@ def _short(name: str, limit: int = 18) -> str:
 
 
 def add_figures(data: dict[str, Any], assets: dict[str, str]) -> None:
-    """Draw every figure the data allows into ``assets['fig/<name>']`` and list them in ``data['figures']``."""
+    """Draw every figure the data allows into ``assets['fig/<name>']`` and list them in ``data['figures']``.
+
+    Legends go to a fixed corner: matplotlib's "best" searches for a place, takes seconds on large figures and
+    then warns that it was slow, so the report's output would depend on the machine's load."""
+    import matplotlib
+
+    with matplotlib.rc_context({"legend.loc": "upper right"}):
+        _add_figures(data, assets)
+
+
+def _add_figures(data: dict[str, Any], assets: dict[str, str]) -> None:
     import seaborn as sns
 
     sns.set_theme(style="whitegrid", context="paper")
@@ -296,5 +306,5 @@ def deletion_lines(data: dict[str, Any]) -> Any:
         linewidth=2.2,
         ax=ax,
     )
-    ax.legend(fontsize="small")
+    ax.legend(fontsize="small", loc="upper right")
     return fig
