@@ -838,11 +838,23 @@ def _place(rng: np.random.Generator, sizes: I64Array, image_size: int) -> list[t
     placement that :meth:`PartsSpec.validate` guarantees to succeed.
     """
     n = len(sizes)
-    order = np.argsort(-sizes, kind="stable")
-    corners: list[tuple[int, int]] = [(0, 0)] * n
-    placed: list[tuple[int, int, int]] = []  # (y, x, size)
-    ok = True
-    for idx in order:
+    sampled = _sample_corners(rng, sizes, image_size, [])
+    if sampled is not None:
+        return sampled
+    side = 1
+    while side * side < n:
+        side += 1
+    return _grid_corners(rng, sizes, rng.permutation(side * side)[:n], side, image_size // side)
+
+
+def _sample_corners(
+    rng: np.random.Generator, sizes: I64Array, image_size: int, placed: list[tuple[int, int, int]]
+) -> list[tuple[int, int]] | None:
+    """Rejection sampling, largest parts first, clear of ``placed`` boxes (y, x, size) by :data:`PART_GAP`:
+    the corners, or None when one part found no place in 100 draws."""
+    corners: list[tuple[int, int]] = [(0, 0)] * len(sizes)
+    placed = list(placed)
+    for idx in np.argsort(-sizes, kind="stable"):
         s = int(sizes[idx])
         for _ in range(100):
             y, x = (int(v) for v in rng.integers(0, image_size - s + 1, size=2))
@@ -857,20 +869,20 @@ def _place(rng: np.random.Generator, sizes: I64Array, image_size: int) -> list[t
                 corners[int(idx)] = (y, x)
                 break
         else:
-            ok = False
-            break
-    if ok:
-        return corners
-    side = 1
-    while side * side < n:
-        side += 1
-    cell = image_size // side
-    cells = rng.permutation(side * side)[:n]
-    for i in range(n):
+            return None
+    return corners
+
+
+def _grid_corners(
+    rng: np.random.Generator, sizes: I64Array, cells: I64Array, side: int, cell: int
+) -> list[tuple[int, int]]:
+    """Part i at a random offset inside grid cell ``cells[i]`` of a ``side`` × ``side`` grid of ``cell`` px."""
+    corners: list[tuple[int, int]] = []
+    for i in range(len(sizes)):
         s = int(sizes[i])
         cy, cx = divmod(int(cells[i]), side)
         oy, ox = (int(v) for v in rng.integers(0, cell - s - PART_GAP + 1, size=2))
-        corners[i] = (cy * cell + oy, cx * cell + ox)
+        corners.append((cy * cell + oy, cx * cell + ox))
     return corners
 
 
@@ -969,29 +981,9 @@ def _place_with_marker(
     oy, ox = (int(v) for v in rng.integers(0, reach + 1, size=2))
     my = oy if corner < 2 else image_size - ms - oy
     mx = ox if corner % 2 == 0 else image_size - ms - ox
-    order = np.argsort(-sizes, kind="stable")
-    corners: list[tuple[int, int]] = [(0, 0)] * n
-    placed: list[tuple[int, int, int]] = [(my, mx, ms)]  # (y, x, size)
-    ok = True
-    for idx in order:
-        s = int(sizes[idx])
-        for _ in range(100):
-            y, x = (int(v) for v in rng.integers(0, image_size - s + 1, size=2))
-            if all(
-                y + s + PART_GAP <= py
-                or py + ps + PART_GAP <= y
-                or x + s + PART_GAP <= px
-                or px + ps + PART_GAP <= x
-                for py, px, ps in placed
-            ):
-                placed.append((y, x, s))
-                corners[int(idx)] = (y, x)
-                break
-        else:
-            ok = False
-            break
-    if ok:
-        return corners, (my, mx)
+    sampled = _sample_corners(rng, sizes, image_size, [(my, mx, ms)])
+    if sampled is not None:
+        return sampled, (my, mx)
     side = 1
     while side * side < n + 1:
         side += 1
@@ -1003,12 +995,7 @@ def _place_with_marker(
     cy, cx = divmod(marker_cell, side)
     my = cy * cell + (0 if cy == 0 else cell - ms - PART_GAP)
     mx = cx * cell + (0 if cx == 0 else cell - ms - PART_GAP)
-    for i in range(n):
-        s = int(sizes[i])
-        cy, cx = divmod(int(cells[i]), side)
-        oy, ox = (int(v) for v in rng.integers(0, cell - s - PART_GAP + 1, size=2))
-        corners[i] = (cy * cell + oy, cx * cell + ox)
-    return corners, (my, mx)
+    return _grid_corners(rng, sizes, cells, side, cell), (my, mx)
 
 
 def _draw_image_v2(
