@@ -31,7 +31,7 @@ from protoaudit.core.trunks import create_trunk, trunk_info
 from protoaudit.engine.data import DatasetBundle, ImageSplit, iter_batches
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.recipe import MemberRecipe, Recipe
-from protoaudit.engine.run import accuracy_row, save_logits
+from protoaudit.engine.run import accuracy_row, save_logits, trained_meta
 from protoaudit.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -267,15 +267,14 @@ def train_baselines(
             save_baseline(
                 directory,
                 trained.model.cpu(),
-                {
-                    "name": member.name,
-                    "recipe": member.model_dump(mode="json"),
-                    "history": trained.history,
-                    "selected_epoch": trained.selected_epoch,
-                    "metrics": {"val_top1": trained.val_top1, "test_top1": test_top1},
-                    "stage_seconds": trained.seconds,
-                    "trunk_family": trunk_info(member.trunk).family,
-                },
+                trained_meta(
+                    member,
+                    trained.history,
+                    trained.selected_epoch,
+                    trained.val_top1,
+                    test_top1,
+                    trained.seconds,
+                ),
             )
             save_logits(directory, {"test": test_logits}, {"test": bundle.test.labels})
             writer.update(timings={**writer.document["timings"], member.name: trained.seconds})

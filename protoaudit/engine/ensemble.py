@@ -15,7 +15,6 @@ import torch
 
 from protoaudit.core.metrics import ensemble_logits, top1
 from protoaudit.core.stats import top1_interval
-from protoaudit.core.trunks import trunk_info
 from protoaudit.engine.checkpoint import MemberCheckpoint
 from protoaudit.engine.data import DatasetBundle, build_dataset
 from protoaudit.engine.distributed import (
@@ -38,6 +37,7 @@ from protoaudit.engine.run import (
     member_path,
     save_logits,
     save_member,
+    trained_meta,
     versions,
     write_csv,
     writing,
@@ -329,15 +329,14 @@ def _train_members(
         save_member(
             member_path(run_dir, member.name),
             trained.model.cpu(),
-            {
-                "name": member.name,
-                "recipe": member.model_dump(mode="json"),
-                "history": trained.history,
-                "selected_epoch": trained.selected_epoch,
-                "metrics": {"val_top1": trained.val_top1, "test_top1": test_top1},
-                "stage_seconds": trained.stage_seconds,
-                "trunk_family": trunk_info(member.trunk).family,
-            },
+            trained_meta(
+                member,
+                trained.history,
+                trained.selected_epoch,
+                trained.val_top1,
+                test_top1,
+                trained.stage_seconds,
+            ),
             prototypes,
         )
         save_logits(member_path(run_dir, member.name), {"test": test_logits}, {"test": bundle.test.labels})

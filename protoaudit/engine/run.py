@@ -32,7 +32,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pandas as pd
 import torch
@@ -40,6 +40,9 @@ import torch
 from protoaudit.core.model import MemberConfig, ProtoPNet
 from protoaudit.engine.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
 from protoaudit.errors import CheckpointError, InputError, OutputError, Remedy
+
+if TYPE_CHECKING:
+    from protoaudit.engine.recipe import MemberRecipe
 
 FORMAT_VERSION = 1
 LOCK_FILE = ".protoaudit.lock"  # a run's first file; its writer holds an advisory lock on it
@@ -94,6 +97,28 @@ def accuracy_row(
         "n_test": n_test,
         "top1_low": interval.get("top1_low", float("nan")),
         "top1_high": interval.get("top1_high", float("nan")),
+    }
+
+
+def trained_meta(
+    member: MemberRecipe,
+    history: list[dict[str, Any]],
+    selected_epoch: int,
+    val_top1: float,
+    test_top1: float,
+    stage_seconds: dict[str, float],
+) -> dict[str, Any]:
+    """The part of ``model.json`` a trained member or baseline records about its training."""
+    from protoaudit.core.trunks import trunk_info
+
+    return {
+        "name": member.name,
+        "recipe": member.model_dump(mode="json"),
+        "history": history,
+        "selected_epoch": selected_epoch,
+        "metrics": {"val_top1": val_top1, "test_top1": test_top1},
+        "stage_seconds": stage_seconds,
+        "trunk_family": trunk_info(member.trunk).family,
     }
 
 
