@@ -800,16 +800,13 @@ class _Builder:
         n_correct = min(len(chosen_correct), self.options.sheets - n_wrong)
         n_wrong = min(len(chosen_wrong), self.options.sheets - n_correct)
         with_sheet = set(chosen_correct[:n_correct] + chosen_wrong[:n_wrong])
-        explain = _explain_module()
         test = self.bundle.test
         images = {}
         if chosen:
             batch = test.batch(chosen)
             images = dict(zip(chosen, zip(batch, to_uint8(batch.numpy()), strict=True), strict=True))
         sheets_note = (
-            None
-            if explain is not None
-            else "full reasoning sheets not computed yet — they need protoaudit.explain (the patch index)"
+            None  # every sample can have its sheet: the engine computes it, report/sheet.py draws it
         )
         out = []
         for i in chosen:
@@ -865,8 +862,8 @@ class _Builder:
                             "evidence": self._evidence(pruned_name_, x, pixels, i, q, class_names, name),
                         }
                     )
-            if explain is not None and i in with_sheet:
-                entry["sheet"] = self._sheet(explain, i, x)
+            if i in with_sheet:
+                entry["sheet"] = self._sheet(i, x)
             out.append(entry)
         return {
             "available": True,
@@ -933,16 +930,18 @@ class _Builder:
             )
         return evidence
 
-    def _sheet(self, explain: Any, index: int, image: torch.Tensor) -> dict[str, Any] | None:
+    def _sheet(self, index: int, image: torch.Tensor) -> dict[str, Any] | None:
+        from protoaudit.engine.explain import explain_image
         from protoaudit.engine.index.queries import QueryImage
+        from protoaudit.report.sheet import render_sheet_html
 
         test = self.bundle.test
         query = QueryImage(
             image, str(test.image_ids[index]), int(test.labels[index]), test.part_mask(index), "test", index
         )
         try:
-            sheet = explain.explain_image(self.run, query, top_classes=3, bundle=self.bundle)
-            fragment = explain.render_sheet_html(sheet, max_prototypes=SHEET_PROTOTYPES)
+            sheet = explain_image(self.run, query, top_classes=3, bundle=self.bundle)
+            fragment = render_sheet_html(sheet, max_prototypes=SHEET_PROTOTYPES)
             document = jsonable(sheet.to_dict())
         except (InputError, ValueError, KeyError, TypeError) as exc:
             self.notes.append(f"reasoning sheet of test image {index} failed: {str(exc).splitlines()[0]}")
@@ -1115,13 +1114,3 @@ def _add_sheet_subtotals(document: Any, shown: int) -> None:
             member["more_points"] = sum(points[shown:])
             member["n_shown"] = len(points[:shown])
             member["n_more"] = len(points[shown:])
-
-
-def _explain_module() -> Any:
-    """The reasoning-sheet API: the engine computes a sheet, :mod:`protoaudit.report.sheet` draws it."""
-    from types import SimpleNamespace
-
-    from protoaudit.engine.explain import explain_image
-    from protoaudit.report.sheet import render_sheet_html
-
-    return SimpleNamespace(explain_image=explain_image, render_sheet_html=render_sheet_html)
