@@ -29,15 +29,26 @@ def _trained(solver: str, *overrides: str) -> tuple:
     return recipe, bundle, trained
 
 
-def test_training_last_layer_is_the_convex_optimum_with_exact_zeros() -> None:
+@pytest.mark.parametrize("solver", ["fista", "fista_each_push"])
+def test_training_last_layer_is_the_convex_optimum_with_exact_zeros(solver: str) -> None:
     recipe, bundle, trained = _trained(
-        "fista", "schedule.last_layer_tol=1e-4", "schedule.last_layer_max_iter=5000", "loss.l1=0.05"
+        solver, "schedule.last_layer_tol=1e-4", "schedule.last_layer_max_iter=5000", "loss.l1=0.05"
     )
     model = trained.model
     last = [h for h in trained.history if h["stage"] == "last_layer"]
+    final = [h for h in trained.history if h["stage"] == "last_layer_final"]
     assert last
-    assert all(h["solver"] == "fista" for h in last)
-    assert all(h["converged"] for h in last)
+    if solver == "fista":  # the original's Adam after each push, one convex solve of the selected layer
+        assert all(h["solver"] == "adam" for h in last)
+        assert len(final) == 1 and final[0]["solver"] == "fista" and final[0]["converged"]
+        assert final[0]["epoch"] == trained.selected_epoch
+        assert trained.dense_last_layer is not None
+        off = (1 - model.class_identity().t()).bool()
+        assert (trained.dense_last_layer[off] == 0).sum() == 0  # the Adam layer it replaced had no zero
+    else:
+        assert all(h["solver"] == "fista" for h in last)
+        assert all(h["converged"] for h in last)
+        assert not final and trained.dense_last_layer is None
     # the selected state's h satisfies the L1 optimality conditions on the push split's similarities
     sims = similarity(_min_distances_pass(model, bundle.push, 16, torch.device("cpu"))).double()
     labels = torch.as_tensor(np.asarray(bundle.push.labels))
@@ -151,7 +162,17 @@ def test_report_shows_the_audit_sections_and_traces_their_numbers(pruned_run: Pa
     assert ev["source"] == "audit.json"
     models = {row["model"] for row in ev["compactness"]}
     assert {"vgg", "vgg-pruned", "ensemble", "ensemble-pruned"} <= models
-    assert {s["solver"] for s in ev["last_layer_stages"]} == {"fista"}
+    assert {s["solver"] for s in ev["last_layer_stages"]} == {"adam", "fista (final, selected push)"}
+    # the dense (Adam) and the solved layer side by side; the solved one is the member's own test top-1
+    compared = {(d["member"], d["layer"]): d for d in ev["dense_vs_solved"]}
+    accuracy = pd.read_csv(pruned_run / "accuracy.csv")
+    for member in ("vgg", "resnet"):
+        solved = compared[(member, "solved (FISTA)")]
+        dense = compared[(member, "dense (Adam)")]
+        own = accuracy[(accuracy["model"] == member) & ~accuracy["pruned"]]
+        assert solved["top1"] == pytest.approx(float(own["top1"].iloc[0]))
+        assert dense["off_class_sparsity"] == 0.0  # Adam leaves no weight at zero
+        assert 0.0 <= solved["p_value"] <= 1.0
     assert any(f["name"] == "reliability" for f in report.data["figures"])
     accuracy_rows = report.data["accuracy"]["rows"]
     assert all(r["top1_low"] <= r["top1"] <= r["top1_high"] for r in accuracy_rows)

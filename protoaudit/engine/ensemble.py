@@ -42,7 +42,13 @@ from protoaudit.engine.run import (
     write_csv,
     writing,
 )
-from protoaudit.engine.train import predict, predict_with_latents, resolve_device, train_member
+from protoaudit.engine.train import (
+    compare_last_layers,
+    predict,
+    predict_with_latents,
+    resolve_device,
+    train_member,
+)
 from protoaudit.errors import CheckpointError, InputError, OutputError
 
 
@@ -123,6 +129,10 @@ def train_ensemble(
     With ``resume``, continue the interrupted run in that directory: finished members are reloaded, the
     interrupted member continues from its last checkpoint, the rest are trained.
     """
+    if recipe.seeds:
+        raise InputError(
+            f"recipe {recipe.name} names seeds {recipe.seeds}: train it with protoaudit.engine.seeds.train_seeds"
+        )
     started = time.perf_counter()
     info = from_env()  # under torchrun: this process's rank; otherwise a single process
     device = device_for(info, resolve_device(recipe.device))
@@ -309,6 +319,20 @@ def _train_members(
                 info,
             )
         test_top1 = top1(test_logits, bundle.test.labels)
+        last_layer = None
+        if trained.dense_last_layer is not None:  # the convex solve's effect, side by side (one more pass)
+            last_layer = compare_last_layers(
+                trained.model,
+                trained.dense_last_layer,
+                bundle.test,
+                recipe.schedule.eval_batch_size,
+                device,
+                recipe.schedule.workers,
+                info,
+            )
+            last_layer["solve_seconds"] = next(
+                (e["seconds"] for e in trained.history if e.get("stage") == "last_layer_final"), None
+            )
         trained.stage_seconds["eval"] += time.perf_counter() - t0
         prototypes = pd.DataFrame(
             trained.push.rows(bundle.push, trained.model.config.prototype_class, bundle.class_names)
@@ -336,6 +360,7 @@ def _train_members(
                 trained.val_top1,
                 test_top1,
                 trained.stage_seconds,
+                last_layer,
             ),
             prototypes,
         )

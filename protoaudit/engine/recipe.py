@@ -212,9 +212,11 @@ class Schedule(_Strict):
     last_layer_epochs: int = Field(
         20, ge=0, le=MAX_EPOCHS
     )  # Adam epochs of the last-layer stage (solver "adam")
-    # stage 4: "fista" solves the paper's convex problem to last_layer_tol (exact zeros); "adam" runs the
-    # original code's last_layer_epochs Adam epochs at lr.last_layer
-    last_layer_solver: Literal["fista", "adam"] = "fista"
+    # stage 4: "adam" runs the original code's last_layer_epochs Adam epochs at lr.last_layer after each push;
+    # "fista" does the same in the cycles, then solves the paper's convex problem to last_layer_tol (exact zeros)
+    # once, for the selected push; "fista_each_push" solves it after every push (the joint epochs that follow then
+    # train under the solved layer)
+    last_layer_solver: Literal["fista", "fista_each_push", "adam"] = "fista"
     last_layer_tol: float = Field(1e-5, gt=0)  # FISTA stops when the L1 optimality residual is at most this
     last_layer_max_iter: int = Field(5000, ge=1, le=10_000_000)  # FISTA's iteration guard
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
@@ -275,6 +277,20 @@ class Recipe(_Strict):
     loss: LossCoefficients = Field(default_factory=LossCoefficients)
     index: IndexConfig = Field(default_factory=IndexConfig)
     members: list[MemberRecipe] = Field(min_length=1)
+    # train the whole ensemble once per seed (paper Table 1: mean ± std over runs); None: once, with ``seed``
+    seeds: list[int] | None = Field(None, min_length=1, max_length=100)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, seeds: list[int] | None) -> list[int] | None:
+        if seeds is None:
+            return None
+        bad = [s for s in seeds if not 0 <= s <= 2**62]
+        if bad:
+            raise ValueError(f"seeds must be in [0, 2**62], got {bad[0]}")
+        if len(set(seeds)) != len(seeds):
+            raise ValueError(f"seeds must be distinct, got {seeds}")
+        return seeds
 
     @field_validator("members")
     @classmethod

@@ -107,11 +107,13 @@ def trained_meta(
     val_top1: float,
     test_top1: float,
     stage_seconds: dict[str, float],
+    last_layer: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The part of ``model.json`` a trained member or baseline records about its training."""
+    """The part of ``model.json`` a trained member or baseline records about its training; ``last_layer``: the
+    dense layer against the solved one on the test split (``last_layer_solver = "fista"``)."""
     from protoaudit.core.trunks import trunk_info
 
-    return {
+    meta = {
         "name": member.name,
         "recipe": member.model_dump(mode="json"),
         "history": history,
@@ -120,6 +122,9 @@ def trained_meta(
         "stage_seconds": stage_seconds,
         "trunk_family": trunk_info(member.trunk).family,
     }
+    if last_layer is not None:
+        meta["last_layer"] = last_layer
+    return meta
 
 
 def accuracy_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
@@ -29,7 +29,7 @@ from protoaudit.engine.data import DatasetBundle, ImageSplit, iter_batches
 from protoaudit.engine.distributed import SINGLE, DistInfo, all_gather_rows, shard, sync_buffers, unshard
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.push import PushResult, push_prototypes
-from protoaudit.engine.recipe import MemberRecipe, Recipe
+from protoaudit.engine.recipe import MemberRecipe, Recipe, Schedule
 from protoaudit.errors import ProtoauditError
 
 if TYPE_CHECKING:
@@ -293,12 +293,16 @@ def fit_last_layer(
     optimizer: torch.optim.Optimizer | None,
     generator: torch.Generator,
     epochs: int | None = None,
+    solver: Literal["fista", "adam"] | None = None,
 ) -> dict[str, Any]:
-    """Stage 4 with the recipe's solver: ``schedule.last_layer_solver = "fista"`` (the convex problem to a
-    tolerance) or ``"adam"`` (the original code's ``epochs`` Adam epochs, by default
-    ``schedule.last_layer_epochs``, with ``optimizer``; a fresh Adam at ``lr.last_layer`` when None)."""
+    """Stage 4 on fixed similarities: ``solver = "fista"`` solves the convex problem to
+    ``schedule.last_layer_tol``; ``"adam"`` runs the original code's ``epochs`` Adam epochs (by default
+    ``schedule.last_layer_epochs``) with ``optimizer`` (a fresh Adam at ``lr.last_layer`` when None). None: the
+    recipe's solver (FISTA for ``"fista"`` and ``"fista_each_push"``), as the retune after pruning uses it."""
     sched = recipe.schedule
-    if sched.last_layer_solver == "fista":
+    if solver is None:
+        solver = "adam" if sched.last_layer_solver == "adam" else "fista"
+    if solver == "fista":
         return convex_last_layer_stage(
             model, min_distances, labels, recipe.loss.l1, sched.last_layer_tol, sched.last_layer_max_iter
         )
@@ -315,6 +319,45 @@ def fit_last_layer(
         generator,
     )
     return {**metrics, "solver": "adam"}
+
+
+@torch.no_grad()
+def compare_last_layers(
+    model: ProtoPNet,
+    dense: torch.Tensor,
+    split: ImageSplit,
+    batch_size: int,
+    device: torch.device,
+    workers: int = 0,
+    dist: DistInfo = SINGLE,
+) -> dict[str, Any]:
+    """The member's solved (sparse) last layer against the dense one it replaced, on one split (the test
+    split), from one pass: per layer top-1 with its 95 % bootstrap interval and PIP-Net's compactness
+    (sparsity, off-class sparsity, global and local size), and the exact McNemar test of the two layers'
+    decisions on the same images (``dense`` is a, the solved layer b).
+
+    model: the member with its solved layer; dense: (K, m) the layer before the final convex solve."""
+    from protoaudit.core.stats import compactness, mcnemar_exact, top1_interval
+
+    sims = similarity(_min_distances_pass(model, split, batch_size, device, workers, dist)).cpu()
+    if dist.enabled:
+        sims = unshard(all_gather_rows(sims, dist), len(split))
+    labels = np.asarray(split.labels)
+    off_class = (1 - model.class_identity().t()).bool().cpu().numpy()
+    layers = {"dense": dense.detach().cpu(), "solved": model.last_layer.weight.detach().cpu()}
+    out: dict[str, Any] = {"split": "test", "n_images": len(labels)}
+    correct = {}
+    for name, weight in layers.items():
+        logits = F.linear(sims.to(weight.dtype), weight)
+        pred = logits.argmax(1).numpy()
+        correct[name] = pred == labels
+        out[name] = {
+            "top1": top1(logits, labels),
+            **top1_interval(logits, labels),
+            **compactness(weight.numpy(), sims.numpy(), pred, off_class),
+        }
+    out["mcnemar"] = mcnemar_exact(correct["dense"], correct["solved"])
+    return out
 
 
 class _EffectProbe:
@@ -436,6 +479,7 @@ class TrainedMember:
     selected_epoch: int
     stage_seconds: dict[str, float] = field(default_factory=dict)
     push_latents: torch.Tensor | None = None  # (N, D, H, W) of the selected push pass (for the patch index)
+    dense_last_layer: torch.Tensor | None = None  # (K, m) the Adam layer the final convex solve replaced
 
 
 def push_epochs(schedule: Schedule) -> list[int]:
@@ -634,7 +678,9 @@ def train_member(
         seconds["eval"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        last = fit_last_layer(model, min_d, push_labels, recipe, optimizers["last_layer"], generator)
+        last = fit_last_layer(
+            model, min_d, push_labels, recipe, optimizers["last_layer"], generator, solver=cycle_solver(sched)
+        )
         seconds["last_layer"] += time.perf_counter() - t0
         solver_seconds = time.perf_counter() - t0
 
@@ -668,9 +714,105 @@ def train_member(
     score, selected_epoch, state, pushed = best
     model.load_state_dict(state)
     model.eval()
-    return TrainedMember(
-        member.name, member, model, pushed, history, score, selected_epoch, seconds, best_latents
+    dense = (
+        _final_solve(
+            member.name,
+            model,
+            bundle,
+            push_labels,
+            recipe,
+            device,
+            dist,
+            selected_epoch,
+            history,
+            seconds,
+            reporter,
+        )
+        if sched.last_layer_solver == "fista"
+        else None
     )
+    return TrainedMember(
+        member.name, member, model, pushed, history, score, selected_epoch, seconds, best_latents, dense
+    )
+
+
+def cycle_solver(schedule: Schedule) -> Literal["fista", "adam"]:
+    """The solver of the last-layer stage after each push: FISTA only for ``"fista_each_push"``."""
+    return "fista" if schedule.last_layer_solver == "fista_each_push" else "adam"
+
+
+def _final_solve(
+    name: str,
+    model: ProtoPNet,
+    bundle: DatasetBundle,
+    push_labels: torch.Tensor,
+    recipe: Recipe,
+    device: torch.device,
+    dist: DistInfo,
+    selected_epoch: int,
+    history: list[dict[str, Any]],
+    seconds: dict[str, float],
+    reporter: Reporter,
+) -> torch.Tensor:
+    """Run :func:`final_convex_last_layer` on the selected state, record it in ``history`` and ``seconds``;
+    returns the dense (K, m) layer it replaced."""
+    dense = model.last_layer.weight.detach().clone()
+    t0 = time.perf_counter()
+    entry = final_convex_last_layer(model, bundle, push_labels, recipe, device, dist)
+    entry["epoch"] = selected_epoch
+    history.append(entry)
+    seconds["last_layer"] += entry["seconds"]
+    seconds["eval"] += time.perf_counter() - t0 - entry["seconds"]
+    reporter.log(
+        f"[bold]{name}[/bold] convex last layer after epoch {selected_epoch}'s push: "
+        f"{entry['iterations']} FISTA iterations, off-class sparsity {entry['off_class_sparsity']:.3f}, "
+        f"val top-1 {entry['val_top1_dense']:.3f} (dense) → {entry['val_top1']:.3f}"
+    )
+    return dense
+
+
+def final_convex_last_layer(
+    model: ProtoPNet,
+    bundle: DatasetBundle,
+    push_labels: torch.Tensor,
+    recipe: Recipe,
+    device: torch.device,
+    dist: DistInfo = SINGLE,
+) -> dict[str, Any]:
+    """``last_layer_solver = "fista"``: the selected push's last layer, trained by the original's Adam schedule,
+    replaced by the solution of the paper's convex problem (FISTA from it, to ``last_layer_tol``) on the
+    similarities of the whole push split. The push split's min distances come from one more pass (not from kept
+    latents), so a resumed run computes the same bits. Returns the history entry (``"stage": "last_layer_final"``)
+    with the solver's metrics, the off-class sparsity and the validation top-1 with the dense (Adam) and the solved
+    layer."""
+    from protoaudit.core.stats import ZERO_WEIGHT
+
+    sched = recipe.schedule
+    min_d = _min_distances_pass(model, bundle.push, sched.eval_batch_size, device, sched.workers, dist)
+    if dist.enabled:
+        min_d = unshard(all_gather_rows(min_d.cpu(), dist), len(bundle.push)).to(device)
+    has_val = len(bundle.val) > 0
+    val_dense = (
+        predict(model, bundle.val, sched.eval_batch_size, device, sched.workers, dist) if has_val else None
+    )
+    t0 = time.perf_counter()
+    metrics = convex_last_layer_stage(
+        model, min_d, push_labels, recipe.loss.l1, sched.last_layer_tol, sched.last_layer_max_iter
+    )
+    solve_seconds = time.perf_counter() - t0
+    val_sparse = (
+        predict(model, bundle.val, sched.eval_batch_size, device, sched.workers, dist) if has_val else None
+    )
+    off_class = (1 - model.class_identity().t()).bool()
+    weight = model.last_layer.weight.detach()
+    return {
+        "stage": "last_layer_final",
+        "seconds": solve_seconds,
+        **metrics,
+        "off_class_sparsity": float((weight[off_class].abs() <= ZERO_WEIGHT).float().mean()),
+        "val_top1_dense": top1(val_dense, bundle.val.labels) if val_dense is not None else float("nan"),
+        "val_top1": top1(val_sparse, bundle.val.labels) if val_sparse is not None else float("nan"),
+    }
 
 
 def _effect(

@@ -102,15 +102,19 @@ DEFINITIONS: list[dict[str, str]] = [
     },
     {
         "name": "last-layer solver",
-        "definition": "schedule.last_layer_solver = fista (the default): the last layer minimises mean "
-        "cross-entropy + λ·Σ|off-class weights| (λ = loss.l1) on the similarities of the whole push split, by "
-        "accelerated proximal gradient with soft-thresholding of the off-class weights only (which makes them "
-        "exactly 0), a backtracking step and momentum restarts, until every entry of the smallest subgradient "
-        "of the objective (the L1 optimality residual) is at most schedule.last_layer_tol, or "
-        "schedule.last_layer_max_iter iterations (then 'reached tolerance' is no). When the push split is "
-        "separable by the own-class prototypes alone, the cross-entropy has no minimiser (the own-class "
-        "weights can grow without end) and the answer depends on the tolerance. adam: the original code's "
-        "last_layer_epochs Adam epochs at lr.last_layer, which does not reach zeros.",
+        "definition": "schedule.last_layer_solver = fista (the default): after each push the last-layer stage "
+        "runs the original code's Adam schedule (last_layer_epochs Adam epochs at lr.last_layer), and once the "
+        "cycles are over the selected push's layer is replaced by the solution of the paper's convex problem: "
+        "mean cross-entropy + λ·Σ|off-class weights| (λ = loss.l1) on the similarities of the whole push split, "
+        "solved from the Adam layer by accelerated proximal gradient with soft-thresholding of the off-class "
+        "weights only (which makes them exactly 0), a backtracking step and momentum restarts, until every "
+        "entry of the smallest subgradient of the objective (the L1 optimality residual) is at most "
+        "schedule.last_layer_tol, or schedule.last_layer_max_iter iterations (then 'reached tolerance' is no). "
+        "fista_each_push solves the convex problem after every push instead; the joint epochs that follow then "
+        "train under it. When the push split is separable by the own-class prototypes alone, the cross-entropy "
+        "has no minimiser (the own-class weights can grow without end) and the answer depends on the tolerance. "
+        "adam: the original code's schedule after every push and nothing more, which does not reach zeros. "
+        "'Dense against solved' compares, on the test split, the Adam layer with the solved one that replaced it.",
         "source": f"{CHEN_2019}, §2.2 (stage 3, convex optimisation of the last layer); {BECK_2009}",
     },
     {

@@ -64,6 +64,7 @@ def section(run: Run, data: dict[str, Any], bundle: Any = None) -> dict[str, Any
         **_calibration(sections["calibration"], class_names),
         "push_effect": _push_rows(sections["push_effect"]),
         "last_layer_stages": last_layer_stages(run),
+        "dense_vs_solved": dense_vs_solved(run),
         "theorem": THEOREM_2_1,
     }
 
@@ -164,13 +165,14 @@ def last_layer_stages(run: Run) -> list[dict[str, Any]]:
     rows = []
     for name in run.member_names:
         for entry in run.member_meta(name).get("history") or []:
-            if entry.get("stage") != "last_layer":
+            if entry.get("stage") not in ("last_layer", "last_layer_final"):
                 continue
+            final = entry.get("stage") == "last_layer_final"
             rows.append(
                 {
                     "member": name,
                     "epoch": entry.get("epoch"),
-                    "solver": entry.get("solver", "adam"),
+                    "solver": entry.get("solver", "adam") + (" (final, selected push)" if final else ""),
                     "iterations": entry.get("iterations"),
                     "converged": entry.get("converged"),
                     "residual": entry.get("residual"),
@@ -178,6 +180,41 @@ def last_layer_stages(run: Run) -> list[dict[str, Any]]:
                     "objective": entry.get("loss"),
                     "train_top1": entry.get("train_top1"),
                     "val_top1": entry.get("val_top1"),
+                }
+            )
+    return rows
+
+
+def dense_vs_solved(run: Run) -> list[dict[str, Any]]:
+    """Per member trained with ``last_layer_solver = "fista"``: the dense last layer (the original's Adam
+    schedule) against the convex solution that replaced it, on the test split (model.json ``last_layer``)."""
+    rows = []
+    for name in run.member_names:
+        compared = run.member_meta(name).get("last_layer")
+        if not isinstance(compared, dict):
+            continue
+        test = compared.get("mcnemar") or {}
+        for layer in ("dense", "solved"):
+            v = compared.get(layer) or {}
+            rows.append(
+                {
+                    "member": name,
+                    "layer": "dense (Adam)" if layer == "dense" else "solved (FISTA)",
+                    **{
+                        k: v.get(k)
+                        for k in (
+                            "top1",
+                            "top1_low",
+                            "top1_high",
+                            "off_class_sparsity",
+                            "sparsity",
+                            "global_size",
+                            "local_size",
+                        )
+                    },
+                    "seconds": compared.get("solve_seconds") if layer == "solved" else None,
+                    "p_value": test.get("p_value") if layer == "solved" else None,
+                    "discordant": f"{test.get('a_only')} / {test.get('b_only')}" if layer == "solved" else "",
                 }
             )
     return rows
