@@ -40,7 +40,9 @@ def test_training_last_layer_is_the_convex_optimum_with_exact_zeros(solver: str)
     assert last
     if solver == "fista":  # the original's Adam after each push, one convex solve of the selected layer
         assert all(h["solver"] == "adam" for h in last)
-        assert len(final) == 1 and final[0]["solver"] == "fista" and final[0]["converged"]
+        assert len(final) == 1
+        assert final[0]["solver"] == "fista"
+        assert final[0]["converged"]
         assert final[0]["epoch"] == trained.selected_epoch
         assert trained.dense_last_layer is not None
         off = (1 - model.class_identity().t()).bool()
@@ -48,7 +50,8 @@ def test_training_last_layer_is_the_convex_optimum_with_exact_zeros(solver: str)
     else:
         assert all(h["solver"] == "fista" for h in last)
         assert all(h["converged"] for h in last)
-        assert not final and trained.dense_last_layer is None
+        assert not final
+        assert trained.dense_last_layer is None
     # the selected state's h satisfies the L1 optimality conditions on the push split's similarities
     sims = similarity(_min_distances_pass(model, bundle.push, 16, torch.device("cpu"))).double()
     labels = torch.as_tensor(np.asarray(bundle.push.labels))

@@ -39,12 +39,14 @@ def test_one_run_per_seed_on_the_same_data(seeds_root: Path) -> None:
     assert documents[3]["dataset"]["fingerprint"] == documents[5]["dataset"]["fingerprint"]
     # each is an ordinary run: its recipe names one seed and no list
     recipe = load_recipe(runs[5] / "recipe.toml")
-    assert recipe.seed == 5 and recipe.seeds is None
+    assert recipe.seed == 5
+    assert recipe.seeds is None
     assert load_run(runs[3]).member_names == ["vgg", "resnet"]
     # and the seeds trained differently
     w3 = load_logits(runs[3], "vgg")
     w5 = load_logits(runs[5], "vgg")
-    assert w3 is not None and w5 is not None
+    assert w3 is not None
+    assert w5 is not None
     assert not np.array_equal(w3["test"].numpy(), w5["test"].numpy())
 
 
@@ -54,7 +56,11 @@ def test_summary_is_the_mean_and_sample_std_of_each_runs_accuracy(seeds_root: Pa
     assert set(per_seed["seed"]) == {3, 5}
     for model in ("vgg", "resnet", "ensemble"):
         values = [
-            float(pd.read_csv(seeds_root / f"tiny-seed{s}" / "accuracy.csv").set_index("model").loc[model, "top1"])
+            float(
+                pd.read_csv(seeds_root / f"tiny-seed{s}" / "accuracy.csv")
+                .set_index("model")
+                .loc[model, "top1"]
+            )
             for s in (3, 5)
         ]
         row = summary.set_index("model").loc[model]
@@ -91,18 +97,20 @@ def test_bad_seeds_are_one_line_and_exit_2(tmp_path: Path, capsys: pytest.Captur
     code, out, err = run_cli(
         ["train-ensemble", str(TINY_RECIPE), "--seeds", "0,x", "--out", str(tmp_path), "-q"], capsys
     )
-    assert code == 2 and "--seeds" in err and len(err.strip().splitlines()) == 1 and out == ""
+    assert code == 2
+    assert "--seeds" in err
+    assert len(err.strip().splitlines()) == 1
+    assert out == ""
     with pytest.raises(RecipeError, match="distinct"):
         load_recipe(TINY_RECIPE, overrides=["seeds=[1, 1]"])
     assert not any(tmp_path.iterdir())
 
 
-def test_a_single_seed_run_in_the_way_is_refused(
-    tiny_run: Path, capsys: pytest.CaptureFixture[str]
-) -> None:
+def test_a_single_seed_run_in_the_way_is_refused(tiny_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
     before = sorted(p.name for p in tiny_run.iterdir())
     code, _, err = run_cli(
         ["train-ensemble", str(TINY_RECIPE), "--seeds", "0,1", "--out", str(tiny_run.parent), "-q"], capsys
     )
-    assert code == 2 and "single-seed run" in err
+    assert code == 2
+    assert "single-seed run" in err
     assert sorted(p.name for p in tiny_run.iterdir()) == before
