@@ -8,6 +8,7 @@ no interventions on files).
     python bench/bench_detectors.py                                 # recipes/quickstart.toml, seeds 0 1 2
     python bench/bench_detectors.py --seeds 0 --set data.generator=2
     python bench/bench_detectors.py --cub --seeds 0 1 2
+    python bench/bench_detectors.py --runs reports/quickstart/quickstart-seed{0,1,2}   # trained runs: prune + score
 
 Prints the table (and the mean over seeds) as Markdown; ``--json FILE`` writes every number.
 """
@@ -68,15 +69,21 @@ prototype_dim = 16
 
 def run_seed(recipe_path: Path, seed: int, overrides: list[str], out: Path, threads: int) -> dict[str, Any]:
     from protoaudit.engine.ensemble import train_ensemble
-    from protoaudit.engine.prune import prune_run
     from protoaudit.engine.recipe import load_recipe
-    from protoaudit.engine.run import load_run
 
     started = time.perf_counter()
     recipe = load_recipe(
         recipe_path, overrides=overrides, seed=seed, out=str(out / f"seed{seed}"), threads=threads
     )
     run_dir = train_ensemble(recipe).run_dir
+    return score_run(run_dir, seed, time.perf_counter() - started)
+
+
+def score_run(run_dir: Path, seed: int, train_seconds: float = float("nan")) -> dict[str, Any]:
+    """Prune a trained run (every detector is run and scored) and collect what the table needs."""
+    from protoaudit.engine.prune import prune_run
+    from protoaudit.engine.run import load_run
+
     trained = time.perf_counter()
     result = prune_run(load_run(run_dir))
     done = time.perf_counter()
@@ -84,7 +91,7 @@ def run_seed(recipe_path: Path, seed: int, overrides: list[str], out: Path, thre
     return {
         "seed": seed,
         "run_dir": str(run_dir),
-        "train_seconds": trained - started,
+        "train_seconds": train_seconds,
         "prune_seconds": done - trained,
         "labels": audit["detectors"]["labels"],
         "pooled": audit["detectors"]["pooled"],
@@ -142,7 +149,25 @@ def main() -> None:
     )
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--runs",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="score these trained runs instead of training (e.g. the runs of train-ensemble --seeds 0,1,2)",
+    )
     args = parser.parse_args()
+    if args.runs:
+        import torch
+
+        from protoaudit.engine.run import load_run
+
+        torch.set_num_threads(args.threads)
+        results = [score_run(run, load_run(run).meta.get("seed", i)) for i, run in enumerate(args.runs)]
+        print(table(results, f"detectors against the {results[0]['labels']} labels ({len(results)} runs)"))
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
         out = args.out or Path(tmp)
