@@ -325,6 +325,7 @@ class Run:
     path: Path
     meta: dict[str, Any]
     _members: dict[str, tuple[ProtoPNet, dict[str, Any]]] = field(default_factory=dict, repr=False)
+    _bundle: Any = field(default=None, repr=False)  # the dataset, built once per Run
 
     @property
     def name(self) -> str:
@@ -377,9 +378,12 @@ class Run:
         return load_logits(self.path, name)
 
     def dataset(self) -> Any:
-        """Rebuild the run's dataset from its recipe (deterministic) and check its fingerprint."""
+        """Rebuild the run's dataset from its recipe (deterministic) and check its fingerprint; built once per
+        :class:`Run`, so the steps of one command (prune, its index, the report) share it."""
         from protoaudit.engine.data import build_dataset
 
+        if self._bundle is not None:
+            return self._bundle
         recipe = self.recipe()
         bundle = build_dataset(recipe.data, recipe.seed)
         recorded = self.meta.get("dataset", {}).get("fingerprint")
@@ -387,6 +391,7 @@ class Run:
             raise InputError(
                 f"the dataset of run {self.path} changed since training (fingerprint {bundle.fingerprint[:12]} != {recorded[:12]})"
             )
+        self._bundle = bundle
         return bundle
 
 
