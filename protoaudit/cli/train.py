@@ -29,7 +29,8 @@ EXAMPLES = """
   protoaudit train-ensemble recipes/quickstart.toml --seed 1 --out /tmp/runs \\
       --force
   protoaudit train-ensemble recipes/quickstart.toml --resume
-  protoaudit train-ensemble recipes/quickstart.toml --seeds 0,1,2
+  protoaudit train-ensemble recipes/quickstart.toml --seeds 0,1,2 \\
+      --out /tmp/seeds
   protoaudit train-ensemble reports/quickstart/recipe.toml --resume
   torchrun --nproc-per-node 2 -m protoaudit train-ensemble \\
       recipes/quickstart.toml --force
