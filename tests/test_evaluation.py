@@ -67,6 +67,62 @@ def test_training_last_layer_is_the_convex_optimum_with_exact_zeros(solver: str)
     assert (weight[off] == 0).float().mean() >= 0.5
 
 
+def test_final_solve_adds_augmented_views_and_leaves_the_sgd_epochs_alone() -> None:
+    from protoaudit.engine.data import iter_batches
+    from protoaudit.engine.train import views_generator_for
+
+    common = (
+        "data.augment=true",
+        "loss.l1=0.05",
+        "schedule.last_layer_tol=1e-4",
+        "schedule.last_layer_max_iter=5000",
+    )
+    _, _, plain = _trained("fista", *common)
+    recipe, bundle, viewed = _trained("fista", *common, "schedule.last_layer_views=2")
+    final = next(h for h in viewed.history if h["stage"] == "last_layer_final")
+    assert final["views"] == 2
+    assert final["n_examples"] == len(bundle.push) + 2 * len(bundle.train)
+    assert final["converged"]
+    # the views come from a stream of their own: the SGD epochs and the Adam layer they end with are unchanged
+    assert plain.dense_last_layer is not None
+    assert viewed.dense_last_layer is not None
+    assert torch.equal(plain.dense_last_layer, viewed.dense_last_layer)
+    assert not torch.equal(plain.model.last_layer.weight, viewed.model.last_layer.weight)
+    # the solved layer is the optimum on the push split followed by two augmented passes, recomputed here
+    model, cpu, size = viewed.model, torch.device("cpu"), recipe.schedule.eval_batch_size
+    parts = [_min_distances_pass(model, bundle.push, size, cpu)]
+    generator = views_generator_for(0)
+    with torch.no_grad():
+        for _ in range(2):
+            batches = iter_batches(bundle.train, torch.arange(len(bundle.train)), size, 0, False, generator)
+            parts.append(torch.cat([model(x)[1] for _, x in batches]))
+    assert not torch.equal(parts[1], parts[2])  # two different draws, not the same images twice
+    sims = similarity(torch.cat(parts)).double()
+    labels = torch.as_tensor(
+        np.concatenate([np.asarray(bundle.push.labels)] + 2 * [np.asarray(bundle.train.labels)])
+    )
+    off = (1 - model.class_identity().t()).bool()
+
+    def residual(s: torch.Tensor, y: torch.Tensor) -> float:
+        w = model.last_layer.weight.detach().double().clone().requires_grad_(True)
+        torch.nn.functional.cross_entropy(s @ w.t(), y).backward()
+        assert w.grad is not None
+        return float(l1_residual(w.detach(), w.grad, off, recipe.loss.l1).max())
+
+    assert residual(sims, labels) <= 10 * recipe.schedule.last_layer_tol
+    n_push = len(bundle.push)
+    assert (
+        residual(sims[:n_push], labels[:n_push]) > 10 * recipe.schedule.last_layer_tol
+    )  # the views mattered
+
+
+def test_views_without_augmentation_are_refused() -> None:
+    from protoaudit.engine.recipe import RecipeError
+
+    with pytest.raises(RecipeError, match=r"last_layer_views = 1 needs data\.augment"):
+        load_recipe(TINY_RECIPE, overrides=["data.augment=false", "schedule.last_layer_views=1"])
+
+
 def test_adam_solver_keeps_the_original_schedule() -> None:
     _, _, trained = _trained("adam")
     last = [h for h in trained.history if h["stage"] == "last_layer"]

@@ -219,6 +219,9 @@ class Schedule(_Strict):
     last_layer_solver: Literal["fista", "fista_each_push", "adam"] = "fista"
     last_layer_tol: float = Field(1e-5, gt=0)  # FISTA stops when the L1 optimality residual is at most this
     last_layer_max_iter: int = Field(5000, ge=1, le=10_000_000)  # FISTA's iteration guard
+    # "fista": augmented views of the training images added to the push split's similarities in the final convex
+    # solve, one forward pass each (the original's stage 3 runs on the augmented training set); needs data.augment
+    last_layer_views: int = Field(0, ge=0, le=100)
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     workers: int = Field(0, ge=0, le=256)  # DataLoader workers for file-backed datasets
@@ -291,6 +294,16 @@ class Recipe(_Strict):
         if len(set(seeds)) != len(seeds):
             raise ValueError(f"seeds must be distinct, got {seeds}")
         return seeds
+
+    @model_validator(mode="after")
+    def _views_need_augmentation(self) -> Recipe:
+        augment = getattr(self.data, "augment", False)
+        if self.schedule.last_layer_views and augment in (False, "none"):
+            raise ValueError(
+                f"schedule.last_layer_views = {self.schedule.last_layer_views} needs data.augment "
+                "(views of un-augmented images are the push split again)"
+            )
+        return self
 
     @field_validator("members")
     @classmethod

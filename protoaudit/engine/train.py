@@ -723,6 +723,7 @@ def train_member(
             recipe,
             device,
             dist,
+            seed,
             selected_epoch,
             history,
             seconds,
@@ -749,6 +750,7 @@ def _final_solve(
     recipe: Recipe,
     device: torch.device,
     dist: DistInfo,
+    seed: int,
     selected_epoch: int,
     history: list[dict[str, Any]],
     seconds: dict[str, float],
@@ -758,7 +760,7 @@ def _final_solve(
     returns the dense (K, m) layer it replaced."""
     dense = model.last_layer.weight.detach().clone()
     t0 = time.perf_counter()
-    entry = final_convex_last_layer(model, bundle, push_labels, recipe, device, dist)
+    entry = final_convex_last_layer(model, bundle, push_labels, recipe, device, dist, views_seed=seed)
     entry["epoch"] = selected_epoch
     history.append(entry)
     seconds["last_layer"] += entry["seconds"]
@@ -778,11 +780,13 @@ def final_convex_last_layer(
     recipe: Recipe,
     device: torch.device,
     dist: DistInfo = SINGLE,
+    views_seed: int = 0,
 ) -> dict[str, Any]:
     """``last_layer_solver = "fista"``: the selected push's last layer, trained by the original's Adam schedule,
     replaced by the solution of the paper's convex problem (FISTA from it, to ``last_layer_tol``) on the
-    similarities of the whole push split. The push split's min distances come from one more pass (not from kept
-    latents), so a resumed run computes the same bits. Returns the history entry (``"stage": "last_layer_final"``)
+    similarities of the whole push split, plus ``schedule.last_layer_views`` augmented views of the training
+    images (drawn from a stream seeded by ``views_seed``, the member's seed). The min distances come from one more
+    pass (not from kept latents), so a resumed run computes the same bits. Returns the history entry (``"stage": "last_layer_final"``)
     with the solver's metrics, the off-class sparsity and the validation top-1 with the dense (Adam) and the solved
     layer."""
     from protoaudit.core.stats import ZERO_WEIGHT
@@ -791,6 +795,10 @@ def final_convex_last_layer(
     min_d = _min_distances_pass(model, bundle.push, sched.eval_batch_size, device, sched.workers, dist)
     if dist.enabled:
         min_d = unshard(all_gather_rows(min_d.cpu(), dist), len(bundle.push)).to(device)
+    if sched.last_layer_views:
+        min_d, push_labels = _with_augmented_views(
+            model, bundle, min_d, push_labels, sched.last_layer_views, views_seed, recipe, device, dist
+        )
     has_val = len(bundle.val) > 0
     val_dense = (
         predict(model, bundle.val, sched.eval_batch_size, device, sched.workers, dist) if has_val else None
@@ -809,10 +817,52 @@ def final_convex_last_layer(
         "stage": "last_layer_final",
         "seconds": solve_seconds,
         **metrics,
+        "views": sched.last_layer_views,
+        "n_examples": len(min_d),
         "off_class_sparsity": float((weight[off_class].abs() <= ZERO_WEIGHT).float().mean()),
         "val_top1_dense": top1(val_dense, bundle.val.labels) if val_dense is not None else float("nan"),
         "val_top1": top1(val_sparse, bundle.val.labels) if val_sparse is not None else float("nan"),
     }
+
+
+def views_generator_for(seed: int) -> torch.Generator:
+    """The stream of the final solve's augmented views: seeded from the member's seed, distinct from the
+    training's augmentation stream, so adding views leaves the SGD epochs unchanged."""
+    stream = np.random.SeedSequence([seed, 0x1A5]).generate_state(1, np.uint64)[0]
+    return torch.Generator().manual_seed(int(stream))
+
+
+def _with_augmented_views(
+    model: ProtoPNet,
+    bundle: DatasetBundle,
+    min_d: torch.Tensor,
+    labels: torch.Tensor,
+    views: int,
+    seed: int,
+    recipe: Recipe,
+    device: torch.device,
+    dist: DistInfo,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``min_d`` and ``labels`` of the push split followed by ``views`` augmented passes over the training
+    images (one draw per image per view; the training split holds the push split's images)."""
+    sched = recipe.schedule
+    generator = views_generator_for(seed)
+    train = bundle.train
+    train_labels = torch.as_tensor(np.asarray(train.labels), dtype=labels.dtype, device=labels.device)
+    parts, part_labels = [min_d], [labels]
+    model.eval()
+    with torch.no_grad():
+        for _ in range(views):
+            order = shard(torch.arange(len(train)), dist)
+            batches = iter_batches(
+                train, order, sched.eval_batch_size, sched.workers, device.type == "cuda", generator
+            )
+            view = torch.cat([model(x.to(device))[1] for _, x in batches])
+            if dist.enabled:
+                view = unshard(all_gather_rows(view.cpu(), dist), len(train)).to(device)
+            parts.append(view)
+            part_labels.append(train_labels)
+    return torch.cat(parts), torch.cat(part_labels)
 
 
 def _effect(
