@@ -330,6 +330,7 @@ def import_protopnet(
         member_path,
         save_logits,
         save_member,
+        trained_meta,
         versions,
         write_csv,
         writing,
@@ -457,15 +458,14 @@ def import_protopnet(
             save_member(
                 member_dir,
                 model.cpu(),
-                {
-                    "name": name,
-                    "recipe": run_recipe.members[0].model_dump(mode="json"),
-                    "history": [],
-                    "selected_epoch": None,
-                    "metrics": {"val_top1": val_top1, "test_top1": test_top1},
-                    "stage_seconds": seconds,
-                    "trunk_family": trunk_info(arch).family,
-                    "imported": {
+                trained_meta(
+                    run_recipe.members[0],
+                    [],
+                    None,
+                    val_top1,
+                    test_top1,
+                    seconds,
+                    imported={
                         "format": ORIGINAL_FORMAT,
                         "file": str(source.resolve()),
                         "sha256": sha256_file(source),
@@ -473,7 +473,7 @@ def import_protopnet(
                         "prototypes_csv": "nearest own-class push patch of each unchanged prototype "
                         "(distance = how far a push would move it)",
                     },
-                },
+                ),
                 prototypes,
             )
             save_logits(member_dir, {"test": test_logits}, {"test": bundle.test.labels})
