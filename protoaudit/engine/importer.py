@@ -44,7 +44,10 @@ from protoaudit.engine.recipe import Recipe, recipe_from_dict
 from protoaudit.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from protoaudit.engine.data import DatasetBundle
+    from protoaudit.engine.push import PushResult
 
 FAMILIES = ("vgg", "resnet", "densenet")
 ORIGINAL_FORMAT = "cfchen-duke/ProtoPNet PPNet.state_dict()"
@@ -534,8 +537,8 @@ def nearest_push_patches(
     device: torch.device,
     workers: int = 0,
     keep_latents: bool = False,
-    advance: Any = None,
-) -> tuple[Any, torch.Tensor | None]:
+    advance: Callable[[int], None] | None = None,
+) -> tuple[PushResult, torch.Tensor | None]:
     """For each prototype, its nearest latent patch among push images of its own class, WITHOUT moving it.
 
     Returns a :class:`protoaudit.push.PushResult` (distance = squared distance to that patch; the activation

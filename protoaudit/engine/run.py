@@ -42,7 +42,8 @@ from protoaudit.engine.io import load_tensors, read_json, save_tensors, sha256_f
 from protoaudit.errors import CheckpointError, InputError, OutputError, Remedy
 
 if TYPE_CHECKING:
-    from protoaudit.engine.recipe import MemberRecipe
+    from protoaudit.engine.data import DatasetBundle
+    from protoaudit.engine.recipe import MemberRecipe, Recipe
 
 FORMAT_VERSION = 1
 LOCK_FILE = ".protoaudit.lock"  # a run's first file; its writer holds an advisory lock on it
@@ -363,7 +364,7 @@ class Run:
     path: Path
     meta: dict[str, Any]
     _members: dict[str, tuple[ProtoPNet, dict[str, Any]]] = field(default_factory=dict, repr=False)
-    _bundle: Any = field(default=None, repr=False)  # the dataset, built once per Run
+    _bundle: DatasetBundle | None = field(default=None, repr=False)  # the dataset, built once per Run
 
     @property
     def name(self) -> str:
@@ -373,7 +374,7 @@ class Run:
     def member_names(self) -> list[str]:
         return list(self.meta.get("members", []))
 
-    def recipe(self) -> Any:
+    def recipe(self) -> Recipe:
         from protoaudit.engine.recipe import load_recipe
 
         return load_recipe(self.path / "recipe.toml")
@@ -415,7 +416,7 @@ class Run:
         """Member ``name``'s saved test logits (see :func:`load_logits`)."""
         return load_logits(self.path, name)
 
-    def dataset(self) -> Any:
+    def dataset(self) -> DatasetBundle:
         """Rebuild the run's dataset from its recipe (deterministic) and check its fingerprint; built once per
         :class:`Run`, so the steps of one command (prune, its index, the report) share it."""
         from protoaudit.engine.data import build_dataset

@@ -21,6 +21,7 @@ import torch
 from protoaudit.engine.data.augment import Augment
 
 if TYPE_CHECKING:
+    from protoaudit.engine.data.parts import PartsRenderer
     from protoaudit.engine.recipe import DataConfig, PartsDataConfig
 
 
@@ -105,7 +106,7 @@ class SplitInterventions:
     i to its row of the generated dataset.
     """
 
-    def __init__(self, renderer: Any, rows: np.ndarray) -> None:
+    def __init__(self, renderer: PartsRenderer, rows: np.ndarray) -> None:
         self.renderer = renderer
         self.rows = np.asarray(rows, dtype=np.int64)
 
