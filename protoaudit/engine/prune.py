@@ -25,7 +25,7 @@ from protoaudit.core.metrics import ensemble_logits, top1
 from protoaudit.core.model import ProtoPNet
 from protoaudit.core.purity import knn_class_purity, prune_decision
 from protoaudit.core.stats import top1_interval
-from protoaudit.engine.analysis import NEAREST_COLUMNS, nearest_csv_path
+from protoaudit.engine.analysis import write_nearest
 from protoaudit.engine.causal_audit import (
     MemberAudit,
     audit_member,
@@ -402,10 +402,10 @@ def _prune_run(
     purity = pd.concat([r.purity for r in results], ignore_index=True)
     duplicates = find_duplicates(run, names)
     audit["duplicates"] = len(duplicates)
-    for result in results:  # the nearest training images the report shows beside each prototype
-        write_csv(
-            nearest_csv_path(run.path, result.name, "train"),
-            nearest_by_member[result.name].table()[NEAREST_COLUMNS],
+    for result in results:  # the nearest training images the report shows, and global analysis reuses
+        nearest = nearest_by_member[result.name]
+        write_nearest(
+            run.path, result.name, "train", nearest.table(), nearest.k, index_by_member[result.name].info
         )
     append_decisions(run.path, recorded)
     write_csv(run.path / "purity.csv", purity)
