@@ -71,3 +71,44 @@ def test_global_analysis_files(tiny_run: Path, tmp_path: Path) -> None:
                 assert img.size[1] >= 128  # 32 px images shown at 4×
         assert min(widths) > 3 * 128 + 40  # the prototype, then its three nearest images
     assert not (target / "members" / "resnet" / "nearest_train.csv").exists()
+
+
+def test_global_analysis_reuses_prunes_search(tiny_run: Path, tmp_path: Path) -> None:
+    """After prune, global analysis reads prune's nearest_train.csv (searched with k = 10) instead of searching
+    the training index again, and writes the same bytes a fresh search gives; a record that no longer holds (a
+    smaller k than asked, another index) means a search."""
+    import json
+
+    from protoaudit.engine.index.search import PatchIndex
+    from protoaudit.engine.prune import prune_run
+
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0)
+    run = load_run(run_dir)
+    names = run.member_names
+    searched: list[str] = []
+    original = PatchIndex.search
+
+    def counting(self: PatchIndex, queries: object, k: int, per_image: bool = False) -> object:
+        searched.append(str(self.info["split"]))
+        return original(self, queries, k, per_image=per_image)  # type: ignore[arg-type]
+
+    def analyse(**kwargs: object) -> list[str]:
+        searched.clear()
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(PatchIndex, "search", counting)
+            global_analysis(run, **kwargs)  # type: ignore[arg-type]
+        return list(searched)
+
+    assert analyse(k=5) == ["test"] * len(names)  # the training split: prune's one search
+    for member in names:
+        fresh = nearest_to_prototypes(run, member, "train", 5).to_csv(index=False, lineterminator="\n")
+        assert (run_dir / "members" / member / "nearest_train.csv").read_text() == fresh
+    assert analyse(k=5) == []  # every table now has its record for k = 5
+    assert analyse(k=6, members=[names[0]]) == ["train", "test"]  # recorded: 5 < 6
+    record_path = run_dir / "members" / names[0] / "nearest_train.json"
+    record = json.loads(record_path.read_text())
+    record["index"]["faiss_bytes"] += 1  # another index than the one the table came from
+    record_path.write_text(json.dumps(record))
+    assert analyse(k=6, members=[names[0]], splits=("train",)) == ["train"]

@@ -67,7 +67,7 @@ def test_remove_is_logged_applied_and_survives_a_report_round_trip(
     assert 2 not in kept_parents
 
     # every detector's pooled scores are audit keys for --fail-under
-    from protoaudit.engine.prune import flat_metrics
+    from protoaudit.engine.audit_file import flat_metrics
 
     audit = json.loads((run_copy / "audit.json").read_text())
     metrics = flat_metrics(audit)

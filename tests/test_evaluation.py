@@ -198,7 +198,7 @@ def test_audit_sections_match_a_direct_computation(pruned_run: Path) -> None:
 
 
 def test_audit_command_exposes_the_new_keys(pruned_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from protoaudit.engine.prune import flat_metrics, load_audit
+    from protoaudit.engine.audit_file import flat_metrics, load_audit
 
     keys = flat_metrics(load_audit(load_run(pruned_run)))
     for key in ("ensemble.local_size", "vgg.off_class_sparsity", "vgg.top1_low", "ensemble.ece"):

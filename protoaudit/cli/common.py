@@ -10,11 +10,18 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+if TYPE_CHECKING:
+    from contextlib import AbstractContextManager
+
+    import pandas as pd
+
+    from protoaudit.engine.run import Run
 
 out_console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)  # errors: always printed
@@ -77,7 +84,7 @@ def _cell(value: Any, floats: str | None) -> str:
     return str(value)
 
 
-def frame_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") -> Table:
+def frame_table(frame: pd.DataFrame, title: str | None = None, floats: str = "{:.4f}") -> Table:
     if {"top1_low", "top1_high"} <= set(frame.columns):  # one column for accuracy.csv's interval
         frame = frame.copy()
         frame["95% interval"] = [
@@ -92,7 +99,7 @@ def frame_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") ->
     return table
 
 
-def plain_table(frame: Any) -> str:
+def plain_table(frame: pd.DataFrame) -> str:
     """The frame as tab-separated text: a header line and one line per row, full values, no truncation
     (tabs and newlines inside a value become spaces)."""
 
@@ -105,7 +112,7 @@ def plain_table(frame: Any) -> str:
     return "\n".join(lines)
 
 
-def print_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") -> None:
+def print_table(frame: pd.DataFrame, title: str | None = None, floats: str = "{:.4f}") -> None:
     """A table on stdout: drawn with rich on a terminal; tab-separated with full values elsewhere, its title
     then going to stderr so that stdout holds the table alone."""
     if out_console.is_terminal:
@@ -116,7 +123,7 @@ def print_table(frame: Any, title: str | None = None, floats: str = "{:.4f}") ->
     typer.echo(plain_table(frame))
 
 
-def resolve_run(run: Path | None, root: Path) -> Any:
+def resolve_run(run: Path | None, root: Path) -> Run:
     from protoaudit.engine.run import load_run
 
     loaded = load_run(run, root=root)
@@ -125,7 +132,7 @@ def resolve_run(run: Path | None, root: Path) -> Any:
     return loaded
 
 
-def writing_into(run_dir: Path, folder: Path, command: str) -> Any:
+def writing_into(run_dir: Path, folder: Path, command: str) -> AbstractContextManager[None]:
     """The run's single-writer lock (see :func:`protoaudit.engine.run.writing`) when ``folder`` lies inside
     the run directory, else nothing to hold: a command that writes elsewhere does not touch the run."""
     import contextlib

@@ -97,7 +97,7 @@ def _threads(threads: int | None) -> None:
         faiss.omp_set_num_threads(threads)
 
 
-def _run_and_image(args: list[str], root: Path) -> tuple[Any, str]:
+def _run_and_image(args: list[str], root: Path) -> tuple[Run, str]:
     from protoaudit.cli.common import resolve_run
     from protoaudit.errors import InputError
 

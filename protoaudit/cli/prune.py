@@ -181,7 +181,7 @@ def audit_command(
     import pandas as pd
 
     from protoaudit.cli.common import resolve_run
-    from protoaudit.engine.prune import flat_metrics, load_audit
+    from protoaudit.engine.audit_file import flat_metrics, load_audit
     from protoaudit.errors import AuditFailedError, InputError
 
     loaded = resolve_run(run, root)

@@ -12,12 +12,15 @@ decision actually uses.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from scipy.stats import binom
 from sklearn.calibration import calibration_curve
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
+
+if TYPE_CHECKING:
+    import torch
 
 BOOTSTRAP_RESAMPLES = 2000
 ZERO_WEIGHT = 1e-3  # |w| at or below this counts as 0 (PIP-Net's tolerance)
@@ -400,7 +403,9 @@ def prediction_changes(before: np.ndarray, after: np.ndarray, labels: np.ndarray
     }
 
 
-def top1_interval(logits: Any, labels: np.ndarray, level: float = 0.95, seed: int = 0) -> dict[str, float]:
+def top1_interval(
+    logits: torch.Tensor | np.ndarray, labels: np.ndarray, level: float = 0.95, seed: int = 0
+) -> dict[str, float]:
     """``{"top1_low", "top1_high"}``: the percentile bootstrap interval of the top-1 of (N, K) ``logits``
     (a tensor or an array) against ``labels`` (N,), with the default resamples and seed, so the intervals of
     models scored on the same test images are paired; NaN for an empty split.

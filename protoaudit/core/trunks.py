@@ -17,12 +17,15 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from protoaudit.errors import WeightsUnavailableError
+
+if TYPE_CHECKING:
+    from torchvision.models import VGG, DenseNet, ResNet, WeightsEnum
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -206,7 +209,7 @@ register_trunk(TrunkInfo("tiny_densenet", "densenet", TinyDenseNet().out_channel
 class _ResNetConv(nn.Module):
     """ResNet conv1..layer4 without the pooling and classifier."""
 
-    def __init__(self, net: Any) -> None:
+    def __init__(self, net: ResNet) -> None:
         super().__init__()
         self.body = nn.Sequential(
             net.conv1, net.bn1, net.relu, net.maxpool, net.layer1, net.layer2, net.layer3, net.layer4
@@ -219,7 +222,7 @@ class _ResNetConv(nn.Module):
 class _DenseNetConv(nn.Module):
     """DenseNet ``features`` (ending in norm5) followed by the ReLU torchvision applies in ``forward``."""
 
-    def __init__(self, net: Any) -> None:
+    def __init__(self, net: DenseNet) -> None:
         super().__init__()
         self.features = net.features
 
@@ -228,7 +231,7 @@ class _DenseNetConv(nn.Module):
 
 
 class _VGGConv(nn.Module):
-    def __init__(self, net: Any) -> None:
+    def __init__(self, net: VGG) -> None:
         super().__init__()
         self.features = net.features
 
@@ -277,7 +280,7 @@ def fetch_imagenet_weights(name: str) -> None:
         raise _imagenet_unavailable(name, enum, exc) from exc
 
 
-def _imagenet_unavailable(name: str, enum: Any, exc: BaseException) -> WeightsUnavailableError:
+def _imagenet_unavailable(name: str, enum: WeightsEnum, exc: BaseException) -> WeightsUnavailableError:
     cache = Path(torch.hub.get_dir()) / "checkpoints"
     return WeightsUnavailableError(
         f"cannot obtain ImageNet weights for {name} ({enum}): {_reason(exc)}; without a network, put "

@@ -186,24 +186,15 @@ def train_baseline(
 
 def save_baseline(directory: Path, model: BaselineNet, meta: dict[str, Any]) -> None:
     """Write ``model.safetensors`` then ``model.json`` (with the weights' sha256), atomically."""
-    from protoaudit.engine.io import save_tensors, sha256_file, write_json
-    from protoaudit.engine.run import FORMAT_VERSION
+    from protoaudit.engine.io import save_tensors, write_json
+    from protoaudit.engine.run import FORMAT_VERSION, model_document
 
     directory.mkdir(parents=True, exist_ok=True)
     weights = directory / "model.safetensors"
     save_tensors(
         weights, dict(model.state_dict()), metadata={"format": f"protoaudit-baseline/{FORMAT_VERSION}"}
     )
-    write_json(
-        directory / "model.json",
-        {
-            "format_version": FORMAT_VERSION,
-            "kind": "baseline",
-            **meta,
-            "config": asdict(model.config),
-            "weights_sha256": sha256_file(weights),
-        },
-    )
+    write_json(directory / "model.json", model_document("baseline", meta, asdict(model.config), weights))
 
 
 def load_baseline(

@@ -15,7 +15,7 @@ is known.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,11 @@ from protoaudit.core import detectors as det
 from protoaudit.core.causal import MIN_DROP, causal_concepts
 from protoaudit.core.knn import min_distances_by_image
 from protoaudit.core.model import ProtoPNet, similarity
+
+if TYPE_CHECKING:
+    import pandas as pd
+
+    from protoaudit.engine.data import DatasetBundle, ImageSplit
 
 
 @dataclass
@@ -38,7 +43,7 @@ class MemberDetection:
 
 @torch.no_grad()
 def min_distances(
-    model: ProtoPNet, images: torch.Tensor | Any, batch_size: int, device: torch.device
+    model: ProtoPNet, images: torch.Tensor | ImageSplit, batch_size: int, device: torch.device
 ) -> torch.Tensor:
     """(n, m) float32 smallest squared distance of each prototype to any patch of each image.
 
@@ -57,7 +62,7 @@ def min_distances(
 
 def causal_labels(
     model: ProtoPNet,
-    split: Any,
+    split: ImageSplit,
     source_index: np.ndarray,
     batch_size: int,
     device: torch.device,
@@ -175,7 +180,7 @@ def audit_member(
     model: ProtoPNet,
     push_vectors: torch.Tensor,
     push_image_index: torch.Tensor,
-    bundle: Any,
+    bundle: DatasetBundle,
     source_index: np.ndarray,
     paper_flags: np.ndarray,
     batch_size: int,
@@ -262,7 +267,7 @@ SHIFT_LEAK_NOTE = (
 )
 
 
-def scoring_labels(table: Any) -> tuple[str, list[Any]]:
+def scoring_labels(table: pd.DataFrame) -> tuple[str, list[str]]:
     """The labels detectors are scored against: the causal ``concept_kind`` where interventions exist, else
     the location-based ``source_part_kind`` (a second, weaker view; unknown kinds are left out)."""
     if "concept_kind" in table:
@@ -270,7 +275,9 @@ def scoring_labels(table: Any) -> tuple[str, list[Any]]:
     return "location", list(table["source_part_kind"])
 
 
-def detectors_entry(tables: dict[str, Any], audits: dict[str, MemberAudit], selected: str) -> dict[str, Any]:
+def detectors_entry(
+    tables: dict[str, pd.DataFrame], audits: dict[str, MemberAudit], selected: str
+) -> dict[str, Any]:
     """audit.json ``detectors``: per member and pooled over members, every detector's precision, recall and F1
     against the labels of :func:`scoring_labels`, with the thresholds and the data each detector looked at."""
     members: dict[str, Any] = {}

@@ -11,7 +11,7 @@ Model names: a member ``m``, its pruned copy ``m-pruned``, ``ensemble`` (the mem
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -32,6 +32,12 @@ from protoaudit.core.stats import (
 )
 from protoaudit.engine.run import LOGITS_FILE, Run, member_path, pruned_name
 
+if TYPE_CHECKING:
+    from pathlib import Path
+
+    from protoaudit.core.model import ProtoPNet
+    from protoaudit.engine.data import DatasetBundle, ImageSplit
+
 BOOTSTRAP_SEED = 0
 ECE_BINS = 15
 
@@ -48,7 +54,7 @@ class CheckpointOutputs:
 
 
 @torch.no_grad()
-def _protopnet_outputs(model: Any, split: Any, batch_size: int) -> CheckpointOutputs:
+def _protopnet_outputs(model: ProtoPNet, split: ImageSplit, batch_size: int) -> CheckpointOutputs:
     model.eval()
     logits, sims = [], []
     for start in range(0, len(split), batch_size):
@@ -64,7 +70,7 @@ def _protopnet_outputs(model: Any, split: Any, batch_size: int) -> CheckpointOut
     )
 
 
-def _saved_test_logits(path: Any, n: int) -> np.ndarray | None:
+def _saved_test_logits(path: Path, n: int) -> np.ndarray | None:
     """The saved (N, K) test logits in ``path`` (a logits.safetensors), or None (absent, or another N)."""
     from protoaudit.engine.io import load_tensors
 
@@ -75,7 +81,9 @@ def _saved_test_logits(path: Any, n: int) -> np.ndarray | None:
     return None if test is None or len(test) != n else test.double().numpy()
 
 
-def checkpoint_outputs(run: Run, bundle: Any, batch_size: int = 128) -> dict[str, CheckpointOutputs]:
+def checkpoint_outputs(
+    run: Run, bundle: DatasetBundle, batch_size: int = 128
+) -> dict[str, CheckpointOutputs]:
     """Every checkpoint of the run on the test split, by model name (members, pruned members, baselines).
 
     The one place that obtains test predictions for these figures. Logits are the saved ones
@@ -118,7 +126,10 @@ def _ensembles(run: Run, outputs: dict[str, CheckpointOutputs]) -> dict[str, lis
 
 
 def evaluate(
-    run: Run, bundle: Any, outputs: dict[str, CheckpointOutputs] | None = None, batch_size: int = 128
+    run: Run,
+    bundle: DatasetBundle,
+    outputs: dict[str, CheckpointOutputs] | None = None,
+    batch_size: int = 128,
 ) -> dict[str, Any]:
     """The audit.json sections ``compactness``, ``uncertainty``, ``calibration`` and ``push_effect``."""
     outputs = checkpoint_outputs(run, bundle, batch_size) if outputs is None else outputs

@@ -44,7 +44,10 @@ from protoaudit.engine.recipe import Recipe, recipe_from_dict
 from protoaudit.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:
+    from collections.abc import Callable
+
     from protoaudit.engine.data import DatasetBundle
+    from protoaudit.engine.push import PushResult
 
 FAMILIES = ("vgg", "resnet", "densenet")
 ORIGINAL_FORMAT = "cfchen-duke/ProtoPNet PPNet.state_dict()"
@@ -330,6 +333,7 @@ def import_protopnet(
         member_path,
         save_logits,
         save_member,
+        trained_meta,
         versions,
         write_csv,
         writing,
@@ -457,15 +461,14 @@ def import_protopnet(
             save_member(
                 member_dir,
                 model.cpu(),
-                {
-                    "name": name,
-                    "recipe": run_recipe.members[0].model_dump(mode="json"),
-                    "history": [],
-                    "selected_epoch": None,
-                    "metrics": {"val_top1": val_top1, "test_top1": test_top1},
-                    "stage_seconds": seconds,
-                    "trunk_family": trunk_info(arch).family,
-                    "imported": {
+                trained_meta(
+                    run_recipe.members[0],
+                    [],
+                    None,
+                    val_top1,
+                    test_top1,
+                    seconds,
+                    imported={
                         "format": ORIGINAL_FORMAT,
                         "file": str(source.resolve()),
                         "sha256": sha256_file(source),
@@ -473,7 +476,7 @@ def import_protopnet(
                         "prototypes_csv": "nearest own-class push patch of each unchanged prototype "
                         "(distance = how far a push would move it)",
                     },
-                },
+                ),
                 prototypes,
             )
             save_logits(member_dir, {"test": test_logits}, {"test": bundle.test.labels})
@@ -534,8 +537,8 @@ def nearest_push_patches(
     device: torch.device,
     workers: int = 0,
     keep_latents: bool = False,
-    advance: Any = None,
-) -> tuple[Any, torch.Tensor | None]:
+    advance: Callable[[int], None] | None = None,
+) -> tuple[PushResult, torch.Tensor | None]:
     """For each prototype, its nearest latent patch among push images of its own class, WITHOUT moving it.
 
     Returns a :class:`protoaudit.push.PushResult` (distance = squared distance to that patch; the activation

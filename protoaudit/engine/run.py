@@ -42,7 +42,8 @@ from protoaudit.engine.io import load_tensors, read_json, save_tensors, sha256_f
 from protoaudit.errors import CheckpointError, InputError, OutputError, Remedy
 
 if TYPE_CHECKING:
-    from protoaudit.engine.recipe import MemberRecipe
+    from protoaudit.engine.data import DatasetBundle
+    from protoaudit.engine.recipe import MemberRecipe, Recipe
 
 FORMAT_VERSION = 1
 LOCK_FILE = ".protoaudit.lock"  # a run's first file; its writer holds an advisory lock on it
@@ -103,14 +104,16 @@ def accuracy_row(
 def trained_meta(
     member: MemberRecipe,
     history: list[dict[str, Any]],
-    selected_epoch: int,
+    selected_epoch: int | None,
     val_top1: float,
     test_top1: float,
     stage_seconds: dict[str, float],
     last_layer: dict[str, Any] | None = None,
+    imported: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The part of ``model.json`` a trained member or baseline records about its training; ``last_layer``: the
-    dense layer against the solved one on the test split (``last_layer_solver = "fista"``)."""
+    """The part of ``model.json`` a trained (or imported) member or baseline records about its training;
+    ``last_layer``: the dense layer against the solved one on the test split (``last_layer_solver = "fista"``);
+    ``imported``: the original file an imported member came from (no history, no selected epoch)."""
     from protoaudit.core.trunks import trunk_info
 
     meta = {
@@ -124,7 +127,50 @@ def trained_meta(
     }
     if last_layer is not None:
         meta["last_layer"] = last_layer
+    if imported is not None:
+        meta["imported"] = imported
     return meta
+
+
+def pruned_meta(
+    parent: str,
+    parent_meta: dict[str, Any],
+    k: int,
+    threshold: int,
+    finetune_epochs: int,
+    last_layer: dict[str, Any],
+    pruned_prototypes: list[int],
+    test_top1: float,
+) -> dict[str, Any]:
+    """The part of ``model.json`` the pruned copy of member ``parent`` records: how it was pruned (``last_layer``:
+    the retune's solver report), and its parent's recipe and trunk family."""
+    return {
+        "name": pruned_name(parent),
+        "parent": parent,
+        "pruning": {
+            "k": k,
+            "threshold": threshold,
+            "finetune_epochs": finetune_epochs,
+            "last_layer": last_layer,
+            "pruned_prototypes": pruned_prototypes,
+        },
+        "recipe": parent_meta.get("recipe"),
+        "trunk_family": parent_meta.get("trunk_family"),
+        "metrics": {"test_top1": test_top1},
+    }
+
+
+def model_document(kind: str, meta: dict[str, Any], config: dict[str, Any], weights: Path) -> dict[str, Any]:
+    """``model.json`` of a member (``kind`` "protopnet") or baseline: ``meta`` (:func:`trained_meta`,
+    :func:`pruned_meta`) between the format and the architecture ``config``, then the sha256 of ``weights``,
+    already written."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "kind": kind,
+        **meta,
+        "config": config,
+        "weights_sha256": sha256_file(weights),
+    }
 
 
 def accuracy_frame(rows: list[dict[str, Any]]) -> pd.DataFrame:
@@ -197,14 +243,7 @@ def save_member(
     save_tensors(weights, state, metadata={"format": f"protoaudit-member/{FORMAT_VERSION}"})
     if prototypes is not None:
         write_csv(member_dir / "prototypes.csv", prototypes)
-    document = {
-        "format_version": FORMAT_VERSION,
-        "kind": "protopnet",
-        **meta,
-        "config": model.config.to_dict(),
-        "weights_sha256": sha256_file(weights),
-    }
-    write_json(member_dir / "model.json", document)
+    write_json(member_dir / "model.json", model_document("protopnet", meta, model.config.to_dict(), weights))
 
 
 def load_member(
@@ -325,7 +364,7 @@ class Run:
     path: Path
     meta: dict[str, Any]
     _members: dict[str, tuple[ProtoPNet, dict[str, Any]]] = field(default_factory=dict, repr=False)
-    _bundle: Any = field(default=None, repr=False)  # the dataset, built once per Run
+    _bundle: DatasetBundle | None = field(default=None, repr=False)  # the dataset, built once per Run
 
     @property
     def name(self) -> str:
@@ -335,7 +374,7 @@ class Run:
     def member_names(self) -> list[str]:
         return list(self.meta.get("members", []))
 
-    def recipe(self) -> Any:
+    def recipe(self) -> Recipe:
         from protoaudit.engine.recipe import load_recipe
 
         return load_recipe(self.path / "recipe.toml")
@@ -377,7 +416,7 @@ class Run:
         """Member ``name``'s saved test logits (see :func:`load_logits`)."""
         return load_logits(self.path, name)
 
-    def dataset(self) -> Any:
+    def dataset(self) -> DatasetBundle:
         """Rebuild the run's dataset from its recipe (deterministic) and check its fingerprint; built once per
         :class:`Run`, so the steps of one command (prune, its index, the report) share it."""
         from protoaudit.engine.data import build_dataset

@@ -405,7 +405,7 @@ class _PushEffect:
     from its latents) before push, right after it with the last layer unchanged, and after stage 4."""
 
     def __init__(
-        self, model: ProtoPNet, bundle: DatasetBundle, sched: Any, device: torch.device, dist: DistInfo
+        self, model: ProtoPNet, bundle: DatasetBundle, sched: Schedule, device: torch.device, dist: DistInfo
     ) -> None:
         self.model, self.bundle = model, bundle
         self.splits = {"val": bundle.val, "test": bundle.test}
@@ -866,7 +866,7 @@ def _with_augmented_views(
 
 
 def _effect(
-    before: torch.Tensor, after_push: torch.Tensor, final: torch.Tensor, labels: Any
+    before: torch.Tensor, after_push: torch.Tensor, final: torch.Tensor, labels: np.ndarray
 ) -> dict[str, Any]:
     """What push changed on one split: ``push`` (prototypes projected, the last layer unchanged: paper
     Theorem 2.1's setting) and ``push_and_last_layer`` (after stage 4 too)."""

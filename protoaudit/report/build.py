@@ -15,7 +15,7 @@ import json
 import math
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -1098,7 +1098,7 @@ class _Builder:
         }
 
 
-def _half_point(fractions: Any, curve: Any) -> float | None:
+def _half_point(fractions: Sequence[float] | np.ndarray, curve: Sequence[float] | np.ndarray) -> float | None:
     """The deleted fraction at which a normalised deletion curve first falls to one half (None if never)."""
     below = np.flatnonzero(np.asarray(curve) <= 0.5)
     return float(np.asarray(fractions)[below[0]]) if len(below) else None

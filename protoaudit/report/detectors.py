@@ -7,12 +7,15 @@ Reads what ``protoaudit prune`` wrote (``audit.json`` keys ``causal``, ``detecto
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from protoaudit.engine.io import read_json
+
+if TYPE_CHECKING:
+    from protoaudit.engine.run import Run
 
 HINT = "not computed yet — run `protoaudit prune`"
 VERDICT_COLUMNS = (
@@ -37,7 +40,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def section(run: Any, data: dict[str, Any] | None = None) -> dict[str, Any]:  # noqa: ARG001 (every section takes the report data)
+def section(run: Run, data: dict[str, Any] | None = None) -> dict[str, Any]:  # noqa: ARG001 (every section takes the report data)
     """The section's data (strict JSON): ``available`` and, when it is, ``labels``, ``causal``, ``scores``,
     ``verdicts``, ``shortcut`` and ``decisions``."""
     path = run.path / "audit.json"

@@ -7,11 +7,16 @@ Reads audit.json's ``compactness``, ``uncertainty``, ``calibration`` and ``push_
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from protoaudit.engine.run import Run
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
+    from protoaudit.engine.data import DatasetBundle
 
 KEYS = ("compactness", "uncertainty", "calibration", "push_effect")
 
@@ -36,7 +41,7 @@ def _read_audit(run: Run) -> dict[str, Any] | None:
     return data if isinstance(data, dict) else None
 
 
-def section(run: Run, data: dict[str, Any], bundle: Any = None) -> dict[str, Any]:
+def section(run: Run, data: dict[str, Any], bundle: DatasetBundle | None = None) -> dict[str, Any]:
     """``{"available", "note", "source", "uncertainty", "mcnemar", "compactness", "calibration",
     "per_class", "reliability", "push_effect", "last_layer_stages", "theorem"}`` for the template."""
     audit = _read_audit(run) or {}
@@ -220,7 +225,7 @@ def dense_vs_solved(run: Run) -> list[dict[str, Any]]:
     return rows
 
 
-def reliability_diagram(data: dict[str, Any]) -> Any:
+def reliability_diagram(data: dict[str, Any]) -> Figure | None:
     """Per model: accuracy against mean confidence in each of the 15 confidence bins (bars; width: the bin),
     the diagonal a perfectly calibrated model follows, and the ECE in the title."""
     section_data = data.get("evaluation") or {}

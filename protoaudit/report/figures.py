@@ -8,12 +8,15 @@ from __future__ import annotations
 
 import io
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
 
 from protoaudit.report.images import png_data_uri
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 BEFORE, AFTER = "before pruning", "after pruning"
 PALETTE = {
@@ -25,13 +28,13 @@ PALETTE = {
 }
 
 
-def _figure(width: float, height: float) -> Any:
+def _figure(width: float, height: float) -> Figure:
     from matplotlib.figure import Figure
 
     return Figure(figsize=(width, height), dpi=100, layout="constrained")
 
 
-def _png(fig: Any) -> str:
+def _png(fig: Figure) -> str:
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", metadata={"Software": None})
     return png_data_uri(buffer.getvalue())
@@ -113,7 +116,7 @@ def _add_figures(data: dict[str, Any], assets: dict[str, str]) -> None:
     data["figures"] = figures
 
 
-def purity_histogram(data: dict[str, Any]) -> Any:
+def purity_histogram(data: dict[str, Any]) -> Figure | None:
     import seaborn as sns
 
     if not data["purity"]["available"]:
@@ -167,7 +170,7 @@ def accuracy_axis(values: list[float]) -> tuple[float, float]:
     return max(0.0, low - pad), min(1.0, high + pad)
 
 
-def accuracy_bars(data: dict[str, Any]) -> Any:
+def accuracy_bars(data: dict[str, Any]) -> Figure | None:
     rows = [r for r in data["accuracy"]["rows"] if r["top1"] is not None]
     if not rows:
         return None
@@ -197,7 +200,7 @@ def accuracy_bars(data: dict[str, Any]) -> Any:
     return fig
 
 
-def sparsity_histogram(data: dict[str, Any]) -> Any:
+def sparsity_histogram(data: dict[str, Any]) -> Figure | None:
     import seaborn as sns
 
     checkpoints = data["last_layer"]["checkpoints"]
@@ -236,7 +239,7 @@ def sparsity_histogram(data: dict[str, Any]) -> Any:
     return fig
 
 
-def confusion_heatmap(data: dict[str, Any]) -> Any:
+def confusion_heatmap(data: dict[str, Any]) -> Figure | None:
     import seaborn as sns
 
     models = data["confusion"]["models"]
@@ -265,7 +268,7 @@ def confusion_heatmap(data: dict[str, Any]) -> Any:
     return fig
 
 
-def deletion_lines(data: dict[str, Any]) -> Any:
+def deletion_lines(data: dict[str, Any]) -> Figure | None:
     import seaborn as sns
 
     faith = data["faithfulness"]

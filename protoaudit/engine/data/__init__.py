@@ -21,6 +21,8 @@ import torch
 from protoaudit.engine.data.augment import Augment
 
 if TYPE_CHECKING:
+    from protoaudit.engine.data.files import FileSplit, Problem
+    from protoaudit.engine.data.parts import PartsRenderer
     from protoaudit.engine.recipe import DataConfig, PartsDataConfig
 
 
@@ -105,7 +107,7 @@ class SplitInterventions:
     i to its row of the generated dataset.
     """
 
-    def __init__(self, renderer: Any, rows: np.ndarray) -> None:
+    def __init__(self, renderer: PartsRenderer, rows: np.ndarray) -> None:
         self.renderer = renderer
         self.rows = np.asarray(rows, dtype=np.int64)
 
@@ -233,7 +235,12 @@ def stratified_holdout(labels: np.ndarray, fraction: float, seed: int) -> tuple[
 
 
 def four_splits(
-    everything: Any, labels: np.ndarray, is_train: np.ndarray, val_fraction: float, seed: int, augment: Any
+    everything: TensorSplit | FileSplit,
+    labels: np.ndarray,
+    is_train: np.ndarray,
+    val_fraction: float,
+    seed: int,
+    augment: Augment | None,
 ) -> dict[str, Any]:
     """train (augmented), push (the same images, never augmented), val (carved from train) and test, from a
     split of every image with its labels and train/test flags; ``everything`` has ``subset(indices, augment)``."""
@@ -284,7 +291,7 @@ def build_dataset(config: DataConfig, seed: int) -> DatasetBundle:
     raise ValueError(f"unknown data kind {config.kind!r}")
 
 
-def class_count_problems(config: DataConfig, class_names: list[str]) -> list[Any]:
+def class_count_problems(config: DataConfig, class_names: list[str]) -> list[Problem]:
     """An error when the recipe's ``data.n_classes`` differs from the classes the dataset holds."""
     from protoaudit.engine.data.files import Problem
 
@@ -347,7 +354,7 @@ def _build_parts(config: PartsDataConfig, seed: int) -> DatasetBundle:
     everything = TensorSplit(data.images, data.labels, ids, data.masks, interventions=interventions)
     augment = _flip_augment() if config.augment else None
     shifted = np.flatnonzero(data.is_shifted)
-    base: Any = everything
+    base = everything
     if len(shifted):
         base = everything.subset(np.flatnonzero(~data.is_shifted))
     labels, is_train = data.labels[~data.is_shifted], data.is_train[~data.is_shifted]

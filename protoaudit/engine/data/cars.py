@@ -44,7 +44,7 @@ def _loadmat(path: Path) -> dict[str, Any]:
         raise DatasetError(f"{path} is not a readable MATLAB file: {exc}") from None
 
 
-def _records(mat: dict[str, Any], path: Path, fields: tuple[str, ...]) -> Any:
+def _records(mat: dict[str, Any], path: Path, fields: tuple[str, ...]) -> np.ndarray:
     annos = mat.get("annotations")
     if annos is None:
         raise DatasetError(f"{path}: no 'annotations' variable")
@@ -63,7 +63,7 @@ def _class_names(mat: dict[str, Any], path: Path) -> list[str]:
     return [str(n).strip() for n in np.atleast_1d(names)]
 
 
-def _boxes(annos: Any) -> np.ndarray:
+def _boxes(annos: np.ndarray) -> np.ndarray:
     x1 = annos["bbox_x1"].astype(np.float64)
     y1 = annos["bbox_y1"].astype(np.float64)
     x2 = annos["bbox_x2"].astype(np.float64)

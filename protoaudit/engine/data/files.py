@@ -18,13 +18,16 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 
 from protoaudit.engine.data import DatasetBundle, four_splits
 from protoaudit.engine.data.augment import Augment
+
+if TYPE_CHECKING:
+    from PIL.Image import Image as PILImage
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
@@ -142,7 +145,7 @@ def transform_points(points: np.ndarray, box: np.ndarray, image_size: int) -> np
     return out
 
 
-def open_rgb(path: Path) -> Any:
+def open_rgb(path: Path) -> PILImage:
     """Decode an image file completely into an RGB PIL image (grey and palette images are converted)."""
     from PIL import Image
 
@@ -151,12 +154,13 @@ def open_rgb(path: Path) -> Any:
         return img.convert("RGB")
 
 
-def crop_resize(img: Any, box: Sequence[float] | None, image_size: int) -> np.ndarray:
+def crop_resize(img: PILImage, box: Sequence[float] | None, image_size: int) -> np.ndarray:
     """Crop ``box`` (x0, y0, x1, y1; whole image when None) and resize to S × S: (S, S, 3) uint8."""
     from PIL import Image
 
     w, h = img.size
-    region = (0.0, 0.0, float(w), float(h)) if box is None else tuple(float(v) for v in box)
+    x0, y0, x1, y1 = (0.0, 0.0, w, h) if box is None else box
+    region = (float(x0), float(y0), float(x1), float(y1))
     out = img.resize((image_size, image_size), Image.Resampling.BILINEAR, box=region)
     return np.array(out, dtype=np.uint8)  # a writable copy
 

@@ -1,0 +1,103 @@
+"""The shortcut audit of audit.json: top-1 on the test split and on the shifted one (the shortcut moved),
+before and after removing each detector's flags."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+
+from protoaudit.core.metrics import ensemble_logits, top1
+from protoaudit.core.model import ProtoPNet
+from protoaudit.engine.causal_audit import SHIFT_LEAK_NOTE, evaluate_without
+from protoaudit.engine.retune import retuned_copy
+
+if TYPE_CHECKING:
+    from protoaudit.engine.data import DatasetBundle
+    from protoaudit.engine.index.search import PatchIndex
+    from protoaudit.engine.prune import MemberPruning
+    from protoaudit.engine.recipe import Recipe
+    from protoaudit.engine.run import Run
+
+
+def shortcut_entry(
+    run: Run,
+    results: list[MemberPruning],
+    bundle: DatasetBundle,
+    recipe: Recipe,
+    epochs: int,
+    indexes: dict[str, PatchIndex],
+) -> dict[str, Any]:
+    """audit.json ``shortcut``: the prototypes on the shortcut (causal label), and the top-1 of every member
+    and of the ensemble on ``test`` and ``test_shifted``, before and after removing each detector's flags (the
+    last layer retuned each time, as pruning does) and for the pruned members as saved."""
+    shifted = getattr(bundle, "test_shifted", None)
+    labels = {"test": np.asarray(bundle.test.labels)}
+    if shifted is not None:
+        labels["test_shifted"] = np.asarray(shifted.labels)
+    on_shortcut = {
+        r.name: r.purity.loc[r.purity["concept_kind"] == "shortcut", "prototype"].astype(int).tolist()
+        for r in results
+        if "concept_kind" in r.purity
+    }
+    logits: dict[str, dict[str, dict[str, torch.Tensor]]] = {}  # removal → member → split → logits
+    counts: dict[str, dict[str, int]] = {}
+    for r in results:
+        ma = r.member_audit
+        if ma is None:
+            continue
+        model = run.member(r.name)
+        distances = {"test": ma.test_min_distances}
+        if ma.shifted_min_distances is not None:
+            distances["test_shifted"] = ma.shifted_min_distances
+        m = model.n_prototypes
+        removals: dict[str, tuple[np.ndarray, ProtoPNet]] = {"none": (np.zeros(m, bool), model)}
+        index = indexes[r.name]  # loaded (and its weights checked) once, by prune_run
+        vectors = torch.as_tensor(index.vectors())
+        image_index = torch.tensor(index.meta["image_index"].to_numpy(), dtype=torch.long)
+        pruned = r.purity["pruned"].to_numpy().astype(bool)
+        # one retune per distinct set of flags; nothing flagged leaves the member as it is
+        retuned = {pruned.tobytes(): r.pruned_model, np.zeros(m, bool).tobytes(): model}
+        for det_name, flags in ma.detection.flags.items():
+            key = np.asarray(flags, dtype=bool).tobytes()
+            if key not in retuned:
+                retuned[key] = retuned_copy(model, flags, vectors, image_index, bundle, recipe, epochs)
+            removals[det_name] = (flags, retuned[key])
+        removals["pruned member"] = (pruned, r.pruned_model)
+        for removal, (flags, reduced) in removals.items():
+            keep = ~np.asarray(flags, dtype=bool)
+            logits.setdefault(removal, {})[r.name] = {
+                split: evaluate_without(reduced, keep, d) for split, d in distances.items()
+            }
+            counts.setdefault(removal, {})[r.name] = int((~keep).sum())
+    rows = []
+    for removal, per_member in logits.items():
+        for member, per_split in per_member.items():
+            rows.append(
+                {
+                    "model": member,
+                    "removed": removal,
+                    "n_removed": counts[removal][member],
+                    **{split: top1(per_split[split], labels[split]) for split in per_split},
+                }
+            )
+        splits = set.intersection(*(set(v) for v in per_member.values())) if per_member else set()
+        rows.append(
+            {
+                "model": "ensemble",
+                "removed": removal,
+                "n_removed": sum(counts[removal].values()),
+                **{
+                    split: top1(ensemble_logits([v[split] for v in per_member.values()]), labels[split])
+                    for split in sorted(splits)
+                },
+            }
+        )
+    return {
+        "available": shifted is not None,
+        "splits": list(labels),
+        "prototypes_on_shortcut": on_shortcut,
+        "rows": rows,
+        "note": SHIFT_LEAK_NOTE if shifted is not None else "the dataset has no test_shifted split",
+    }
