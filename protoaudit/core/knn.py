@@ -84,3 +84,116 @@ def min_distances_by_image(
         idx = image_index[start : start + chunk, None].expand(-1, m)
         out.scatter_reduce_(0, idx, d, reduce="amin")
     return out
+
+
+_U32 = 2.0**-24  # unit roundoff of float32
+
+
+def _input_rounding(device: torch.device) -> float:
+    """Relative rounding of a float32 matmul's inputs: 0 at full precision, else as bf16 (the coarsest)."""
+    reduced = torch.get_float32_matmul_precision() != "highest"
+    if device.type == "cuda":
+        reduced = reduced or torch.backends.cuda.matmul.allow_tf32
+    return 2.0**-8 if reduced else 0.0
+
+
+class BlockKnn:
+    """Exact k nearest rows by squared L2, for a few queries at a time against a large fixed database.
+
+    Prepared once (a transposed float32 copy of the database, its squared norms and the largest norm of each
+    block of ``block`` rows), then :meth:`search` answers with one float32 matrix product per ``chunk`` of rows
+    (staying in cache), keeps only the smallest coarse score of each block, and recomputes in float64 the rows
+    of every block that may hold a neighbour.
+
+    Why it is exact. The coarse score of query q and row x is c = fl(‖x‖² − 2 q·x) (‖q‖² is the same for every
+    row). For any order of summation, |fl(q·x) − q·x| ≤ γ_D Σ|q_i x_i| ≤ γ_D ‖q‖‖x‖ (γ_D = D·u / (1 − D·u),
+    u = 2⁻²⁴); the rounded norm and the final scaling and addition add a few u·(‖x‖² + 2‖q‖‖x‖). So
+    |c − s| ≤ E with s the exact score and E = 2·((2γ_D + 6u + 4r)·‖q‖·M + 4u·M²) + 10⁻¹²·(‖q‖ + M)², M the
+    block's largest ‖x‖, r the rounding of the inputs when float32 matrix products run at reduced precision
+    (0 by default); the factor 2 covers the second-order terms and the last term the float64 re-ranking.
+    Take, over k distinct blocks, the k smallest values of (block's smallest c) + E: each is ≥ the exact score
+    of a distinct row, so the k-th exact score s_k is at most the k-th of them, T. Any row with s ≤ s_k has
+    c ≤ s + E ≤ T + E, so its block's smallest c is ≤ T + E: every such block is re-ranked, and the answer is the
+    float64 brute force's, ties to the lower row. (T is taken over groups of blocks, which only raises it.)
+    """
+
+    def __init__(self, database: torch.Tensor, block: int = 16, chunk: int = 4096, group: int = 8) -> None:
+        n, dim = database.shape
+        self.database = database
+        self.n, self.dim, self.block = n, dim, block
+        self.nb = max(group, chunk // block // group * group)  # blocks per chunk
+        self.chunk = self.nb * block
+        self.group = group
+        n_pad = -(-max(n, 1) // self.chunk) * self.chunk
+        self.xt = torch.zeros(dim, n_pad, dtype=torch.float32, device=database.device)
+        norms64 = torch.zeros(n_pad, dtype=torch.float64, device=database.device)
+        for start in range(0, n, 1 << 15):
+            x = database[start : start + (1 << 15)]
+            self.xt[:, start : start + len(x)] = x.T
+            norms64[start : start + len(x)] = (x.double() ** 2).sum(1)
+        self.norms = norms64.float()
+        self.norms[n:] = float("inf")  # padding rows never win
+        # block g = (chunk c, slot b) holds rows c·chunk + b + t·nb, t < block: neighbouring rows in distinct
+        # blocks; group (c, j) holds blocks (c, j + i·nb / group), i < group
+        self.block_norm = norms64.sqrt().view(-1, block, self.nb).amax(1).reshape(-1) * (1 + 1e-12)
+        self.group_norm = self.block_norm.view(-1, group, self.nb // group).amax(1).reshape(-1)
+
+    def _bound(self, q_norm: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
+        """float64 bound on |coarse − exact| score for queries of norm ``q_norm`` and rows of norm ≤ ``x_norm``
+        (broadcast)."""
+        u, dim, r = _U32, self.dim, _input_rounding(self.xt.device)
+        gamma = dim * u / (1 - dim * u)
+        return 2 * ((2 * gamma + 6 * u + 4 * r) * q_norm * x_norm + 4 * u * x_norm * x_norm) + 1e-12 * (
+            q_norm + x_norm
+        ) ** 2
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k nearest rows to each query (n, D) float32: (distances (n, k') float32 ascending, float64
+        brute force rounded; rows (n, k') int64, ties to the lower row), k' = min(k, N)."""
+        n_q, k = len(queries), min(k, self.n)
+        dev = self.xt.device
+        if n_q == 0 or k == 0:
+            return torch.zeros(n_q, k, device=dev), torch.zeros(n_q, k, dtype=torch.long, device=dev)
+        q = queries.to(dev, torch.float32).contiguous()
+        n_chunks, per_group = self.xt.shape[1] // self.chunk, self.nb // self.group
+        block_min = torch.empty(n_q, n_chunks, self.nb, dtype=torch.float32, device=dev)
+        buf = torch.empty(n_q, self.chunk, dtype=torch.float32, device=dev)
+        for c in range(n_chunks):
+            lo = c * self.chunk
+            torch.addmm(self.norms[lo : lo + self.chunk], q, self.xt[:, lo : lo + self.chunk], alpha=-2, out=buf)
+            torch.amin(buf.view(n_q, self.block, self.nb), dim=1, out=block_min[:, c])
+        q64 = q.double()
+        q_norm = q64.norm(dim=1, keepdim=True)
+        group_min = block_min.view(n_q, n_chunks, self.group, per_group).amin(2).view(n_q, -1).double()
+        bound = self._bound(q_norm, self.group_norm[None])
+        upper = group_min + bound  # each ≥ the exact score of a row of its own group
+        if upper.shape[1] >= k:
+            limit = upper.topk(k, dim=1, largest=False).values[:, -1]
+        else:
+            limit = torch.full((n_q,), float("inf"), dtype=torch.float64, device=dev)
+        qi, h = ((group_min - bound) <= limit[:, None]).nonzero(as_tuple=True)
+        blocks = ((h // per_group) * self.nb + h % per_group)[:, None] + torch.arange(
+            self.group, device=dev
+        ) * per_group  # (P, group)
+        lower = block_min.view(n_q, -1)[qi[:, None], blocks].double() - self._bound(
+            q_norm[qi], self.block_norm[blocks]
+        )
+        keep = lower <= limit[qi, None]
+        qi, g = qi[:, None].expand_as(blocks)[keep], blocks[keep]
+        # every row of the candidate blocks, exactly in float64
+        t = torch.arange(self.block, device=dev) * self.nb
+        rows = ((g // self.nb) * self.chunk + g % self.nb)[:, None] + t  # (P, block)
+        dist = torch.empty(rows.shape, dtype=torch.float64, device=dev)
+        slab = max(1, (1 << 22) // (self.block * self.dim))
+        for s in range(0, len(rows), slab):
+            r = rows[s : s + slab]
+            x = self.database[r.clamp(max=self.n - 1)].double()
+            dist[s : s + slab] = ((q64[qi[s : s + slab], None] - x) ** 2).sum(-1)
+        dist[rows >= self.n] = float("inf")
+        qi, rows, dist = qi[:, None].expand_as(rows).reshape(-1), rows.reshape(-1), dist.reshape(-1)
+        order = rows.argsort(stable=True)  # ties to the lower row, then by distance, then by query
+        order = order[dist[order].argsort(stable=True)]
+        order = order[qi[order].argsort(stable=True)]
+        counts = torch.bincount(qi, minlength=n_q)
+        pick = order[(torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k, device=dev)]
+        return dist[pick].float(), rows[pick]
