@@ -143,9 +143,10 @@ class BlockKnn:
         (broadcast)."""
         u, dim, r = _U32, self.dim, _input_rounding(self.xt.device)
         gamma = dim * u / (1 - dim * u)
-        return 2 * ((2 * gamma + 6 * u + 4 * r) * q_norm * x_norm + 4 * u * x_norm * x_norm) + 1e-12 * (
-            q_norm + x_norm
-        ) ** 2
+        return (
+            2 * ((2 * gamma + 6 * u + 4 * r) * q_norm * x_norm + 4 * u * x_norm * x_norm)
+            + 1e-12 * (q_norm + x_norm) ** 2
+        )
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k nearest rows to each query (n, D) float32: (distances (n, k') float32 ascending, float64
@@ -160,7 +161,9 @@ class BlockKnn:
         buf = torch.empty(n_q, self.chunk, dtype=torch.float32, device=dev)
         for c in range(n_chunks):
             lo = c * self.chunk
-            torch.addmm(self.norms[lo : lo + self.chunk], q, self.xt[:, lo : lo + self.chunk], alpha=-2, out=buf)
+            torch.addmm(
+                self.norms[lo : lo + self.chunk], q, self.xt[:, lo : lo + self.chunk], alpha=-2, out=buf
+            )
             torch.amin(buf.view(n_q, self.block, self.nb), dim=1, out=block_min[:, c])
         q64 = q.double()
         q_norm = q64.norm(dim=1, keepdim=True)
