@@ -95,7 +95,7 @@ def test_the_error_bound_holds() -> None:
         database[::50] *= 7
         queries = (torch.rand(49, 128, generator=gen) - 0.3) * scale
         knn = BlockKnn(database)
-        coarse = torch.addmm(knn.norms[: len(database)], queries, knn.xt[:, : len(database)], alpha=-2)
+        coarse = knn.coarse_scores(queries)
         q64, x64 = queries.double(), database.double()
         exact = (x64 * x64).sum(1) - 2 * q64 @ x64.T
         bound = knn._bound(q64.norm(dim=1, keepdim=True), x64.norm(dim=1)[None])

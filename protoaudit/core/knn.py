@@ -100,21 +100,22 @@ def _input_rounding(device: torch.device) -> float:
 class BlockKnn:
     """Exact k nearest rows by squared L2, for a few queries at a time against a large fixed database.
 
-    Prepared once (a transposed float32 copy of the database, its squared norms and the largest norm of each
-    block of ``block`` rows), then :meth:`search` answers with one float32 matrix product per ``chunk`` of rows
-    (staying in cache), keeps only the smallest coarse score of each block, and recomputes in float64 the rows
-    of every block that may hold a neighbour.
+    Prepared once (the database transposed in chunks of ``chunk`` rows, each (D + 1, chunk) float32 and
+    contiguous, its last row the squared norms; the largest norm of each block of ``block`` rows), then
+    :meth:`search` answers with one float32 matrix product per chunk (staying in cache), keeps only the smallest
+    coarse score of each block, and recomputes in float64 the rows of every block that may hold a neighbour.
 
-    Why it is exact. The coarse score of query q and row x is c = fl(‖x‖² − 2 q·x) (‖q‖² is the same for every
-    row). For any order of summation, |fl(q·x) − q·x| ≤ γ_D Σ|q_i x_i| ≤ γ_D ‖q‖‖x‖ (γ_D = D·u / (1 − D·u),
-    u = 2⁻²⁴); the rounded norm and the final scaling and addition add a few u·(‖x‖² + 2‖q‖‖x‖). So
-    |c − s| ≤ E with s the exact score and E = 2·((2γ_D + 6u + 4r)·‖q‖·M + 4u·M²) + 10⁻¹²·(‖q‖ + M)², M the
-    block's largest ‖x‖, r the rounding of the inputs when float32 matrix products run at reduced precision
-    (0 by default); the factor 2 covers the second-order terms and the last term the float64 re-ranking.
-    Take, over k distinct blocks, the k smallest values of (block's smallest c) + E: each is ≥ the exact score
-    of a distinct row, so the k-th exact score s_k is at most the k-th of them, T. Any row with s ≤ s_k has
-    c ≤ s + E ≤ T + E, so its block's smallest c is ≤ T + E: every such block is re-ranked, and the answer is the
-    float64 brute force's, ties to the lower row. (T is taken over groups of blocks, which only raises it.)
+    Why it is exact. The coarse score of query q and row x is c = fl([−2q, 1]·[x, fl(‖x‖²)]), the exact score
+    s = ‖x‖² − 2 q·x (‖q‖² is the same for every row, so s orders rows as the distance does). For any order of
+    summation, fused or not, a float32 dot product of n terms is off by at most γ_n Σ|a_i b_i| (γ_n = n·u /
+    (1 − n·u), u = 2⁻²⁴), and Σ|a_i b_i| ≤ 2‖q‖‖x‖ + (1 + u)‖x‖²; the rounded norm adds u‖x‖². So |c − s| ≤ E =
+    2·((γ_{D+1} + 2r)·(2‖q‖M + M²) + 2u·M²) + 10⁻¹²·(‖q‖ + M)², M the block's largest ‖x‖, r the rounding of
+    the inputs when float32 matrix products run at reduced precision (0 by default); the factor 2 covers the
+    second-order terms and the last term the float64 re-ranking. Over k distinct groups of blocks, the k
+    smallest values of (group's smallest c) + E are each ≥ the exact score of a distinct row, so the k-th
+    exact score s_k is at most the k-th of them, T. Any row with s ≤ s_k has c ≤ s + E ≤ T + E, so its block's
+    smallest c is ≤ T + E: every such block is re-ranked in float64, and the answer is the float64 brute
+    force's, ties to the lower row.
     """
 
     def __init__(self, database: torch.Tensor, block: int = 16, chunk: int = 4096, group: int = 8) -> None:
@@ -124,15 +125,16 @@ class BlockKnn:
         self.nb = max(group, chunk // block // group * group)  # blocks per chunk
         self.chunk = self.nb * block
         self.group = group
-        n_pad = -(-max(n, 1) // self.chunk) * self.chunk
-        self.xt = torch.zeros(dim, n_pad, dtype=torch.float32, device=database.device)
+        n_chunks = -(-max(n, 1) // self.chunk)
+        n_pad = n_chunks * self.chunk
         norms64 = torch.zeros(n_pad, dtype=torch.float64, device=database.device)
-        for start in range(0, n, 1 << 15):
-            x = database[start : start + (1 << 15)]
-            self.xt[:, start : start + len(x)] = x.T
-            norms64[start : start + len(x)] = (x.double() ** 2).sum(1)
-        self.norms = norms64.float()
-        self.norms[n:] = float("inf")  # padding rows never win
+        self.chunks = torch.zeros(n_chunks, dim + 1, self.chunk, dtype=torch.float32, device=database.device)
+        for c in range(n_chunks):
+            x = database[c * self.chunk : (c + 1) * self.chunk]
+            norms64[c * self.chunk : c * self.chunk + len(x)] = (x.double() ** 2).sum(1)
+            self.chunks[c, :dim, : len(x)] = x.T
+        self.chunks[:, dim] = norms64.float().view(n_chunks, self.chunk)
+        self.chunks[-1, dim, n - (n_chunks - 1) * self.chunk :] = float("inf")  # padding rows never win
         # block g = (chunk c, slot b) holds rows c·chunk + b + t·nb, t < block: neighbouring rows in distinct
         # blocks; group (c, j) holds blocks (c, j + i·nb / group), i < group
         self.block_norm = norms64.sqrt().view(-1, block, self.nb).amax(1).reshape(-1) * (1 + 1e-12)
@@ -141,29 +143,37 @@ class BlockKnn:
     def _bound(self, q_norm: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
         """float64 bound on |coarse − exact| score for queries of norm ``q_norm`` and rows of norm ≤ ``x_norm``
         (broadcast)."""
-        u, dim, r = _U32, self.dim, _input_rounding(self.xt.device)
-        gamma = dim * u / (1 - dim * u)
+        u, r = _U32, _input_rounding(self.chunks.device)
+        gamma = (self.dim + 1) * u / (1 - (self.dim + 1) * u)
+        m2 = x_norm * x_norm
         return (
-            2 * ((2 * gamma + 6 * u + 4 * r) * q_norm * x_norm + 4 * u * x_norm * x_norm)
-            + 1e-12 * (q_norm + x_norm) ** 2
+            2 * ((gamma + 2 * r) * (2 * q_norm * x_norm + m2) + 2 * u * m2) + 1e-12 * (q_norm + x_norm) ** 2
         )
+
+    def _augmented(self, queries: torch.Tensor) -> torch.Tensor:
+        """(n, D + 1) float32 [−2q, 1]: its product with a chunk is the chunk's coarse scores."""
+        q = queries.to(self.chunks.device, torch.float32)
+        return torch.cat([-2 * q, torch.ones(len(q), 1, device=q.device)], 1)
+
+    def coarse_scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """(n, N) float32 coarse scores c of every row, as :meth:`search` computes them (for checking)."""
+        qa = self._augmented(queries)
+        return torch.cat([qa @ self.chunks[c] for c in range(len(self.chunks))], 1)[:, : self.n]
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Exact k nearest rows to each query (n, D) float32: (distances (n, k') float32 ascending, float64
         brute force rounded; rows (n, k') int64, ties to the lower row), k' = min(k, N)."""
         n_q, k = len(queries), min(k, self.n)
-        dev = self.xt.device
+        dev = self.chunks.device
         if n_q == 0 or k == 0:
             return torch.zeros(n_q, k, device=dev), torch.zeros(n_q, k, dtype=torch.long, device=dev)
         q = queries.to(dev, torch.float32).contiguous()
-        n_chunks, per_group = self.xt.shape[1] // self.chunk, self.nb // self.group
+        qa = self._augmented(q)
+        n_chunks, per_group = len(self.chunks), self.nb // self.group
         block_min = torch.empty(n_q, n_chunks, self.nb, dtype=torch.float32, device=dev)
         buf = torch.empty(n_q, self.chunk, dtype=torch.float32, device=dev)
         for c in range(n_chunks):
-            lo = c * self.chunk
-            torch.addmm(
-                self.norms[lo : lo + self.chunk], q, self.xt[:, lo : lo + self.chunk], alpha=-2, out=buf
-            )
+            torch.mm(qa, self.chunks[c], out=buf)
             torch.amin(buf.view(n_q, self.block, self.nb), dim=1, out=block_min[:, c])
         q64 = q.double()
         q_norm = q64.norm(dim=1, keepdim=True)
