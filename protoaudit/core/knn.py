@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -89,12 +91,23 @@ def min_distances_by_image(
 _U32 = 2.0**-24  # unit roundoff of float32
 
 
-def _input_rounding(device: torch.device) -> float:
-    """Relative rounding of a float32 matmul's inputs: 0 at full precision, else as bf16 (the coarsest)."""
+def _input_rounding() -> float:
+    """Relative rounding of a CPU float32 matmul's inputs: 0 at full precision, else as bf16 (the coarsest)."""
     reduced = torch.get_float32_matmul_precision() != "highest"
-    if device.type == "cuda":
-        reduced = reduced or torch.backends.cuda.matmul.allow_tf32
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    reduced = reduced or getattr(mkldnn, "fp32_precision", "none") not in ("none", "ieee")
     return 2.0**-8 if reduced else 0.0
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _one_thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads whose torch operations each run on one thread (torch's thread count is
+    per thread): many small products in parallel, without a parallel region (and its barrier) per product."""
+    if workers not in _POOLS:
+        _POOLS[workers] = ThreadPoolExecutor(workers, "block-knn", torch.set_num_threads, (1,))
+    return _POOLS[workers]
 
 
 class BlockKnn:
@@ -102,8 +115,9 @@ class BlockKnn:
 
     Prepared once (the database transposed in chunks of ``chunk`` rows, each (D + 1, chunk) float32 and
     contiguous, its last row the squared norms; the largest norm of each block of ``block`` rows), then
-    :meth:`search` answers with one float32 matrix product per chunk (staying in cache), keeps only the smallest
-    coarse score of each block, and recomputes in float64 the rows of every block that may hold a neighbour.
+    :meth:`search` answers with one float32 matrix product per chunk (staying in cache; with torch's thread
+    count > 1, as many threads share the chunks), keeps only the smallest coarse score of each block, and
+    recomputes in float64 the rows of every block that may hold a neighbour.
 
     Why it is exact. The coarse score of query q and row x is c = fl([−2q, 1]·[x, fl(‖x‖²)]), the exact score
     s = ‖x‖² − 2 q·x (‖q‖² is the same for every row, so s orders rows as the distance does). For any order of
@@ -119,41 +133,46 @@ class BlockKnn:
     """
 
     def __init__(self, database: torch.Tensor, block: int = 16, chunk: int = 4096, group: int = 8) -> None:
+        if database.device.type != "cpu" or database.dtype != torch.float32:
+            raise ValueError(
+                f"BlockKnn needs a CPU float32 database, got {database.dtype} on {database.device}"
+            )
         n, dim = database.shape
-        self.database = database
+        self.database = database.numpy()  # a view: the rows re-ranked in float64
         self.n, self.dim, self.block = n, dim, block
         self.nb = max(group, chunk // block // group * group)  # blocks per chunk
         self.chunk = self.nb * block
         self.group = group
         n_chunks = -(-max(n, 1) // self.chunk)
-        n_pad = n_chunks * self.chunk
-        norms64 = torch.zeros(n_pad, dtype=torch.float64, device=database.device)
-        self.chunks = torch.zeros(n_chunks, dim + 1, self.chunk, dtype=torch.float32, device=database.device)
+        norms64 = np.zeros(n_chunks * self.chunk)
+        self.chunks = torch.zeros(n_chunks, dim + 1, self.chunk, dtype=torch.float32)
         for c in range(n_chunks):
             x = database[c * self.chunk : (c + 1) * self.chunk]
-            norms64[c * self.chunk : c * self.chunk + len(x)] = (x.double() ** 2).sum(1)
+            x64 = x.numpy().astype(np.float64)
+            norms64[c * self.chunk : c * self.chunk + len(x)] = np.einsum("ij,ij->i", x64, x64)
             self.chunks[c, :dim, : len(x)] = x.T
-        self.chunks[:, dim] = norms64.float().view(n_chunks, self.chunk)
+        self.chunks[:, dim] = torch.from_numpy(norms64.astype(np.float32).reshape(n_chunks, self.chunk))
         self.chunks[-1, dim, n - (n_chunks - 1) * self.chunk :] = float("inf")  # padding rows never win
         # block g = (chunk c, slot b) holds rows c·chunk + b + t·nb, t < block: neighbouring rows in distinct
         # blocks; group (c, j) holds blocks (c, j + i·nb / group), i < group
-        self.block_norm = norms64.sqrt().view(-1, block, self.nb).amax(1).reshape(-1) * (1 + 1e-12)
-        self.group_norm = self.block_norm.view(-1, group, self.nb // group).amax(1).reshape(-1)
+        self.block_norm = np.sqrt(norms64).reshape(-1, block, self.nb).max(1).reshape(-1) * (1 + 1e-12)
+        self.group_norm = self.block_norm.reshape(-1, group, self.nb // group).max(1).reshape(-1)
 
-    def _bound(self, q_norm: torch.Tensor, x_norm: torch.Tensor) -> torch.Tensor:
+    def _bound(self, q_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
         """float64 bound on |coarse − exact| score for queries of norm ``q_norm`` and rows of norm ≤ ``x_norm``
         (broadcast)."""
-        u, r = _U32, _input_rounding(self.chunks.device)
+        u, r = _U32, _input_rounding()
         gamma = (self.dim + 1) * u / (1 - (self.dim + 1) * u)
         m2 = x_norm * x_norm
-        return (
+        bound: np.ndarray = (
             2 * ((gamma + 2 * r) * (2 * q_norm * x_norm + m2) + 2 * u * m2) + 1e-12 * (q_norm + x_norm) ** 2
         )
+        return bound
 
     def _augmented(self, queries: torch.Tensor) -> torch.Tensor:
         """(n, D + 1) float32 [−2q, 1]: its product with a chunk is the chunk's coarse scores."""
-        q = queries.to(self.chunks.device, torch.float32)
-        return torch.cat([-2 * q, torch.ones(len(q), 1, device=q.device)], 1)
+        q = queries.detach().to("cpu", torch.float32)
+        return torch.cat([-2 * q, torch.ones(len(q), 1)], 1)
 
     def coarse_scores(self, queries: torch.Tensor) -> torch.Tensor:
         """(n, N) float32 coarse scores c of every row, as :meth:`search` computes them (for checking)."""
@@ -161,52 +180,53 @@ class BlockKnn:
         return torch.cat([qa @ self.chunks[c] for c in range(len(self.chunks))], 1)[:, : self.n]
 
     def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Exact k nearest rows to each query (n, D) float32: (distances (n, k') float32 ascending, float64
-        brute force rounded; rows (n, k') int64, ties to the lower row), k' = min(k, N)."""
+        """Exact k nearest rows to each query (n, D): (distances (n, k') float32 ascending, the float64 brute
+        force's rounded; rows (n, k') int64, ties to the lower row), k' = min(k, N). On the CPU."""
         n_q, k = len(queries), min(k, self.n)
-        dev = self.chunks.device
         if n_q == 0 or k == 0:
-            return torch.zeros(n_q, k, device=dev), torch.zeros(n_q, k, dtype=torch.long, device=dev)
-        q = queries.to(dev, torch.float32).contiguous()
-        qa = self._augmented(q)
+            return torch.zeros(n_q, k), torch.zeros(n_q, k, dtype=torch.long)
+        qa = self._augmented(queries)
         n_chunks, per_group = len(self.chunks), self.nb // self.group
-        block_min = torch.empty(n_q, n_chunks, self.nb, dtype=torch.float32, device=dev)
-        buf = torch.empty(n_q, self.chunk, dtype=torch.float32, device=dev)
-        for c in range(n_chunks):
-            torch.mm(qa, self.chunks[c], out=buf)
-            torch.amin(buf.view(n_q, self.block, self.nb), dim=1, out=block_min[:, c])
-        q64 = q.double()
-        q_norm = q64.norm(dim=1, keepdim=True)
-        group_min = block_min.view(n_q, n_chunks, self.group, per_group).amin(2).view(n_q, -1).double()
+        block_min = torch.empty(n_q, n_chunks, self.nb, dtype=torch.float32)
+
+        def coarse_pass(first: int, step: int) -> None:  # chunks first, first + step, …
+            buf = torch.empty(n_q, self.chunk, dtype=torch.float32)
+            for c in range(first, n_chunks, step):
+                torch.mm(qa, self.chunks[c], out=buf)
+                torch.amin(buf.view(n_q, self.block, self.nb), dim=1, out=block_min[:, c])
+
+        workers = min(torch.get_num_threads(), n_chunks)
+        if workers > 1:  # threads over chunks, one thread within each product
+            list(_one_thread_pool(workers).map(coarse_pass, range(workers), [workers] * workers))
+        else:
+            coarse_pass(0, 1)
+        # the rest on small arrays, in numpy (one thread, little overhead per operation)
+        mins = block_min.numpy()
+        q64 = qa[:, : self.dim].numpy().astype(np.float64) / -2  # exact: the float32 queries
+        q_norm = np.sqrt(np.einsum("ij,ij->i", q64, q64))[:, None]
+        group_min = (
+            mins.reshape(n_q, n_chunks, self.group, per_group).min(2).reshape(n_q, -1).astype(np.float64)
+        )
         bound = self._bound(q_norm, self.group_norm[None])
         upper = group_min + bound  # each ≥ the exact score of a row of its own group
+        limit = np.full(n_q, np.inf)
         if upper.shape[1] >= k:
-            limit = upper.topk(k, dim=1, largest=False).values[:, -1]
-        else:
-            limit = torch.full((n_q,), float("inf"), dtype=torch.float64, device=dev)
-        qi, h = ((group_min - bound) <= limit[:, None]).nonzero(as_tuple=True)
-        blocks = ((h // per_group) * self.nb + h % per_group)[:, None] + torch.arange(
-            self.group, device=dev
-        ) * per_group  # (P, group)
-        lower = block_min.view(n_q, -1)[qi[:, None], blocks].double() - self._bound(
-            q_norm[qi], self.block_norm[blocks]
-        )
+            limit = np.partition(upper, k - 1, axis=1)[:, k - 1]
+        qi, h = np.nonzero(group_min - bound <= limit[:, None])
+        blocks = ((h // per_group) * self.nb + h % per_group)[:, None] + np.arange(self.group) * per_group
+        lower = mins.reshape(n_q, -1)[qi[:, None], blocks] - self._bound(q_norm[qi], self.block_norm[blocks])
         keep = lower <= limit[qi, None]
-        qi, g = qi[:, None].expand_as(blocks)[keep], blocks[keep]
+        qi, g = np.broadcast_to(qi[:, None], blocks.shape)[keep], blocks[keep]
         # every row of the candidate blocks, exactly in float64
-        t = torch.arange(self.block, device=dev) * self.nb
-        rows = ((g // self.nb) * self.chunk + g % self.nb)[:, None] + t  # (P, block)
-        dist = torch.empty(rows.shape, dtype=torch.float64, device=dev)
+        rows = ((g // self.nb) * self.chunk + g % self.nb)[:, None] + np.arange(self.block) * self.nb
+        dist = np.empty(rows.shape)
         slab = max(1, (1 << 22) // (self.block * self.dim))
         for s in range(0, len(rows), slab):
-            r = rows[s : s + slab]
-            x = self.database[r.clamp(max=self.n - 1)].double()
-            dist[s : s + slab] = ((q64[qi[s : s + slab], None] - x) ** 2).sum(-1)
-        dist[rows >= self.n] = float("inf")
-        qi, rows, dist = qi[:, None].expand_as(rows).reshape(-1), rows.reshape(-1), dist.reshape(-1)
-        order = rows.argsort(stable=True)  # ties to the lower row, then by distance, then by query
-        order = order[dist[order].argsort(stable=True)]
-        order = order[qi[order].argsort(stable=True)]
-        counts = torch.bincount(qi, minlength=n_q)
-        pick = order[(torch.cumsum(counts, 0) - counts)[:, None] + torch.arange(k, device=dev)]
-        return dist[pick].float(), rows[pick]
+            diff = q64[qi[s : s + slab], None] - self.database[np.minimum(rows[s : s + slab], self.n - 1)]
+            dist[s : s + slab] = np.einsum("ijk,ijk->ij", diff, diff)
+        dist[rows >= self.n] = np.inf
+        qi, rows, dist = np.repeat(qi, self.block), rows.reshape(-1), dist.reshape(-1)
+        order = np.lexsort((rows, dist, qi))  # by query, then distance, then row
+        counts = np.bincount(qi, minlength=n_q)
+        pick = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]
+        return torch.from_numpy(dist[pick].astype(np.float32)), torch.from_numpy(rows[pick])
