@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -110,6 +111,16 @@ def _one_thread_pool(workers: int) -> ThreadPoolExecutor:
     return _POOLS[workers]
 
 
+def _over_chunks(work: Callable[[int, int], None], n_chunks: int) -> None:
+    """``work(first, step)`` for the chunks first, first + step, …: on this thread, or with torch's thread count
+    > 1 on that many threads of one torch thread each."""
+    workers = min(torch.get_num_threads(), n_chunks)
+    if workers > 1:
+        list(_one_thread_pool(workers).map(work, range(workers), [workers] * workers))
+    else:
+        work(0, 1)
+
+
 class BlockKnn:
     """Exact k nearest rows by squared L2, for a few queries at a time against a large fixed database.
 
@@ -122,14 +133,14 @@ class BlockKnn:
     Why it is exact. The coarse score of query q and row x is c = fl([−2q, 1]·[x, fl(‖x‖²)]), the exact score
     s = ‖x‖² − 2 q·x (‖q‖² is the same for every row, so s orders rows as the distance does). For any order of
     summation, fused or not, a float32 dot product of n terms is off by at most γ_n Σ|a_i b_i| (γ_n = n·u /
-    (1 − n·u), u = 2⁻²⁴), and Σ|a_i b_i| ≤ 2‖q‖‖x‖ + (1 + u)‖x‖²; the rounded norm adds u‖x‖². So |c − s| ≤ E =
-    2·((γ_{D+1} + 2r)·(2‖q‖M + M²) + 2u·M²) + 10⁻¹²·(‖q‖ + M)², M the block's largest ‖x‖, r the rounding of
-    the inputs when float32 matrix products run at reduced precision (0 by default); the factor 2 covers the
-    second-order terms and the last term the float64 re-ranking. Over k distinct groups of blocks, the k
-    smallest values of (group's smallest c) + E are each ≥ the exact score of a distinct row, so the k-th
-    exact score s_k is at most the k-th of them, T. Any row with s ≤ s_k has c ≤ s + E ≤ T + E, so its block's
-    smallest c is ≤ T + E: every such block is re-ranked in float64, and the answer is the float64 brute
-    force's, ties to the lower row.
+    (1 − n·u), u = 2⁻²⁴), so the float32 norm is off by at most γ_D‖x‖², and Σ|a_i b_i| ≤ 2‖q‖‖x‖ + fl(‖x‖²).
+    So |c − s| ≤ E = 2·((γ_{D+1} + 2r)·(2‖q‖M + M²) + γ_{D+1}·M²) + 10⁻¹²·(‖q‖ + M)², M ≥ the block's largest
+    ‖x‖ and M² ≥ its largest fl(‖x‖²), r the rounding of the inputs when float32 matrix products run at reduced
+    precision (0 by default); the factor 2 covers the second-order terms and the last term the float64
+    re-ranking. Over k distinct groups of blocks, the k smallest values of (group's smallest c) + E are each
+    ≥ the exact score of a distinct row, so the k-th exact score s_k is at most the k-th of them, T. Any row
+    with s ≤ s_k has c ≤ s + E ≤ T + E, so its block's smallest c is ≤ T + E: every such block is re-ranked
+    in float64, and the answer is the float64 brute force's, ties to the lower row.
     """
 
     def __init__(self, database: torch.Tensor, block: int = 16, chunk: int = 4096, group: int = 8) -> None:
@@ -144,18 +155,24 @@ class BlockKnn:
         self.chunk = self.nb * block
         self.group = group
         n_chunks = -(-max(n, 1) // self.chunk)
-        norms64 = np.zeros(n_chunks * self.chunk)
-        self.chunks = torch.zeros(n_chunks, dim + 1, self.chunk, dtype=torch.float32)
-        for c in range(n_chunks):
-            x = database[c * self.chunk : (c + 1) * self.chunk]
-            x64 = x.numpy().astype(np.float64)
-            norms64[c * self.chunk : c * self.chunk + len(x)] = np.einsum("ij,ij->i", x64, x64)
-            self.chunks[c, :dim, : len(x)] = x.T
-        self.chunks[:, dim] = torch.from_numpy(norms64.astype(np.float32).reshape(n_chunks, self.chunk))
+        self.chunks = torch.empty(n_chunks, dim + 1, self.chunk, dtype=torch.float32)
+        self.chunks[-1].zero_()
+
+        def prepare(first: int, step: int) -> None:  # chunks first, first + step, …: rows, then ‖x‖²
+            for c in range(first, n_chunks, step):
+                x = database[c * self.chunk : (c + 1) * self.chunk]
+                self.chunks[c, :dim, : len(x)] = x.T
+                torch.sum(x * x, 1, out=self.chunks[c, dim, : len(x)])
+
+        _over_chunks(prepare, n_chunks)
+        norms = self.chunks[:, dim].reshape(-1)  # float32 sums: off by at most γ_D·‖x‖²
         self.chunks[-1, dim, n - (n_chunks - 1) * self.chunk :] = float("inf")  # padding rows never win
+        gamma = dim * _U32 / (1 - dim * _U32)
+        x_norm = np.sqrt(norms.numpy().astype(np.float64) / (1 - gamma)) * (1 + 1e-12)  # ≥ ‖x‖
+        x_norm[n:] = 0.0
         # block g = (chunk c, slot b) holds rows c·chunk + b + t·nb, t < block: neighbouring rows in distinct
         # blocks; group (c, j) holds blocks (c, j + i·nb / group), i < group
-        self.block_norm = np.sqrt(norms64).reshape(-1, block, self.nb).max(1).reshape(-1) * (1 + 1e-12)
+        self.block_norm = x_norm.reshape(-1, block, self.nb).max(1).reshape(-1)
         self.group_norm = self.block_norm.reshape(-1, group, self.nb // group).max(1).reshape(-1)
 
     def _bound(self, q_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
@@ -165,7 +182,7 @@ class BlockKnn:
         gamma = (self.dim + 1) * u / (1 - (self.dim + 1) * u)
         m2 = x_norm * x_norm
         bound: np.ndarray = (
-            2 * ((gamma + 2 * r) * (2 * q_norm * x_norm + m2) + 2 * u * m2) + 1e-12 * (q_norm + x_norm) ** 2
+            2 * ((gamma + 2 * r) * (2 * q_norm * x_norm + m2) + gamma * m2) + 1e-12 * (q_norm + x_norm) ** 2
         )
         return bound
 
@@ -195,11 +212,7 @@ class BlockKnn:
                 torch.mm(qa, self.chunks[c], out=buf)
                 torch.amin(buf.view(n_q, self.block, self.nb), dim=1, out=block_min[:, c])
 
-        workers = min(torch.get_num_threads(), n_chunks)
-        if workers > 1:  # threads over chunks, one thread within each product
-            list(_one_thread_pool(workers).map(coarse_pass, range(workers), [workers] * workers))
-        else:
-            coarse_pass(0, 1)
+        _over_chunks(coarse_pass, n_chunks)
         # the rest on small arrays, in numpy (one thread, little overhead per operation)
         mins = block_min.numpy()
         q64 = qa[:, : self.dim].numpy().astype(np.float64) / -2  # exact: the float32 queries

@@ -61,8 +61,9 @@ def resolve_backend(backend: Backend, kind: str, interactive: bool = False) -> t
 
     ``interactive``: the index answers a few queries at a time (one image's patches, one prototype). FAISS
     answers fewer than 20 queries on the CPU without BLAS, one query after another; ``auto`` then picks the
-    exact torch search for a flat index (one BLAS matrix product per database chunk and a partial top-k).
-    Large batches (pruning's search of every prototype) stay on FAISS.
+    exact torch search for a flat index (on the CPU :class:`~protoaudit.core.knn.BlockKnn`: one float32 product
+    per cache-sized chunk, then float64 re-ranking of the rows a proven error bound leaves in doubt; prepared at
+    the first search). Large batches (pruning's search of every prototype) stay on FAISS.
     """
     import faiss
 
