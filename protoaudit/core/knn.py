@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -107,7 +108,12 @@ def _one_thread_pool(workers: int) -> ThreadPoolExecutor:
     """A pool of ``workers`` threads whose torch operations each run on one thread (torch's thread count is
     per thread): many small products in parallel, without a parallel region (and its barrier) per product."""
     if workers not in _POOLS:
-        _POOLS[workers] = ThreadPoolExecutor(workers, "block-knn", torch.set_num_threads, (1,))
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(workers, "block-knn", torch.set_num_threads, (1,))
+        started = threading.Barrier(workers, timeout=30)
+        list(pool.map(lambda _: started.wait(), range(workers)))  # every worker started, on one thread
+        torch.set_num_threads(threads)  # what threads started later inherit, as it was
+        _POOLS[workers] = pool
     return _POOLS[workers]
 
 
