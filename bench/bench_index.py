@@ -271,10 +271,14 @@ def interactive_query(n_patches: int, dim: int, repeat: int, threads: list[int],
     for n_threads in threads:
         at = table[table["threads"] == n_threads].set_index("path")["p50 ms"]
         new = at["new: BlockKnn"]
+        goal = (
+            f"goal p50 ≤ 20 ms: {'met' if new <= 20 else 'NOT met'} ({new:.1f} ms)"
+            if (n_patches, dim) == (300_000, 128)
+            else "goal (300000 patches, D = 128) not checked at this size"
+        )
         print(
             f"threads {n_threads}: new / old torch {new / at['old: exact_knn_torch']:.2f}, new / FAISS "
-            f"{new / at['old: flat FAISS']:.3f}; goal p50 ≤ 20 ms: {'met' if new <= 20 else 'NOT met'} "
-            f"({new:.1f} ms)"
+            f"{new / at['old: flat FAISS']:.3f}; {goal}"
         )
     print(f"cores {os.cpu_count()}; load average now {os.getloadavg()}")
 
