@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import torch
 
@@ -84,3 +88,164 @@ def min_distances_by_image(
         idx = image_index[start : start + chunk, None].expand(-1, m)
         out.scatter_reduce_(0, idx, d, reduce="amin")
     return out
+
+
+_U32 = 2.0**-24  # unit roundoff of float32
+
+
+def _input_rounding() -> float:
+    """Relative rounding of a CPU float32 matmul's inputs: 0 at full precision, else as bf16 (the coarsest)."""
+    reduced = torch.get_float32_matmul_precision() != "highest"
+    mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
+    reduced = reduced or getattr(mkldnn, "fp32_precision", "none") not in ("none", "ieee")
+    return 2.0**-8 if reduced else 0.0
+
+
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+
+
+def _one_thread_pool(workers: int) -> ThreadPoolExecutor:
+    """A pool of ``workers`` threads whose torch operations each run on one thread (torch's thread count is
+    per thread): many small products in parallel, without a parallel region (and its barrier) per product."""
+    if workers not in _POOLS:
+        threads = torch.get_num_threads()
+        pool = ThreadPoolExecutor(workers, "block-knn", torch.set_num_threads, (1,))
+        started = threading.Barrier(workers, timeout=30)
+        list(pool.map(lambda _: started.wait(), range(workers)))  # every worker started, on one thread
+        torch.set_num_threads(threads)  # what threads started later inherit, as it was
+        _POOLS[workers] = pool
+    return _POOLS[workers]
+
+
+def _over_chunks(work: Callable[[int, int], None], n_chunks: int) -> None:
+    """``work(first, step)`` for the chunks first, first + step, …: on this thread, or with torch's thread count
+    > 1 on that many threads of one torch thread each."""
+    workers = min(torch.get_num_threads(), n_chunks)
+    if workers > 1:
+        list(_one_thread_pool(workers).map(work, range(workers), [workers] * workers))
+    else:
+        work(0, 1)
+
+
+class BlockKnn:
+    """Exact k nearest rows by squared L2, for a few queries at a time against a large fixed database.
+
+    Prepared once (the database transposed in chunks of ``chunk`` rows, each (D + 1, chunk) float32 and
+    contiguous, its last row the squared norms; the largest norm of each block of ``block`` rows), then
+    :meth:`search` answers with one float32 matrix product per chunk (staying in cache; with torch's thread
+    count > 1, as many threads share the chunks), keeps only the smallest coarse score of each block, and
+    recomputes in float64 the rows of every block that may hold a neighbour.
+
+    Why it is exact. The coarse score of query q and row x is c = fl([−2q, 1]·[x, fl(‖x‖²)]), the exact score
+    s = ‖x‖² − 2 q·x (‖q‖² is the same for every row, so s orders rows as the distance does). For any order of
+    summation, fused or not, a float32 dot product of n terms is off by at most γ_n Σ|a_i b_i| (γ_n = n·u /
+    (1 − n·u), u = 2⁻²⁴), so the float32 norm is off by at most γ_D‖x‖², and Σ|a_i b_i| ≤ 2‖q‖‖x‖ + fl(‖x‖²).
+    So |c − s| ≤ E = 2·((γ_{D+1} + 2r)·(2‖q‖M + M²) + γ_{D+1}·M²) + 10⁻¹²·(‖q‖ + M)², M ≥ the block's largest
+    ‖x‖ and M² ≥ its largest fl(‖x‖²), r the rounding of the inputs when float32 matrix products run at reduced
+    precision (0 by default); the factor 2 covers the second-order terms and the last term the float64
+    re-ranking. Over k distinct groups of blocks, the k smallest values of (group's smallest c) + E are each
+    ≥ the exact score of a distinct row, so the k-th exact score s_k is at most the k-th of them, T. Any row
+    with s ≤ s_k has c ≤ s + E ≤ T + E, so its block's smallest c is ≤ T + E: every such block is re-ranked
+    in float64, and the answer is the float64 brute force's, ties to the lower row.
+    """
+
+    def __init__(self, database: torch.Tensor, block: int = 16, chunk: int = 4096, group: int = 8) -> None:
+        if database.device.type != "cpu" or database.dtype != torch.float32:
+            raise ValueError(
+                f"BlockKnn needs a CPU float32 database, got {database.dtype} on {database.device}"
+            )
+        n, dim = database.shape
+        self.database = database.numpy()  # a view: the rows re-ranked in float64
+        self.n, self.dim, self.block = n, dim, block
+        self.nb = max(group, chunk // block // group * group)  # blocks per chunk
+        self.chunk = self.nb * block
+        self.group = group
+        n_chunks = -(-max(n, 1) // self.chunk)
+        self.chunks = torch.empty(n_chunks, dim + 1, self.chunk, dtype=torch.float32)
+        self.chunks[-1].zero_()
+
+        def prepare(first: int, step: int) -> None:  # chunks first, first + step, …: rows, then ‖x‖²
+            for c in range(first, n_chunks, step):
+                x = database[c * self.chunk : (c + 1) * self.chunk]
+                self.chunks[c, :dim, : len(x)] = x.T
+                torch.sum(x * x, 1, out=self.chunks[c, dim, : len(x)])
+
+        _over_chunks(prepare, n_chunks)
+        norms = self.chunks[:, dim].reshape(-1)  # float32 sums: off by at most γ_D·‖x‖²
+        self.chunks[-1, dim, n - (n_chunks - 1) * self.chunk :] = float("inf")  # padding rows never win
+        gamma = dim * _U32 / (1 - dim * _U32)
+        x_norm = np.sqrt(norms.numpy().astype(np.float64) / (1 - gamma)) * (1 + 1e-12)  # ≥ ‖x‖
+        x_norm[n:] = 0.0
+        # block g = (chunk c, slot b) holds rows c·chunk + b + t·nb, t < block: neighbouring rows in distinct
+        # blocks; group (c, j) holds blocks (c, j + i·nb / group), i < group
+        self.block_norm = x_norm.reshape(-1, block, self.nb).max(1).reshape(-1)
+        self.group_norm = self.block_norm.reshape(-1, group, self.nb // group).max(1).reshape(-1)
+
+    def _bound(self, q_norm: np.ndarray, x_norm: np.ndarray) -> np.ndarray:
+        """float64 bound on |coarse − exact| score for queries of norm ``q_norm`` and rows of norm ≤ ``x_norm``
+        (broadcast)."""
+        u, r = _U32, _input_rounding()
+        gamma = (self.dim + 1) * u / (1 - (self.dim + 1) * u)
+        m2 = x_norm * x_norm
+        bound: np.ndarray = (
+            2 * ((gamma + 2 * r) * (2 * q_norm * x_norm + m2) + gamma * m2) + 1e-12 * (q_norm + x_norm) ** 2
+        )
+        return bound
+
+    def _augmented(self, queries: torch.Tensor) -> torch.Tensor:
+        """(n, D + 1) float32 [−2q, 1]: its product with a chunk is the chunk's coarse scores."""
+        q = queries.detach().to("cpu", torch.float32)
+        return torch.cat([-2 * q, torch.ones(len(q), 1)], 1)
+
+    def coarse_scores(self, queries: torch.Tensor) -> torch.Tensor:
+        """(n, N) float32 coarse scores c of every row, as :meth:`search` computes them (for checking)."""
+        qa = self._augmented(queries)
+        return torch.cat([qa @ self.chunks[c] for c in range(len(self.chunks))], 1)[:, : self.n]
+
+    def search(self, queries: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Exact k nearest rows to each query (n, D): (distances (n, k') float32 ascending, the float64 brute
+        force's rounded; rows (n, k') int64, ties to the lower row), k' = min(k, N). On the CPU."""
+        n_q, k = len(queries), min(k, self.n)
+        if n_q == 0 or k == 0:
+            return torch.zeros(n_q, k), torch.zeros(n_q, k, dtype=torch.long)
+        qa = self._augmented(queries)
+        n_chunks, per_group = len(self.chunks), self.nb // self.group
+        block_min = torch.empty(n_q, n_chunks, self.nb, dtype=torch.float32)
+
+        def coarse_pass(first: int, step: int) -> None:  # chunks first, first + step, …
+            buf = torch.empty(n_q, self.chunk, dtype=torch.float32)
+            for c in range(first, n_chunks, step):
+                torch.mm(qa, self.chunks[c], out=buf)
+                torch.amin(buf.view(n_q, self.block, self.nb), dim=1, out=block_min[:, c])
+
+        _over_chunks(coarse_pass, n_chunks)
+        # the rest on small arrays, in numpy (one thread, little overhead per operation)
+        mins = block_min.numpy()
+        q64 = qa[:, : self.dim].numpy().astype(np.float64) / -2  # exact: the float32 queries
+        q_norm = np.sqrt(np.einsum("ij,ij->i", q64, q64))[:, None]
+        group_min = (
+            mins.reshape(n_q, n_chunks, self.group, per_group).min(2).reshape(n_q, -1).astype(np.float64)
+        )
+        bound = self._bound(q_norm, self.group_norm[None])
+        upper = group_min + bound  # each ≥ the exact score of a row of its own group
+        limit = np.full(n_q, np.inf)
+        if upper.shape[1] >= k:
+            limit = np.partition(upper, k - 1, axis=1)[:, k - 1]
+        qi, h = np.nonzero(group_min - bound <= limit[:, None])
+        blocks = ((h // per_group) * self.nb + h % per_group)[:, None] + np.arange(self.group) * per_group
+        lower = mins.reshape(n_q, -1)[qi[:, None], blocks] - self._bound(q_norm[qi], self.block_norm[blocks])
+        keep = lower <= limit[qi, None]
+        qi, g = np.broadcast_to(qi[:, None], blocks.shape)[keep], blocks[keep]
+        # every row of the candidate blocks, exactly in float64
+        rows = ((g // self.nb) * self.chunk + g % self.nb)[:, None] + np.arange(self.block) * self.nb
+        dist = np.empty(rows.shape)
+        slab = max(1, (1 << 22) // (self.block * self.dim))
+        for s in range(0, len(rows), slab):
+            diff = q64[qi[s : s + slab], None] - self.database[np.minimum(rows[s : s + slab], self.n - 1)]
+            dist[s : s + slab] = np.einsum("ijk,ijk->ij", diff, diff)
+        dist[rows >= self.n] = np.inf
+        qi, rows, dist = np.repeat(qi, self.block), rows.reshape(-1), dist.reshape(-1)
+        order = np.lexsort((rows, dist, qi))  # by query, then distance, then row
+        counts = np.bincount(qi, minlength=n_q)
+        pick = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]
+        return torch.from_numpy(dist[pick].astype(np.float32)), torch.from_numpy(rows[pick])

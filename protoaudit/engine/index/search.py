@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from protoaudit.core.knn import exact_knn_torch
+from protoaudit.core.knn import BlockKnn, exact_knn_torch
 from protoaudit.engine.index.files import INDEX_FORMAT_VERSION, META_KEY, index_paths
 from protoaudit.engine.io import sha256_file
 from protoaudit.engine.run import verified_weights_sha256
@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
 
 GPU_FAISS_MAX_K = 2048  # GPU faiss answers at most this many neighbours per query
+BLOCK_KNN_MAX_K = 256  # the CPU torch backend answers up to this many neighbours by BlockKnn (exact, proven)
+BLOCK_KNN_QUERIES = 256  # queries per BlockKnn search (its per-block minima are queries × patches / 16)
 
 
 Backend = Literal["auto", "faiss", "faiss-gpu", "torch"]
@@ -59,8 +61,9 @@ def resolve_backend(backend: Backend, kind: str, interactive: bool = False) -> t
 
     ``interactive``: the index answers a few queries at a time (one image's patches, one prototype). FAISS
     answers fewer than 20 queries on the CPU without BLAS, one query after another; ``auto`` then picks the
-    exact torch search for a flat index (one BLAS matrix product per database chunk and a partial top-k).
-    Large batches (pruning's search of every prototype) stay on FAISS.
+    exact torch search for a flat index (on the CPU :class:`~protoaudit.core.knn.BlockKnn`: one float32 product
+    per cache-sized chunk, then float64 re-ranking of the rows a proven error bound leaves in doubt; prepared at
+    the first search). Large batches (pruning's search of every prototype) stay on FAISS.
     """
     import faiss
 
@@ -107,6 +110,7 @@ class PatchIndex:
         self._row_starts = np.searchsorted(self._image_of_row[self._row_order], np.arange(n_images + 1))
         self._database: torch.Tensor | None = None
         self._norms: torch.Tensor | None = None
+        self._block_knn: BlockKnn | None = None  # built at the first CPU torch search, not at loading
         self._gpu_index: Any = None
 
     @property
@@ -219,8 +223,18 @@ class PatchIndex:
                 self._database = torch.from_numpy(stored.reshape(self.ntotal, self.dim))
             else:
                 self._database = torch.from_numpy(self.vectors()).to(self.device)
+        queries = torch.from_numpy(q).to(self.device)
+        if self.device.type == "cpu" and k <= BLOCK_KNN_MAX_K:  # a few queries: BlockKnn (exact)
+            if self._block_knn is None:
+                self._block_knn = BlockKnn(self._database)
+            parts = [
+                self._block_knn.search(queries[s : s + BLOCK_KNN_QUERIES], k)
+                for s in range(0, len(queries), BLOCK_KNN_QUERIES)
+            ]
+            return torch.cat([d for d, _ in parts]), torch.cat([r for _, r in parts])
+        if self._norms is None:
             self._norms = torch.linalg.vector_norm(self._database, dim=1).square_()
-        return exact_knn_torch(self._database, torch.from_numpy(q).to(self.device), k, self._norms)
+        return exact_knn_torch(self._database, queries, k, self._norms)
 
     def _faiss_gpu(self) -> Any:  # pragma: no cover - needs CUDA and a GPU faiss
         import faiss
