@@ -198,3 +198,13 @@ def test_prediction_changes_counts_flips_both_ways() -> None:
     assert c["wrong_to_correct"] == pytest.approx(1 / 2)
     assert (c["top1_before"], c["top1_after"]) == (0.5, 0.5)
     assert prediction_changes(eye[[0]], eye[[0]], np.array([0]))["wrong_to_correct"] is None
+
+
+def test_confusion_counts_as_sklearn_does() -> None:
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(0)
+    labels, preds = rng.integers(0, 5, 200), rng.integers(0, 6, 200)  # class 5: outside K = 5, not counted
+    expected = confusion_matrix(labels, preds, labels=list(range(5)))
+    np.testing.assert_array_equal(confusion(labels, preds, 5), expected)
+    assert confusion(labels, preds, 5).sum() == int((preds < 5).sum())

@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from scipy.stats import binom
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 BOOTSTRAP_RESAMPLES = 2000
 ZERO_WEIGHT = 1e-3  # |w| at or below this counts as 0 (PIP-Net's tolerance)
@@ -133,6 +130,8 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, flo
         Dietterich, "Approximate Statistical Tests for Comparing Supervised Classification Learning
         Algorithms", Neural Computation 1998.
     """
+    from scipy.stats import binom  # imported here: scipy and sklearn take seconds to load
+
     a = np.asarray(correct_a, dtype=bool)
     b = np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape:
@@ -178,6 +177,8 @@ def expected_calibration_error(
         reliability diagrams, M = 15 bins).
         Naeini, Cooper & Hauskrecht, "Obtaining Well Calibrated Probabilities Using Bayesian Binning", AAAI 2015.
     """
+    from sklearn.calibration import calibration_curve
+
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(labels)
     if p.ndim != 2 or len(p) != len(y):
@@ -213,11 +214,13 @@ def expected_calibration_error(
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
-    """(K, K) int64 confusion matrix: row = true class, column = predicted class (sklearn)."""
-    return np.asarray(
-        confusion_matrix(np.asarray(labels), np.asarray(predictions), labels=list(range(n_classes))),
-        dtype=np.int64,
-    )
+    """(K, K) int64 confusion matrix: row = true class, column = predicted class (as sklearn's
+    ``confusion_matrix`` with ``labels=range(K)``: pairs with a class outside [0, K) are not counted)."""
+    y = np.asarray(labels, dtype=np.int64).ravel()
+    p = np.asarray(predictions, dtype=np.int64).ravel()
+    inside = (y >= 0) & (y < n_classes) & (p >= 0) & (p < n_classes)
+    counts = np.bincount(y[inside] * n_classes + p[inside], minlength=n_classes * n_classes)
+    return counts.reshape(n_classes, n_classes).astype(np.int64)
 
 
 def per_class_scores(
@@ -238,6 +241,8 @@ def per_class_scores(
         Sokolova & Lapalme, "A systematic analysis of performance measures for classification tasks",
         Information Processing & Management 2009.
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     classes = list(range(n_classes))
     precision, recall, f1, support = precision_recall_fscore_support(
         np.asarray(labels), np.asarray(predictions), labels=classes, zero_division=0.0
