@@ -248,10 +248,12 @@ def _evidence(
         table = ctx.run.prototypes(name)
         if "parent_prototype" in table:
             parents = [int(v) for v in table["parent_prototype"]]
-    sims = similarity(model(x[None])[1][0])  # (m,) at each prototype's closest patch
+    # one pass through the member: its forward's min distances, and the maps, from the same distances
+    distances = model.distances(model.latent(x[None]))  # (1, m, H, W)
+    sims = similarity(distances.amin(dim=(2, 3))[0])  # (m,) at each prototype's closest patch
     contribution = sims * model.last_layer.weight[p]  # (m,) evidence for class p
     best = torch.topk(contribution, k=min(3, contribution.numel())).indices
-    maps = similarity(model.distances(model.latent(x[None])))[0, best]  # (3, H, W)
+    maps = similarity(distances)[0, best]  # (3, H, W)
     boxes = percentile_boxes(maps, x.shape[-1])
     pruned_in_parent = ctx.pruned_sets.get(parent, set())
     evidence = []
