@@ -198,3 +198,11 @@ def test_prediction_changes_counts_flips_both_ways() -> None:
     assert c["wrong_to_correct"] == pytest.approx(1 / 2)
     assert (c["top1_before"], c["top1_after"]) == (0.5, 0.5)
     assert prediction_changes(eye[[0]], eye[[0]], np.array([0]))["wrong_to_correct"] is None
+
+
+def test_confusion_rows_are_true_classes_columns_predictions() -> None:
+    labels = np.array([0, 0, 1, 2, 2, 2])
+    preds = np.array([0, 1, 1, 2, 0, 2])
+    expected = np.array([[1, 1, 0], [0, 1, 0], [1, 0, 2]])
+    np.testing.assert_array_equal(confusion(labels, preds, 3), expected)
+    assert confusion(labels, preds, 4).shape == (4, 4)  # a class never seen still has its row and column

@@ -62,13 +62,15 @@ def deletion_curves(
 
     images: (n, 3, S, S) float32 in [0, 1]; prototypes: (n,) int64. Occluded pixels take the image's
     per-channel mean. The score is the prototype's largest similarity over all patches of the occluded image.
+    The model and images may sit on any device; the pixel orders are drawn on the CPU, so the curves do not
+    depend on it.
     """
     model.eval()
     n, _, size, _ = images.shape
     pixels = size * size
     fractions = np.linspace(0.0, 1.0, steps + 1)
     counts = torch.as_tensor(np.rint(fractions * pixels), dtype=torch.long)  # (T + 1,)
-    up = upsampled_maps(model, images, prototypes).flatten(1)  # (n, S·S)
+    up = upsampled_maps(model, images, prototypes).flatten(1).cpu()  # (n, S·S)
     generator = torch.Generator().manual_seed(seed)
     # rank of each pixel in each order: 0 = deleted first; order 0 is the activation order
     orders = [torch.argsort(-up, dim=1, stable=True)]
@@ -79,17 +81,17 @@ def deletion_curves(
         ranks[:, r].scatter_(1, order, positions)
     deleted = ranks[:, :, None, :] < counts[None, None, :, None]  # (n, 1 + R, T + 1, S·S) bool
     fill = images.mean(dim=(2, 3))  # (n, 3)
-    vectors = model.prototype_vectors[prototypes]  # (n, D)
+    vectors = model.prototype_vectors[prototypes.to(images.device)]  # (n, D)
     total = n * (1 + random_orders) * (steps + 1)
     flat_deleted = deleted.reshape(total, size, size)
     owner = torch.arange(n).repeat_interleave((1 + random_orders) * (steps + 1))  # (total,)
     scores = torch.empty(total)
     for start in range(0, total, batch_size):
         idx = owner[start : start + batch_size]
-        mask = flat_deleted[start : start + batch_size, None].to(images.dtype)  # (B, 1, S, S)
+        mask = flat_deleted[start : start + batch_size, None].to(images.device, images.dtype)  # (B, 1, S, S)
         x = images[idx] * (1 - mask) + fill[idx][:, :, None, None] * mask
         z = model.latent(x)
         d = ((z - vectors[idx][:, :, None, None]) ** 2).sum(dim=1).flatten(1).amin(dim=1)
-        scores[start : start + batch_size] = similarity(d)
+        scores[start : start + batch_size] = similarity(d).cpu()
     scores_np = scores.reshape(n, 1 + random_orders, steps + 1).double().numpy()
     return DeletionCurves(fractions, scores_np[:, 0], scores_np[:, 1:])

@@ -15,9 +15,6 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from scipy.stats import binom
-from sklearn.calibration import calibration_curve
-from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 if TYPE_CHECKING:
     import torch
@@ -136,6 +133,8 @@ def mcnemar_exact(correct_a: np.ndarray, correct_b: np.ndarray) -> dict[str, flo
         Dietterich, "Approximate Statistical Tests for Comparing Supervised Classification Learning
         Algorithms", Neural Computation 1998.
     """
+    from scipy.stats import binom  # imported here: scipy and sklearn take seconds to load
+
     a = np.asarray(correct_a, dtype=bool)
     b = np.asarray(correct_b, dtype=bool)
     if a.shape != b.shape:
@@ -181,6 +180,8 @@ def expected_calibration_error(
         reliability diagrams, M = 15 bins).
         Naeini, Cooper & Hauskrecht, "Obtaining Well Calibrated Probabilities Using Bayesian Binning", AAAI 2015.
     """
+    from sklearn.calibration import calibration_curve
+
     p = np.asarray(probabilities, dtype=np.float64)
     y = np.asarray(labels)
     if p.ndim != 2 or len(p) != len(y):
@@ -216,7 +217,10 @@ def expected_calibration_error(
 
 
 def confusion(labels: np.ndarray, predictions: np.ndarray, n_classes: int) -> np.ndarray:
-    """(K, K) int64 confusion matrix: row = true class, column = predicted class (sklearn)."""
+    """(K, K) int64 confusion matrix: row = true class, column = predicted class (sklearn's
+    ``confusion_matrix`` with ``labels=range(K)``)."""
+    from sklearn.metrics import confusion_matrix  # imported here: sklearn takes seconds to load
+
     return np.asarray(
         confusion_matrix(np.asarray(labels), np.asarray(predictions), labels=list(range(n_classes))),
         dtype=np.int64,
@@ -241,6 +245,8 @@ def per_class_scores(
         Sokolova & Lapalme, "A systematic analysis of performance measures for classification tasks",
         Information Processing & Management 2009.
     """
+    from sklearn.metrics import precision_recall_fscore_support
+
     classes = list(range(n_classes))
     precision, recall, f1, support = precision_recall_fscore_support(
         np.asarray(labels), np.asarray(predictions), labels=classes, zero_division=0.0

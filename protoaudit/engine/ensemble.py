@@ -26,6 +26,7 @@ from protoaudit.engine.distributed import (
     from_env,
     threads_per_rank,
 )
+from protoaudit.engine.faithfulness import record_faithfulness
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.recipe import Recipe
 from protoaudit.engine.run import (
@@ -365,6 +366,7 @@ def _train_members(
             prototypes,
         )
         save_logits(member_path(run_dir, member.name), {"test": test_logits}, {"test": bundle.test.labels})
+        record_faithfulness(member_path(run_dir, member.name), trained.model, bundle.push)  # for the report
         checkpoint.remove()  # the member is finished: model.json is the contract from here on
         trained.model.to(device)
         if recipe.index.build:  # from the selected push pass's and the test pass's latents

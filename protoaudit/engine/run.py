@@ -9,11 +9,13 @@
     reports/<name>/members/<m>/model.json         architecture, class names, stage history, metrics
     reports/<name>/members/<m>/prototypes.csv     one row per prototype after push
     reports/<name>/members/<m>/logits.safetensors (N, K) test logits, saved once when the member is made
+    reports/<name>/members/<m>/faithfulness.json  deletion curves of a sample of its prototypes
     reports/<name>/members/<m>-pruned/...         the pruned copy of member m (protoaudit prune)
     reports/<name>/purity.csv, audit.json, duplicates.csv   written by protoaudit prune
 
 This module owns the layout: every other module finds a run file through the functions here (``member_path``,
-``pruned_name``, ``accuracy_row``, ``save_logits``/``load_logits``, ``RunWriter``). Every file is written
+``pruned_name``, ``accuracy_row``, ``save_logits``/``load_logits``, ``save_faithfulness``/``load_faithfulness``,
+``RunWriter``). Every file is written
 atomically. One process at a time writes into a run: every command that writes holds
 the run's advisory lock (:func:`writing`) on ``.protoaudit.lock``, the first file of every run directory (so
 a folder is recognisably a run from its first moment on); commands that only read never take it.
@@ -63,6 +65,7 @@ ACCURACY_COLUMNS = [
 MEMBERS_DIR = "members"
 PRUNED_SUFFIX = "-pruned"  # members/<m>-pruned/: the pruned copy of member m
 LOGITS_FILE = "logits.safetensors"
+FAITHFULNESS_FILE = "faithfulness.json"
 
 
 def member_path(run_dir: str | os.PathLike[str], name: str) -> Path:
@@ -195,6 +198,23 @@ def load_logits(run_dir: str | os.PathLike[str], name: str) -> dict[str, torch.T
     if not path.is_file():
         return None
     return dict(load_tensors(path))
+
+
+def save_faithfulness(member_dir: Path, document: dict[str, Any]) -> None:
+    """Write ``faithfulness.json``: a member's deletion curves (:mod:`protoaudit.engine.faithfulness`)."""
+    write_json(member_dir / FAITHFULNESS_FILE, document, strict=True)
+
+
+def load_faithfulness(run_dir: str | os.PathLike[str], name: str) -> dict[str, Any] | None:
+    """Member ``name``'s deletion curves, or None where they were not recorded (runs before them, pruned and
+    imported members)."""
+    path = member_path(run_dir, name) / FAITHFULNESS_FILE
+    if not path.is_file():
+        return None
+    document = read_json(path)
+    if not isinstance(document, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return document
 
 
 def versions() -> dict[str, str]:

@@ -5,7 +5,6 @@ The sheet's numbers come from :func:`protoaudit.engine.explain.explain_image`; t
 
 from __future__ import annotations
 
-import base64
 import io
 import os
 import re
@@ -13,94 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from protoaudit.engine.explain import BOX_NOTE, Box, MemberEvidence, PrototypeEvidence, ReasoningSheet
+from protoaudit.engine.explain import BOX_NOTE, MemberEvidence, PrototypeEvidence, ReasoningSheet
 from protoaudit.engine.run import PRUNED_SUFFIX
-
-
-def _scale(size: int, target: int = 160) -> int:
-    return max(1, target // size)
-
-
-def overlay(image: np.ndarray, activation: np.ndarray, alpha: float = 0.5) -> np.ndarray:
-    """(S, S, 3) uint8 image with the (H, W) activation map upsampled (bicubic), min-max scaled and drawn
-    in the jet colour map over it → (S, S, 3) uint8."""
-    from matplotlib import colormaps
-
-    size = image.shape[0]
-    up = F.interpolate(
-        torch.from_numpy(np.ascontiguousarray(activation, dtype=np.float32))[None, None],
-        size=(size, image.shape[1]),
-        mode="bicubic",
-        align_corners=False,
-    )[0, 0].numpy()
-    span = float(up.max() - up.min())
-    scaled = (up - up.min()) / span if span > 0 else np.zeros_like(up)
-    heat = colormaps["jet"](scaled)[..., :3] * 255
-    return (image * (1 - alpha) + heat * alpha).clip(0, 255).astype(np.uint8)
-
-
-def draw_boxes(
-    image: np.ndarray,
-    box: Box | None = None,
-    cell: Box | None = None,
-    scale: int | None = None,
-    color: tuple[int, int, int] = (255, 230, 0),
-) -> np.ndarray:
-    """The image enlarged ``scale`` times (nearest) with ``box`` drawn solid and ``cell`` dashed."""
-    from PIL import Image, ImageDraw
-
-    scale = scale or _scale(image.shape[0])
-    big = Image.fromarray(image).resize(
-        (image.shape[1] * scale, image.shape[0] * scale), Image.Resampling.NEAREST
-    )
-    draw = ImageDraw.Draw(big)
-    width = max(1, scale // 2 + 1)
-    if box is not None:
-        y0, y1, x0, x1 = box
-        draw.rectangle([x0 * scale, y0 * scale, x1 * scale - 1, y1 * scale - 1], outline=color, width=width)
-    if cell is not None:
-        y0, y1, x0, x1 = (v * scale for v in cell)
-        dash = max(2, 2 * scale)
-        for x in range(x0, x1, 2 * dash):
-            draw.line([x, y0, min(x + dash, x1 - 1), y0], fill=(0, 255, 255), width=width)
-            draw.line([x, y1 - 1, min(x + dash, x1 - 1), y1 - 1], fill=(0, 255, 255), width=width)
-        for y in range(y0, y1, 2 * dash):
-            draw.line([x0, y, x0, min(y + dash, y1 - 1)], fill=(0, 255, 255), width=width)
-            draw.line([x1 - 1, y, x1 - 1, min(y + dash, y1 - 1)], fill=(0, 255, 255), width=width)
-    return np.asarray(big)
-
-
-def crop(image: np.ndarray, box: Box, scale: int | None = None) -> np.ndarray:
-    """The ``box`` of the image (the prototype's patch), enlarged to about the thumbnails' size."""
-    from PIL import Image
-
-    y0, y1, x0, x1 = box
-    patch = image[y0:y1, x0:x1]
-    if patch.size == 0:
-        patch = image
-    scale = scale or _scale(image.shape[0])
-    target = image.shape[0] * scale
-    factor = max(1, target // max(patch.shape[:2]))
-    return np.asarray(
-        Image.fromarray(patch).resize(
-            (patch.shape[1] * factor, patch.shape[0] * factor), Image.Resampling.NEAREST
-        )
-    )
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    from PIL import Image
-
-    buffer = io.BytesIO()
-    Image.fromarray(image).save(buffer, format="PNG")  # optimize=True costs ~0.3 s a strip for ~10 %
-    return buffer.getvalue()
-
-
-def data_uri(image: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(png_bytes(image)).decode("ascii")
+from protoaudit.report.images import crop, data_uri, draw_boxes, overlay
 
 
 def _thumbnails(sheet: ReasoningSheet, row: PrototypeEvidence) -> dict[str, np.ndarray]:

@@ -60,7 +60,7 @@ def write_strips(
     from protoaudit.core.model import similarity
     from protoaudit.engine.index.search import load_index
     from protoaudit.engine.io import write_bytes
-    from protoaudit.report.sheet import crop, draw_boxes, png_bytes
+    from protoaudit.report.images import crop, draw_boxes, png_bytes
 
     index = load_index(run, member, split, check=False)  # checked by nearest_to_prototypes
     model = run.member(member)
