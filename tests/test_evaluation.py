@@ -116,11 +116,16 @@ def test_final_solve_adds_augmented_views_and_leaves_the_sgd_epochs_alone() -> N
     )  # the views mattered
 
 
-def test_views_without_augmentation_are_refused() -> None:
+def test_views_without_augmentation_or_without_the_final_solve_are_refused() -> None:
     from protoaudit.engine.recipe import RecipeError
 
     with pytest.raises(RecipeError, match=r"last_layer_views = 1 needs data\.augment"):
         load_recipe(TINY_RECIPE, overrides=["data.augment=false", "schedule.last_layer_views=1"])
+    with pytest.raises(RecipeError, match=r"last_layer_views = 2 needs last_layer_solver = \"fista\""):
+        load_recipe(
+            TINY_RECIPE,
+            overrides=["data.augment=true", "schedule.last_layer_views=2", "schedule.last_layer_solver=adam"],
+        )
 
 
 def test_adam_solver_keeps_the_original_schedule() -> None:

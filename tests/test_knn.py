@@ -140,3 +140,43 @@ def test_same_answer_on_one_thread_and_on_several() -> None:
         torch.set_num_threads(before)
     torch.testing.assert_close(answers[0], answers[1], rtol=0, atol=0)
     assert_same(knn, database, queries, 7)
+
+
+def test_pool_workers_keep_one_torch_thread_after_their_first_operation() -> None:
+    from protoaudit.core.knn import _one_thread_pool
+
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        knn = BlockKnn(torch.rand(3000, 24, generator=torch.Generator().manual_seed(8)), block=8, chunk=256)
+        knn.search(torch.rand(5, 24), 3)
+
+        def after_a_large_operation(_: int) -> int:
+            torch.rand(512, 512).sum()  # an operation that sets up the thread's parallel region
+            return torch.get_num_threads()
+
+        assert list(_one_thread_pool(2).map(after_a_large_operation, range(2))) == [1, 1]
+        assert torch.get_num_threads() == 2  # the caller's count, as it was
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_reduced_matmul_precision_setting_still_gives_the_exact_answer() -> None:
+    gen = torch.Generator().manual_seed(9)
+    database, queries = torch.rand(2000, 16, generator=gen), torch.rand(7, 16, generator=gen)
+    knn = BlockKnn(database, block=8, chunk=256)
+    matmul = torch.backends.mkldnn.matmul
+    saved = matmul.fp32_precision
+    try:
+        matmul.fp32_precision = "bf16"  # torch then refuses its legacy precision getter
+        assert_same(knn, database, queries, 5)
+    finally:
+        matmul.fp32_precision = saved
+
+
+@pytest.mark.parametrize("where", ["database", "queries"])
+def test_non_finite_input_is_refused(where: str) -> None:
+    database, queries = torch.rand(500, 8), torch.rand(3, 8)
+    (database if where == "database" else queries)[1, 2] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        BlockKnn(database).search(queries, 2)

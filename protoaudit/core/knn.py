@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -94,14 +95,28 @@ _U32 = 2.0**-24  # unit roundoff of float32
 
 
 def _input_rounding() -> float:
-    """Relative rounding of a CPU float32 matmul's inputs: 0 at full precision, else as bf16 (the coarsest)."""
-    reduced = torch.get_float32_matmul_precision() != "highest"
+    """Relative rounding of a CPU float32 matmul's inputs: 0 at full precision, else as bf16 (the coarsest).
+    Where the precision cannot be read (torch refuses the legacy getter once a backend's ``fp32_precision`` was
+    set), it is taken as reduced: the safe side of the bound."""
     mkldnn = getattr(torch.backends.mkldnn, "matmul", None)
-    reduced = reduced or getattr(mkldnn, "fp32_precision", "none") not in ("none", "ieee")
+    reduced = getattr(mkldnn, "fp32_precision", "none") not in ("none", "ieee")
+    try:
+        reduced = reduced or torch.get_float32_matmul_precision() != "highest"
+    except RuntimeError:
+        reduced = True
     return 2.0**-8 if reduced else 0.0
 
 
 _POOLS: dict[int, ThreadPoolExecutor] = {}
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_POOLS.clear)  # a forked child has none of the pools' threads
+
+
+def _one_torch_thread() -> None:
+    """A pool worker's start: torch's per-thread setup runs first (at the first query of the count), so the
+    one thread set next stays the worker's for its life."""
+    torch.get_num_threads()
+    torch.set_num_threads(1)
 
 
 def _one_thread_pool(workers: int) -> ThreadPoolExecutor:
@@ -109,10 +124,15 @@ def _one_thread_pool(workers: int) -> ThreadPoolExecutor:
     per thread): many small products in parallel, without a parallel region (and its barrier) per product."""
     if workers not in _POOLS:
         threads = torch.get_num_threads()
-        pool = ThreadPoolExecutor(workers, "block-knn", torch.set_num_threads, (1,))
+        pool = ThreadPoolExecutor(workers, "block-knn", _one_torch_thread)
         started = threading.Barrier(workers, timeout=30)
-        list(pool.map(lambda _: started.wait(), range(workers)))  # every worker started, on one thread
-        torch.set_num_threads(threads)  # what threads started later inherit, as it was
+        try:
+            list(pool.map(lambda _: started.wait(), range(workers)))  # every worker started, on one thread
+        except BaseException:
+            pool.shutdown(wait=False)
+            raise
+        finally:
+            torch.set_num_threads(threads)  # what threads started later inherit, as it was
         _POOLS[workers] = pool
     return _POOLS[workers]
 
@@ -154,6 +174,8 @@ class BlockKnn:
             raise ValueError(
                 f"BlockKnn needs a CPU float32 database, got {database.dtype} on {database.device}"
             )
+        if not bool(torch.isfinite(database).all()):
+            raise ValueError("BlockKnn needs a finite database: a NaN or infinite row has no distance")
         n, dim = database.shape
         self.database = database.numpy()  # a view: the rows re-ranked in float64
         self.n, self.dim, self.block = n, dim, block
@@ -209,6 +231,8 @@ class BlockKnn:
         if n_q == 0 or k == 0:
             return torch.zeros(n_q, k), torch.zeros(n_q, k, dtype=torch.long)
         qa = self._augmented(queries)
+        if not bool(torch.isfinite(qa).all()):
+            raise ValueError("BlockKnn needs finite queries: a NaN or infinite query has no nearest row")
         n_chunks, per_group = len(self.chunks), self.nb // self.group
         block_min = torch.empty(n_q, n_chunks, self.nb, dtype=torch.float32)
 
@@ -247,5 +271,6 @@ class BlockKnn:
         qi, rows, dist = np.repeat(qi, self.block), rows.reshape(-1), dist.reshape(-1)
         order = np.lexsort((rows, dist, qi))  # by query, then distance, then row
         counts = np.bincount(qi, minlength=n_q)
+        assert counts.min() >= k, "fewer candidate rows than k: the bound was violated"
         pick = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]
         return torch.from_numpy(dist[pick].astype(np.float32)), torch.from_numpy(rows[pick])

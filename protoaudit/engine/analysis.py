@@ -76,6 +76,9 @@ def write_nearest(
     from protoaudit.engine.run import write_csv
 
     path = nearest_csv_path(run_dir, member, split)
+    nearest_record_path(run_dir, member, split).unlink(
+        missing_ok=True
+    )  # no record beside a half-replaced table
     write_csv(path, table[NEAREST_COLUMNS])
     write_json(
         nearest_record_path(run_dir, member, split),
@@ -151,9 +154,12 @@ def global_analysis(
         classes = np.asarray(run.member(member).config.prototype_class)
         for split in splits:
             saved = saved_nearest(run, member, split, k)  # prune's one search, where it still holds
-            table = nearest_to_prototypes(run, member, split, k) if saved is None else saved
-            info = read_index_info(index_paths(member_path(run.path, member), split)[1])
-            path = write_nearest(run.path, member, split, table, k, info)
+            if saved is None:
+                table = nearest_to_prototypes(run, member, split, k)
+                info = read_index_info(index_paths(member_path(run.path, member), split)[1])
+                path = write_nearest(run.path, member, split, table, k, info)
+            else:  # the saved file stays as it is: it may hold more ranks than asked for (the report reads them)
+                table, path = saved, nearest_csv_path(run.path, member, split)
             if on_table is not None:  # e.g. the strips of protoaudit.report.strips
                 on_table(member, split, table)
             own = float((table["label"].to_numpy() == classes[table["prototype"].to_numpy()]).mean())

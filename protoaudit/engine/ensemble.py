@@ -14,6 +14,7 @@ import pandas as pd
 import torch
 
 from protoaudit.core.metrics import ensemble_logits, top1
+from protoaudit.core.model import ProtoPNet
 from protoaudit.core.stats import top1_interval
 from protoaudit.engine.checkpoint import MemberCheckpoint
 from protoaudit.engine.data import DatasetBundle, build_dataset
@@ -366,9 +367,9 @@ def _train_members(
             prototypes,
         )
         save_logits(member_path(run_dir, member.name), {"test": test_logits}, {"test": bundle.test.labels})
-        record_faithfulness(member_path(run_dir, member.name), trained.model, bundle.push)  # for the report
         checkpoint.remove()  # the member is finished: model.json is the contract from here on
         trained.model.to(device)
+        _record_faithfulness(member_path(run_dir, member.name), trained.model, bundle, reporter)
         if recipe.index.build:  # from the selected push pass's and the test pass's latents
             from protoaudit.engine.index.build import build_member_indexes
 
@@ -392,6 +393,17 @@ def _train_members(
             f"[bold]{member.name}[/bold]: test top-1 {test_top1:.4f} (selected after epoch {trained.selected_epoch}, val top-1 {trained.val_top1:.4f})"
         )
     return rows, logits
+
+
+def _record_faithfulness(
+    member_dir: Path, model: ProtoPNet, bundle: DatasetBundle, reporter: Reporter
+) -> None:
+    """The member's deletion curves for the report, on the training device; a failure costs only the record (the
+    report then computes the curves itself and says so), never the trained member."""
+    try:
+        record_faithfulness(member_dir, model, bundle.push)
+    except Exception as exc:  # an optional record: the member is already saved
+        reporter.log(f"[yellow]warning[/yellow]: deletion curves not recorded for {member_dir.name} ({exc})")
 
 
 def _reload_finished_member(

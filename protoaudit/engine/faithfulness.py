@@ -1,5 +1,5 @@
 """Deletion curves of a sample of a member's prototypes, computed once where the member is in memory (at the
-end of its training, or after it is pruned) and kept in ``members/<m>/faithfulness.json``, so that the report
+end of its training) and kept in ``members/<m>/faithfulness.json``, so that the report
 reads them instead of running the member again.
 
 The check itself is :func:`protoaudit.core.faithfulness.deletion_curves`: occlude each sampled prototype's

@@ -232,6 +232,11 @@ class Schedule(_Strict):
     def _warm_fits(self) -> Schedule:
         if self.warm_epochs > self.epochs:
             raise ValueError(f"warm_epochs ({self.warm_epochs}) must be <= epochs ({self.epochs})")
+        if self.last_layer_views and self.last_layer_solver != "fista":
+            raise ValueError(
+                f'last_layer_views = {self.last_layer_views} needs last_layer_solver = "fista" '
+                f"(the views enter its final convex solve; {self.last_layer_solver!r} has none)"
+            )
         return self
 
 

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from protoaudit.core.faithfulness import DeletionCurves, deletion_curves, trapezoid_auc
-from protoaudit.engine.faithfulness import OCCLUSION
+from protoaudit.engine.faithfulness import OCCLUSION, sample_prototypes
 from protoaudit.engine.run import load_faithfulness
 from protoaudit.report.context import ReportContext
 
@@ -48,7 +48,9 @@ def faithfulness_section(ctx: ReportContext, members: list[dict[str, Any]]) -> d
             chosen, curves = [by_number[j] for j in found[0]], found[1]
             sources[member["name"]] = RECORDED
         else:
-            pick = np.sort(ctx.rng.permutation(len(rows))[: options.faithfulness_per_member])
+            # the same draw training records (its own generator per member, so a member read from its file
+            # leaves the other members' samples as they are)
+            pick = np.sort(sample_prototypes(len(rows), options.faithfulness_per_member, options.seed))
             if not len(pick):
                 continue
             chosen = [rows[int(p)] for p in pick]
