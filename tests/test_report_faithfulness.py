@@ -97,3 +97,20 @@ def test_report_computes_the_curves_where_no_file_fits(
     record_faithfulness(run_dir / "members" / second, run.member(second), run.dataset().push)
     build_report(load_run(run_dir), ReportOptions(reasoning_correct=0, reasoning_wrong=0, sheets=0, seed=1))
     assert len(calls) == 2
+
+
+def test_report_computes_the_curves_of_a_damaged_file_and_says_so(
+    tiny_run: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = copy_run(tiny_run, tmp_path)
+    first = load_run(run_dir).member_names[0]
+    document = load_faithfulness(run_dir, first)
+    assert document is not None
+    for entry in document["prototypes"]:
+        del entry["activation"]  # the weights still match: only the curves are missing
+    save_faithfulness(run_dir / "members" / first, document)
+    calls = _counting(monkeypatch)
+    report = build_report(load_run(run_dir), OPTIONS).data
+    assert len(calls) == 1
+    assert report["faithfulness"]["sources"][first] == "computed by the report"
+    assert any("could not be read" in note for note in report["notes"])

@@ -96,16 +96,22 @@ def _recorded(ctx: ReportContext, name: str, numbers: set[int]) -> tuple[list[in
     n = min(options.faithfulness_per_member, len(numbers))
     if len(entries) < n:
         return None
-    kept = sorted(entries[:n], key=lambda e: int(e["prototype"]))
-    if any(int(e["prototype"]) not in numbers for e in kept):
+    try:
+        kept = sorted(entries[:n], key=lambda e: int(e["prototype"]))
+        if any(int(e["prototype"]) not in numbers for e in kept):
+            return None
+        curves = DeletionCurves(
+            np.asarray(document["fractions"], dtype=np.float64),
+            np.asarray([e["activation"] for e in kept], dtype=np.float64).reshape(len(kept), -1),
+            np.asarray([e["random"] for e in kept], dtype=np.float64).reshape(
+                len(kept), options.random_orders, -1
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as exc:  # a damaged file: computed instead, and said
+        ctx.notes.append(
+            f"members/{name}/faithfulness.json could not be read ({exc!r}): its curves are recomputed"
+        )
         return None
-    curves = DeletionCurves(
-        np.asarray(document["fractions"], dtype=np.float64),
-        np.asarray([e["activation"] for e in kept], dtype=np.float64).reshape(len(kept), -1),
-        np.asarray([e["random"] for e in kept], dtype=np.float64).reshape(
-            len(kept), options.random_orders, -1
-        ),
-    )
     return [int(e["prototype"]) for e in kept], curves
 
 
