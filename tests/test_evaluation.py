@@ -77,7 +77,7 @@ def test_final_solve_adds_augmented_views_and_leaves_the_sgd_epochs_alone() -> N
         "schedule.last_layer_tol=1e-4",
         "schedule.last_layer_max_iter=5000",
     )
-    _, _, plain = _trained("fista", *common)
+    _, _, plain = _trained("fista", *common, "schedule.last_layer_views=0")
     recipe, bundle, viewed = _trained("fista", *common, "schedule.last_layer_views=2")
     final = next(h for h in viewed.history if h["stage"] == "last_layer_final")
     assert final["views"] == 2
@@ -114,6 +114,16 @@ def test_final_solve_adds_augmented_views_and_leaves_the_sgd_epochs_alone() -> N
     assert (
         residual(sims[:n_push], labels[:n_push]) > 10 * recipe.schedule.last_layer_tol
     )  # the views mattered
+
+
+def test_views_default_to_one_where_the_recipe_augments_and_the_final_solve_runs() -> None:
+    def views(*overrides: str) -> int:
+        return load_recipe(TINY_RECIPE, overrides=list(overrides)).final_solve_views()
+
+    assert views("data.augment=true") == 1  # as the original, whose stage 3 sees augmented images
+    assert views("data.augment=false") == 0
+    assert views("data.augment=true", "schedule.last_layer_solver=adam") == 0  # no final solve to add them to
+    assert views("data.augment=true", "schedule.last_layer_views=3") == 3
 
 
 def test_views_without_augmentation_or_without_the_final_solve_are_refused() -> None:

@@ -220,8 +220,9 @@ class Schedule(_Strict):
     last_layer_tol: float = Field(1e-5, gt=0)  # FISTA stops when the L1 optimality residual is at most this
     last_layer_max_iter: int = Field(5000, ge=1, le=10_000_000)  # FISTA's iteration guard
     # "fista": augmented views of the training images added to the push split's similarities in the final convex
-    # solve, one forward pass each (the original's stage 3 runs on the augmented training set); needs data.augment
-    last_layer_views: int = Field(0, ge=0, le=100)
+    # solve, one forward pass each (the original's stage 3 runs on the augmented training set); needs
+    # data.augment; None: one view where the recipe augments, none where it does not (see Recipe.final_solve_views)
+    last_layer_views: int | None = Field(None, ge=0, le=100)
     batch_size: int = Field(64, ge=1, le=MAX_BATCH)
     eval_batch_size: int = Field(256, ge=1, le=MAX_BATCH)
     workers: int = Field(0, ge=0, le=256)  # DataLoader workers for file-backed datasets
@@ -320,6 +321,15 @@ class Recipe(_Strict):
         if all(m.kind == "baseline" for m in members):
             raise ValueError('at least one member must be a ProtoPNet (kind = "protopnet")')
         return members
+
+    def final_solve_views(self) -> int:
+        """Augmented views of the training images in the final convex solve: ``schedule.last_layer_views``, or
+        where it is not set, one when the recipe augments and the solver is "fista", else none."""
+        views = self.schedule.last_layer_views
+        if views is not None:
+            return views
+        augments = getattr(self.data, "augment", False) not in (False, "none")
+        return 1 if augments and self.schedule.last_layer_solver == "fista" else 0
 
     # -- serialisation ---------------------------------------------------------------------------------
     def to_toml(self) -> str:

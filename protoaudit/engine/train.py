@@ -784,7 +784,7 @@ def final_convex_last_layer(
 ) -> dict[str, Any]:
     """``last_layer_solver = "fista"``: the selected push's last layer, trained by the original's Adam schedule,
     replaced by the solution of the paper's convex problem (FISTA from it, to ``last_layer_tol``) on the
-    similarities of the whole push split, plus ``schedule.last_layer_views`` augmented views of the training
+    similarities of the whole push split, plus ``recipe.final_solve_views()`` augmented views of the training
     images (drawn from a stream seeded by ``views_seed``, the member's seed). The min distances come from one more
     pass (not from kept latents), so a resumed run computes the same bits. Returns the history entry (``"stage": "last_layer_final"``)
     with the solver's metrics, the off-class sparsity and the validation top-1 with the dense (Adam) and the solved
@@ -795,9 +795,10 @@ def final_convex_last_layer(
     min_d = _min_distances_pass(model, bundle.push, sched.eval_batch_size, device, sched.workers, dist)
     if dist.enabled:
         min_d = unshard(all_gather_rows(min_d.cpu(), dist), len(bundle.push)).to(device)
-    if sched.last_layer_views:
+    views = recipe.final_solve_views()
+    if views:
         min_d, push_labels = _with_augmented_views(
-            model, bundle, min_d, push_labels, sched.last_layer_views, views_seed, recipe, device, dist
+            model, bundle, min_d, push_labels, views, views_seed, recipe, device, dist
         )
     has_val = len(bundle.val) > 0
     val_dense = (
@@ -817,7 +818,7 @@ def final_convex_last_layer(
         "stage": "last_layer_final",
         "seconds": solve_seconds,
         **metrics,
-        "views": sched.last_layer_views,
+        "views": views,
         "n_examples": len(min_d),
         "off_class_sparsity": float((weight[off_class].abs() <= ZERO_WEIGHT).float().mean()),
         "val_top1_dense": top1(val_dense, bundle.val.labels) if val_dense is not None else float("nan"),
