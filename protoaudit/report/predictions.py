@@ -12,7 +12,7 @@ import torch
 
 from protoaudit.core.stats import confusion as confusion_matrix
 from protoaudit.engine.io import jsonable
-from protoaudit.engine.run import PRUNED_SUFFIX
+from protoaudit.engine.run import PRUNED_SUFFIX, pruned_name
 from protoaudit.errors import InputError
 from protoaudit.report.context import ReportContext
 from protoaudit.report.images import box_thumbnail, to_uint8
@@ -66,7 +66,7 @@ def predictions(
     outputs = {name: forward(ctx, name) for name in members}
     confusion = []
     groups: list[tuple[bool, list[str]]] = [(False, members)]
-    pruned_members = [f"{m}{PRUNED_SUFFIX}" for m in members]
+    pruned_members = [pruned_name(m) for m in members]
     if pruned and all(p in pruned for p in pruned_members):
         groups.append((True, pruned_members))
         outputs.update({name: forward(ctx, name) for name in pruned_members})
@@ -132,7 +132,7 @@ def _reasoning(
     class_names: list[str],
 ) -> dict[str, Any]:
 
-    pruned_names = [f"{m}{PRUNED_SUFFIX}" for m in members]
+    pruned_names = [pruned_name(m) for m in members]
     pruned_ensemble = (
         torch.stack([outputs[n] for n in pruned_names]).sum(dim=0)
         if all(n in outputs for n in pruned_names)
@@ -180,35 +180,17 @@ def _reasoning(
             "pruned_predicted_name": None,
             "sheet": None,
         }
-        for name in members:
-            logits = outputs[name]
-            entry["members"].append(
-                {
-                    "member": name,
-                    "pruned_model": False,
-                    "predicted": int(logits[i].argmax()),
-                    "predicted_name": class_names[int(logits[i].argmax())],
-                    "logit_predicted": float(logits[i, p]),
-                    "evidence": _evidence(ctx, name, x, pixels, i, p, class_names, name),
-                }
-            )
+        entry["members"] = [
+            _reading(ctx, outputs, name, name, x, pixels, i, p, class_names) for name in members
+        ]
         if pruned_ensemble is not None:
             q = int(pruned_ensemble[i].argmax())
             entry["pruned_predicted"] = q
             entry["pruned_predicted_name"] = class_names[q]
-            for name in members:
-                pruned_name_ = f"{name}{PRUNED_SUFFIX}"
-                logits = outputs[pruned_name_]
-                entry["members_pruned"].append(
-                    {
-                        "member": pruned_name_,
-                        "pruned_model": True,
-                        "predicted": int(logits[i].argmax()),
-                        "predicted_name": class_names[int(logits[i].argmax())],
-                        "logit_predicted": float(logits[i, q]),
-                        "evidence": _evidence(ctx, pruned_name_, x, pixels, i, q, class_names, name),
-                    }
-                )
+            entry["members_pruned"] = [
+                _reading(ctx, outputs, pruned_name(name), name, x, pixels, i, q, class_names)
+                for name in members
+            ]
         if i in with_sheet:
             entry["sheet"] = _sheet(ctx, i, x)
         out.append(entry)
@@ -226,6 +208,30 @@ def _reasoning(
 
 
 @torch.no_grad()
+def _reading(
+    ctx: ReportContext,
+    outputs: dict[str, torch.Tensor],
+    name: str,
+    parent: str,
+    x: torch.Tensor,
+    pixels: np.ndarray,
+    i: int,
+    target: int,
+    class_names: list[str],
+) -> dict[str, Any]:
+    """What checkpoint ``name`` (member ``parent`` or its pruned copy) says of sampled image ``i``, and its
+    evidence for class ``target`` (the ensemble prediction the entry explains)."""
+    predicted = int(outputs[name][i].argmax())
+    return {
+        "member": name,
+        "pruned_model": name != parent,
+        "predicted": predicted,
+        "predicted_name": class_names[predicted],
+        "logit_predicted": float(outputs[name][i, target]),
+        "evidence": _evidence(ctx, name, x, pixels, i, target, class_names, parent),
+    }
+
+
 def _evidence(
     ctx: ReportContext,
     name: str,
