@@ -206,7 +206,7 @@ def main() -> None:
         t0 = time.perf_counter()
         model.prototype_vectors.data.copy_(initial)
         kept: list[torch.Tensor] = []
-        push_prototypes(model, push_split, args.batch, cpu, args.size, lambda z, _i, _d: kept.append(z))
+        push_prototypes(model, push_split, args.batch, cpu, args.size, lambda z, _i: kept.append(z))
         train_latents = torch.cat(kept)
         t0 = lap("push pass (forward + projection + boxes)", t0)
         test_latents: list[torch.Tensor] = []

@@ -161,7 +161,7 @@ def main() -> None:
     t_fwd = time.perf_counter() - t0
     kept: list[torch.Tensor] = []
     t0 = time.perf_counter()
-    push_prototypes(model, split, 128, device, args.size, lambda z, _i, _d: kept.append(z))
+    push_prototypes(model, split, 128, device, args.size, lambda z, _i: kept.append(z))
     sync(device)
     t_push = time.perf_counter() - t0
     rows.append(

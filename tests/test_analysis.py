@@ -90,9 +90,11 @@ def test_global_analysis_reuses_prunes_search(tiny_run: Path, tmp_path: Path) ->
     searched: list[str] = []
     original = PatchIndex.search
 
-    def counting(self: PatchIndex, queries: object, k: int, per_image: bool = False) -> object:
+    def counting(
+        self: PatchIndex, queries: object, k: int, per_image: bool = False, minima: object = None
+    ) -> object:
         searched.append(str(self.info["split"]))
-        return original(self, queries, k, per_image=per_image)  # type: ignore[arg-type]
+        return original(self, queries, k, per_image=per_image, minima=minima)  # type: ignore[arg-type]
 
     def analyse(**kwargs: object) -> list[str]:
         searched.clear()

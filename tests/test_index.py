@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from protoaudit.core.geometry import patch_part, patch_parts
-from protoaudit.core.knn import exact_knn_torch, latents_to_patches
+from protoaudit.core.knn import exact_knn_torch, latents_to_patches, nearest_images_by_product
 from protoaudit.engine.index.build import (
     build_faiss_index,
     collect_latents,
@@ -219,6 +219,11 @@ def test_per_image_hand_built_case(tmp_path: Path) -> None:
     dist, rows = index.search(query, 20)
     assert rows[0, 9:].tolist() == [-1] * 11
     assert np.isinf(dist[0, 9:]).all()
+    # images of uneven patch counts: the patch search, and every image's distance from the stored patches
+    assert not index._image_major
+    minima = torch.empty(4, 1)
+    index.search(query, 2, per_image=True, minima=minima)
+    np.testing.assert_allclose(minima[:, 0].numpy(), [0.01, 0.16, 0.36, 0.49], atol=1e-6)
 
 
 def test_per_image_grows_k_until_enough_images(tmp_path: Path) -> None:
@@ -230,6 +235,72 @@ def test_per_image_grows_k_until_enough_images(tmp_path: Path) -> None:
     index = _hand_built_index(tmp_path, values, images)
     _dist, rows = index.search(np.zeros((1, 1), np.float32), 2, per_image=True)
     assert rows.tolist() == [[0, 40]]
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_nearest_images_by_product_equals_brute_force_with_ties(threads: int) -> None:
+    rng = np.random.default_rng(4)
+    n, per, dim = 300, 6, 5
+    database = rng.random((n * per, dim), dtype=np.float32)
+    database[250 * per : 251 * per] = database[17 * per : 18 * per]  # image 250 repeats image 17: 17 first
+    database[40 * per + 4] = database[40 * per + 2]  # two equal patches in one image: the lower one
+    queries = np.concatenate(
+        [database[[17 * per + 3, 40 * per + 2]], rng.random((20, dim), dtype=np.float32)]
+    )
+    images = np.repeat(np.arange(n), per)
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for k in (1, 4, 12):
+            ref_d, ref_r = brute_force_per_image(database, images, queries, k)
+            for chunk in (1, 7, None):  # one image per product, a few, the default
+                d, r = nearest_images_by_product(
+                    torch.from_numpy(database), per, torch.from_numpy(queries), k, chunk
+                )
+                np.testing.assert_array_equal(r.numpy(), ref_r)
+                np.testing.assert_allclose(d.numpy(), ref_d, atol=1e-5)
+                assert d.dtype == torch.float32
+        # every image's smallest distance to every query, from the same products
+        minima = torch.empty(n, len(queries))
+        nearest_images_by_product(
+            torch.from_numpy(database), per, torch.from_numpy(queries), 3, minima=minima
+        )
+        exact = ((database[None, :, :].astype(np.float64) - queries[:, None, :]) ** 2).sum(-1)
+        np.testing.assert_allclose(minima.numpy(), exact.reshape(len(queries), n, per).min(2).T, atol=1e-5)
+        _, r = nearest_images_by_product(torch.from_numpy(database), per, torch.from_numpy(queries[:2]), 2)
+        assert r.tolist() == [[17 * per + 3, 250 * per + 3], [40 * per + 2, r[1, 1].item()]]
+        d, r = nearest_images_by_product(
+            torch.from_numpy(database[: 3 * per]), per, torch.from_numpy(queries), 9
+        )
+        assert r.shape == (len(queries), 3)  # k larger than the number of images: every image once
+        assert sorted(set((r // per).flatten().tolist())) == [0, 1, 2]
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(ValueError, match="whole images"):
+        nearest_images_by_product(torch.from_numpy(database[:7]), per, torch.from_numpy(queries), 2)
+
+
+def test_per_image_search_of_a_built_index_goes_through_the_product(
+    tiny_run: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import protoaudit.engine.index.search as search
+
+    calls: list[int] = []
+    real = search.nearest_images_by_product
+
+    def counted(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search, "nearest_images_by_product", counted)
+    index = load_index(tiny_run, "vgg", "train", backend="faiss")
+    assert index._image_major
+    queries = load_run(tiny_run).member("vgg").prototype_vectors.detach().numpy()
+    dist, rows = index.search(queries, 3, per_image=True)
+    assert calls == [1]
+    ref_d, ref_r = brute_force_per_image(index.vectors(), index.meta["image_index"].to_numpy(), queries, 3)
+    np.testing.assert_array_equal(rows, ref_r)
+    np.testing.assert_allclose(dist, ref_d, atol=1e-4)
 
 
 def test_ivf_visiting_every_list_is_exact(tmp_path: Path) -> None:

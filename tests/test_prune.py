@@ -220,14 +220,19 @@ def test_prune_searches_each_members_training_index_once(tiny_run: Path, tmp_pat
 
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
-    searched: list[int] = []
+    searched: list[tuple[str, int, bool]] = []
     original = PatchIndex.search
 
-    def counting(self: PatchIndex, queries: object, k: int, per_image: bool = False) -> object:
-        searched.append(k)
-        return original(self, queries, k, per_image=per_image)  # type: ignore[arg-type]
+    def counting(
+        self: PatchIndex, queries: object, k: int, per_image: bool = False, minima: object = None
+    ) -> object:
+        searched.append((str(self.info["split"]), k, minima is not None))
+        return original(self, queries, k, per_image=per_image, minima=minima)  # type: ignore[arg-type]
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(PatchIndex, "search", counting)
         prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0)
-    assert searched == [10] * len(load_run(run_dir).member_names)  # max(k, PIP-Net's top 10)
+    n = len(load_run(run_dir).member_names)
+    # the training index once (max(k, PIP-Net's top 10)), keeping every image's distances for the audit and
+    # the last-layer retune; the test index once, for the detectors' test distances
+    assert sorted(searched) == sorted([("train", 10, True)] * n + [("test", 1, True)] * n)

@@ -81,7 +81,7 @@ def test_push_moves_each_prototype_onto_a_same_class_patch(setup: tuple) -> None
     _, bundle, model = setup
     seen: list[torch.Tensor] = []
     result = push_prototypes(
-        model, bundle.push, 16, torch.device("cpu"), bundle.image_size, lambda z, i, d: seen.append(z)
+        model, bundle.push, 16, torch.device("cpu"), bundle.image_size, lambda z, i: seen.append(z)
     )
     latents = torch.cat(seen)
     assert latents.shape[0] == len(bundle.push)
@@ -99,6 +99,48 @@ def test_push_moves_each_prototype_onto_a_same_class_patch(setup: tuple) -> None
     assert bool(
         (result.boxes[:, 0] < result.boxes[:, 1]).all() and (result.boxes[:, 2] < result.boxes[:, 3]).all()
     )
+
+
+@pytest.mark.parametrize("uneven", [False, True])
+def test_push_decisions_equal_a_float64_brute_force_over_own_class_patches(
+    setup: tuple, uneven: bool
+) -> None:
+    # push compares each image with its own class's prototypes only; the decisions must be those of scanning
+    # every patch of the class in float64 (uneven: classes keep 1, 2, … prototypes, one class none)
+    import copy
+
+    from protoaudit.engine.push import class_members
+
+    _, bundle, base = setup
+    model = copy.deepcopy(base)
+    classes = model.prototype_class
+    if uneven:
+        rank = torch.zeros_like(classes)
+        for k in classes.unique():
+            where = (classes == k).nonzero().flatten()
+            rank[where] = torch.arange(len(where))
+        keep = (rank <= classes % 3) & (classes != 1)  # class 1 loses all its prototypes
+        model.keep_prototypes(keep)
+        assert len(set(model.config.prototype_class)) < len(set(classes.tolist()))
+        members, slot = class_members(model.prototype_class, model.n_classes)
+        for j, k in enumerate(model.config.prototype_class):
+            assert int(members[k, slot[j]]) == j
+        assert int((members >= 0).sum()) == model.n_prototypes
+    before = model.prototype_vectors.detach().double().clone()
+    seen: list[torch.Tensor] = []
+    result = push_prototypes(
+        model, bundle.push, 7, torch.device("cpu"), bundle.image_size, lambda z, i: seen.append(z)
+    )
+    latents = torch.cat(seen).double()  # (N, D, H, W)
+    _, _, hh, ww = latents.shape
+    labels = torch.as_tensor(bundle.push.labels)
+    for j, k in enumerate(model.config.prototype_class):
+        own = (labels == k).nonzero().flatten()
+        d = ((latents[own] - before[j][None, :, None, None]) ** 2).sum(1).flatten()  # image, h, w order
+        best = int(d.argmin())  # the first among equals: the lowest image, then h, then w
+        assert int(result.image_index[j]) == int(own[best // (hh * ww)])
+        assert (int(result.h[j]), int(result.w[j])) == divmod(best % (hh * ww), ww)
+        assert float(result.distance[j]) == pytest.approx(float(d[best]), rel=1e-5, abs=1e-6)
 
 
 def test_percentile_box_surrounds_the_hot_region() -> None:

@@ -274,3 +274,82 @@ class BlockKnn:
         assert counts.min() >= k, "fewer candidate rows than k: the bound was violated"
         pick = order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)]
         return torch.from_numpy(dist[pick].astype(np.float32)), torch.from_numpy(rows[pick])
+
+
+def nearest_images_by_product(
+    patches: torch.Tensor,
+    per_image: int,
+    queries: torch.Tensor,
+    k: int,
+    images_per_chunk: int | None = None,
+    minima: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each query's k nearest *images*, an image by its closest patch, against image-major patches.
+
+    patches: (n·P, D) float32 on the CPU, image i's P patches in rows i·P … i·P + P − 1; queries: (m, D).
+    One float32 product per chunk of ``images_per_chunk`` images (by default as many as keep a chunk's
+    products near 2²³ floats), [x, ‖x‖²]·[−2q, 1] = ‖x‖² − 2 q·x (‖q‖² is
+    the same for every row of a query and is added at the end), in cache, reduced at once to each image's
+    smallest score; the (n·P, m) product never exists whole. Each thread keeps, per query, the k smallest
+    image scores it has seen (this chunk's included); only an image scoring at most their largest can still
+    be among the k nearest, and only for those is the closest patch looked up (a few per query and chunk, not
+    every image's).
+    With torch's thread count > 1 as many threads of one torch thread each share the chunks.
+    The answer is the float32 one of FAISS's flat search over every patch, kept per image: the k smallest
+    scores, ties to the lower image, and within an image the lower patch.
+    Returns (distances (m, k') float32 ascending, rows (m, k') int64 into ``patches``), k' = min(k, n).
+    ``minima``: an (n, m) float32 tensor that receives every image's smallest squared distance to every query
+    (the last-layer input, as :func:`min_distances_by_image`), from the same products.
+    """
+    if patches.device.type != "cpu" or patches.dtype != torch.float32:
+        raise ValueError(f"needs CPU float32 patches, got {patches.dtype} on {patches.device}")
+    n_rows, dim = patches.shape
+    if per_image < 1 or n_rows % per_image:
+        raise ValueError(f"{n_rows} patches are not whole images of {per_image} patches")
+    n = n_rows // per_image
+    m, k = len(queries), min(k, n)
+    if minima is not None and (minima.shape != (n, m) or minima.dtype != torch.float32):
+        raise ValueError(f"minima must be ({n}, {m}) float32, got {tuple(minima.shape)} {minima.dtype}")
+    if m == 0 or k == 0:
+        return torch.zeros(m, k), torch.zeros(m, k, dtype=torch.long)
+    q = queries.detach().to("cpu", torch.float32)
+    width = -(-(dim + 1) // 8) * 8  # [x, ‖x‖², 0…]: a multiple of 8 keeps the product on its fast path
+    qa = torch.zeros(width, m)
+    qa[:dim], qa[dim] = -2 * q.t(), 1.0
+    if images_per_chunk is None:
+        images_per_chunk = max(1, min((1 << 23) // (per_image * m), (1 << 16) // per_image))
+    n_chunks = -(-n // images_per_chunk)
+    found: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    def scan(first: int, step: int) -> None:  # chunks first, first + step, …
+        rows = images_per_chunk * per_image
+        xa, buf = torch.zeros(rows, width), torch.empty(rows, m)
+        mins = torch.empty(images_per_chunk, m)
+        kept = torch.full((m, k), float("inf"))  # per query, the k smallest image scores seen so far
+        mine: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        for c in range(first, n_chunks, step):
+            i0, i1 = c * images_per_chunk, min(n, (c + 1) * images_per_chunk)
+            x = patches[i0 * per_image : i1 * per_image]
+            r = len(x)
+            xa[:r, :dim] = x
+            torch.sum(x * x, 1, out=xa[:r, dim])
+            torch.mm(xa[:r], qa, out=buf[:r])
+            scores = buf[:r].view(i1 - i0, per_image, m)
+            chunk_min = torch.amin(scores, 1, out=mins[: i1 - i0] if minima is None else minima[i0:i1])
+            kept = torch.cat([kept, chunk_min.t()], 1).topk(k, 1, largest=False, sorted=False).values
+            img, qi = (chunk_min <= kept.amax(1)).nonzero(as_tuple=True)
+            patch = scores[img, :, qi].argmin(1)  # the first among equals: the lower patch
+            mine.append((qi, img + i0, chunk_min[img, qi], patch))
+        found.extend(mine)  # list.extend is atomic: each thread adds its candidates once
+
+    _over_chunks(scan, n_chunks)
+    qi, img, value, patch = (torch.cat(parts) for parts in zip(*found, strict=True))
+    order = np.lexsort((img.numpy(), value.numpy(), qi.numpy()))  # by query, then score, then image
+    counts = np.bincount(qi.numpy(), minlength=m)
+    assert counts.min() >= k, "a query kept fewer than k candidate images"
+    pick = torch.from_numpy(order[(np.cumsum(counts) - counts)[:, None] + np.arange(k)])
+    q2 = (q * q).sum(1)
+    if minima is not None:
+        minima.add_(q2).clamp_(min=0.0)
+    rows = img[pick] * per_image + patch[pick]
+    return torch.clamp(value[pick] + q2[:, None], min=0.0), rows

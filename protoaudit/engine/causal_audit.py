@@ -22,7 +22,6 @@ import torch
 
 from protoaudit.core import detectors as det
 from protoaudit.core.causal import MIN_DROP, causal_concepts
-from protoaudit.core.knn import min_distances_by_image
 from protoaudit.core.model import ProtoPNet, similarity
 
 if TYPE_CHECKING:
@@ -178,23 +177,18 @@ class MemberAudit:
 
 def audit_member(
     model: ProtoPNet,
-    push_vectors: torch.Tensor,
-    push_image_index: torch.Tensor,
+    push_d: torch.Tensor,
     bundle: DatasetBundle,
     source_index: np.ndarray,
     paper_flags: np.ndarray,
     batch_size: int,
     device: torch.device,
-    test_patches: tuple[torch.Tensor, torch.Tensor] | None = None,
+    test_d: torch.Tensor | None = None,
 ) -> MemberAudit:
-    """Causal labels and every detector for one member: the push distances from its patch index (no pass),
-    the test distances from the test split's index where given (``test_patches``: vectors and their image
-    index; else one pass), one pass over test_shifted and one over the re-rendered source images."""
-    prototypes = model.prototype_vectors.detach().float()
-    push_d = min_distances_by_image(push_vectors, push_image_index, len(bundle.push), prototypes)
-    if test_patches is not None:
-        test_d = min_distances_by_image(test_patches[0], test_patches[1], len(bundle.test), prototypes)
-    else:
+    """Causal labels and every detector for one member: the push distances ``push_d`` (n_push, m) as its
+    patch index's search kept them (no pass), the test distances from the test split's index where given
+    (``test_d``; else one pass), one pass over test_shifted and one over the re-rendered source images."""
+    if test_d is None:
         test_d = min_distances(model, bundle.test, batch_size, device)
     shifted = getattr(bundle, "test_shifted", None)
     shifted_d = None if shifted is None else min_distances(model, shifted, batch_size, device)

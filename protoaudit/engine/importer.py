@@ -550,7 +550,7 @@ def nearest_push_patches(
 
     kept: list[torch.Tensor] = []
 
-    def keep(z: torch.Tensor, _indices: torch.Tensor, _distances: torch.Tensor) -> None:
+    def keep(z: torch.Tensor, _indices: torch.Tensor) -> None:
         if keep_latents:
             kept.append(z.cpu())
 

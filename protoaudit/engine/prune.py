@@ -66,7 +66,7 @@ from protoaudit.engine.run import (
 )
 from protoaudit.engine.shortcut import shortcut_entry
 from protoaudit.engine.train import predict
-from protoaudit.errors import InputError
+from protoaudit.errors import InputError, Remedy, StaleIndexError
 
 if TYPE_CHECKING:
     from protoaudit.engine.data import DatasetBundle
@@ -124,18 +124,22 @@ def prune_member(
     proto_class = np.asarray(model.config.prototype_class)
     purity = knn_class_purity(labels, proto_class)
     paper_flags = prune_decision(purity, threshold)
-    vectors = torch.as_tensor(index.vectors())
-    image_index = torch.tensor(meta["image_index"].to_numpy(), dtype=torch.long)
+    push_d = nearest.min_distances
+    if push_d is None or push_d.shape[0] != len(bundle.push):
+        raise StaleIndexError(
+            f"the train patch index of member {name} covers "
+            f"{index.n_images} images, the recipe's push split {len(bundle.push)}",
+            remedy=Remedy("rebuild it", "index", str(run.path)),
+        )
     member_audit = audit_member(
         model,
-        vectors,
-        image_index,
+        push_d,
         bundle,
         run.prototypes(name)["source_index"].to_numpy(),
         paper_flags,
         recipe.schedule.eval_batch_size,
         device,
-        _test_patches(run, name),
+        _test_min_distances(run, name, len(bundle.test)),
     )
     if detector not in member_audit.detection.flags:
         raise InputError(f"--detector {detector}: {member_audit.detection.skipped.get(detector, 'unknown')}")
@@ -169,9 +173,7 @@ def prune_member(
 
     # the pruned member: drop the prototypes and their last-layer columns, retrain h from the indexed patches
     retune_info: dict[str, Any] = {}
-    pruned_model = retuned_copy(
-        model, pruned, vectors, image_index, bundle, recipe, finetune_epochs, info=retune_info
-    )
+    pruned_model = retuned_copy(model, pruned, push_d, bundle, recipe, finetune_epochs, info=retune_info)
     test_logits = predict(pruned_model.to(device), bundle.test, recipe.schedule.eval_batch_size, device).cpu()
     pruned_model.cpu()
     why = f"purity < {threshold} of k = {k}" if detector == "knn_purity" else f"flagged by {detector}"
@@ -192,17 +194,17 @@ def prune_member(
     )
 
 
-def _test_patches(run: Run, name: str) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The test split's indexed patches of member ``name`` (vectors, image index), or None when the index is
-    missing or stale (the audit then runs one pass over the test images instead)."""
+def _test_min_distances(run: Run, name: str, n_test: int) -> torch.Tensor | None:
+    """Every test image's smallest distance to every prototype of member ``name``, from its test patch index,
+    or None when the index is missing, stale or of another test split (the audit then runs one pass over the
+    test images instead)."""
     try:
         index = load_index(run.path, name, "test")
     except (InputError, FileNotFoundError):  # StaleIndexError is an InputError
         return None
-    return (
-        torch.as_tensor(index.vectors()),
-        torch.tensor(index.meta["image_index"].to_numpy(), dtype=torch.long),
-    )
+    if index.n_images != n_test:
+        return None
+    return nearest_images(index, run.member(name).prototype_vectors, 1, with_minima=True).min_distances
 
 
 def prunable_members(run: Run) -> list[str]:
@@ -289,7 +291,9 @@ def _prune_run(
     for name in names:
         # one index load and one search per member, with the largest k any consumer needs
         index = load_index(run.path, name, "train")
-        nearest = nearest_images(index, run.member(name).prototype_vectors, max(k, PART_PURITY_TOP))
+        nearest = nearest_images(
+            index, run.member(name).prototype_vectors, max(k, PART_PURITY_TOP), with_minima=True
+        )
         result = prune_member(
             run,
             name,
@@ -318,7 +322,7 @@ def _prune_run(
         },
     }
     audit["detectors"] = detectors_entry({r.name: r.purity for r in results}, member_audits, detector)
-    audit["shortcut"] = shortcut_entry(run, results, bundle, recipe, epochs, index_by_member)
+    audit["shortcut"] = shortcut_entry(run, results, bundle, recipe, epochs)
     audit["decisions"] = {
         "log": earlier + recorded,
         "new": len(recorded),

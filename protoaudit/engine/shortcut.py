@@ -15,7 +15,6 @@ from protoaudit.engine.retune import retuned_copy
 
 if TYPE_CHECKING:
     from protoaudit.engine.data import DatasetBundle
-    from protoaudit.engine.index.search import PatchIndex
     from protoaudit.engine.prune import MemberPruning
     from protoaudit.engine.recipe import Recipe
     from protoaudit.engine.run import Run
@@ -27,7 +26,6 @@ def shortcut_entry(
     bundle: DatasetBundle,
     recipe: Recipe,
     epochs: int,
-    indexes: dict[str, PatchIndex],
 ) -> dict[str, Any]:
     """audit.json ``shortcut``: the prototypes on the shortcut (causal label), and the top-1 of every member
     and of the ensemble on ``test`` and ``test_shifted``, before and after removing each detector's flags (the
@@ -53,16 +51,13 @@ def shortcut_entry(
             distances["test_shifted"] = ma.shifted_min_distances
         m = model.n_prototypes
         removals: dict[str, tuple[np.ndarray, ProtoPNet]] = {"none": (np.zeros(m, bool), model)}
-        index = indexes[r.name]  # loaded (and its weights checked) once, by prune_run
-        vectors = torch.as_tensor(index.vectors())
-        image_index = torch.tensor(index.meta["image_index"].to_numpy(), dtype=torch.long)
         pruned = r.purity["pruned"].to_numpy().astype(bool)
         # one retune per distinct set of flags; nothing flagged leaves the member as it is
         retuned = {pruned.tobytes(): r.pruned_model, np.zeros(m, bool).tobytes(): model}
         for det_name, flags in ma.detection.flags.items():
             key = np.asarray(flags, dtype=bool).tobytes()
             if key not in retuned:
-                retuned[key] = retuned_copy(model, flags, vectors, image_index, bundle, recipe, epochs)
+                retuned[key] = retuned_copy(model, flags, ma.push_min_distances, bundle, recipe, epochs)
             removals[det_name] = (flags, retuned[key])
         removals["pruned member"] = (pruned, r.pruned_model)
         for removal, (flags, reduced) in removals.items():

@@ -444,19 +444,14 @@ class _PushEffect:
 
 
 class _LatentKeeper:
-    """Push-pass consumer: keeps every batch's latents (up to ``budget`` bytes) for the last-layer stage,
-    and forwards each batch to another consumer (the patch index) when given one."""
+    """Push-pass consumer: keeps every batch's latents (up to ``budget`` bytes) for the last-layer stage
+    (and the patch index)."""
 
-    def __init__(
-        self, budget: int, forward: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None
-    ) -> None:
+    def __init__(self, budget: int) -> None:
         self.parts: list[torch.Tensor] | None = []
         self.left = budget
-        self.forward = forward
 
-    def __call__(self, z: torch.Tensor, indices: torch.Tensor, distances: torch.Tensor) -> None:
-        if self.forward is not None:
-            self.forward(z, indices, distances)
+    def __call__(self, z: torch.Tensor, _indices: torch.Tensor) -> None:
         if self.parts is None:
             return
         self.left -= z.numel() * z.element_size()
@@ -514,7 +509,6 @@ def train_member(
     device: torch.device,
     seed: int,
     reporter: Reporter = NULL_REPORTER,
-    latent_consumer: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None,
     checkpoint: MemberCheckpoint | None = None,
     keep_push_latents: bool = False,
     dist: DistInfo = SINGLE,
@@ -635,7 +629,7 @@ def train_member(
         seconds["eval"] += time.perf_counter() - t0
 
         t0 = time.perf_counter()
-        keeper = _LatentKeeper(LATENT_CACHE_BYTES, latent_consumer)
+        keeper = _LatentKeeper(LATENT_CACHE_BYTES)
         with reporter.task(f"{member.name} push", len(bundle.push)) as advance:
             pushed = push_prototypes(
                 model,

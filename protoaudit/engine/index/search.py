@@ -12,7 +12,12 @@ import numpy as np
 import pandas as pd
 import torch
 
-from protoaudit.core.knn import BlockKnn, exact_knn_torch
+from protoaudit.core.knn import (
+    BlockKnn,
+    exact_knn_torch,
+    min_distances_by_image,
+    nearest_images_by_product,
+)
 from protoaudit.engine.index.files import INDEX_FORMAT_VERSION, META_KEY, index_paths
 from protoaudit.engine.io import sha256_file
 from protoaudit.engine.run import verified_weights_sha256
@@ -111,6 +116,13 @@ class PatchIndex:
         self._database: torch.Tensor | None = None
         self._norms: torch.Tensor | None = None
         self._block_knn: BlockKnn | None = None  # built at the first CPU torch search, not at loading
+        # every image's patches in consecutive rows, as many per image (as protoaudit writes an index)
+        p = self.max_patches_per_image
+        self._image_major = (
+            p > 0
+            and len(self._image_of_row) == n_images * p
+            and bool((self._image_of_row.reshape(n_images, p) == np.arange(n_images)[:, None]).all())
+        )
         self._gpu_index: Any = None
 
     @property
@@ -169,7 +181,11 @@ class PatchIndex:
 
     # -- search ----------------------------------------------------------------------------------------
     def search(
-        self, queries: np.ndarray | torch.Tensor, k: int, per_image: bool = False
+        self,
+        queries: np.ndarray | torch.Tensor,
+        k: int,
+        per_image: bool = False,
+        minima: torch.Tensor | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The k nearest patches to each query by squared L2.
 
@@ -182,7 +198,12 @@ class PatchIndex:
         queries that found fewer than k distinct images. k' starts at 4k and never needs to exceed
         (k − 1)·P + 1 (P = patches per image): among that many nearest patches at most (k − 1)·P belong to
         the first k − 1 images, so the k-th distinct image is always among them — the answer is exact on a
-        flat index (approximate on IVF, as IVF search itself).
+        flat index (approximate on IVF, as IVF search itself). On the CPU, a flat index whose images each
+        own P consecutive rows (as protoaudit builds them) is answered instead by
+        :func:`~protoaudit.core.knn.nearest_images_by_product`: one pass of cache-sized products, each image
+        reduced to its closest patch at once — the same answer as the patch search, without searching
+        k' > k patches per query. ``minima`` (with ``per_image``): an (images, n) float32 tensor that receives
+        every image's smallest squared distance to every query (inf for an image without patches).
         """
         q = queries.detach().cpu().numpy() if isinstance(queries, torch.Tensor) else np.asarray(queries)
         q = np.ascontiguousarray(q, dtype=np.float32)
@@ -192,7 +213,7 @@ class PatchIndex:
             raise ValueError(f"k must be >= 1, got {k}")
         if not per_image:
             return self._search(q, k)
-        return self._search_per_image(q, k)
+        return self._search_per_image(q, k, minima)
 
     def _search(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         n = len(q)
@@ -217,10 +238,7 @@ class PatchIndex:
     def _torch_search(self, q: np.ndarray, k: int) -> tuple[torch.Tensor, torch.Tensor]:
         if self._database is None:
             if self.info["kind"] == "flat" and self.device.type == "cpu":
-                import faiss  # the index's own storage, without a copy (it lives as long as the index)
-
-                stored = faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim)
-                self._database = torch.from_numpy(stored.reshape(self.ntotal, self.dim))
+                self._database = self._flat_storage()
             else:
                 self._database = torch.from_numpy(self.vectors()).to(self.device)
         queries = torch.from_numpy(q).to(self.device)
@@ -245,12 +263,48 @@ class PatchIndex:
             self._gpu_resources = resources
         return self._gpu_index
 
-    def _search_per_image(self, q: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _flat_storage(self) -> torch.Tensor:
+        """(N, D) float32 patches of a flat CPU index: its own storage, without a copy (it lives as long as
+        the index)."""
+        import faiss
+
+        stored = faiss.rev_swig_ptr(self.index.get_xb(), self.ntotal * self.dim)
+        return torch.from_numpy(stored.reshape(self.ntotal, self.dim))
+
+    @property
+    def n_images(self) -> int:
+        """Images of the split the index covers (its largest image index + 1)."""
+        return len(self._row_starts) - 1
+
+    def _search_per_image(
+        self, q: np.ndarray, k: int, minima: torch.Tensor | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         n = len(q)
         out_d = np.full((n, k), np.inf, dtype=np.float32)
         out_r = np.full((n, k), -1, dtype=np.int64)
+        if minima is not None and tuple(minima.shape) != (self.n_images, n):
+            raise ValueError(f"minima must be ({self.n_images}, {n}), got {tuple(minima.shape)}")
         if n == 0 or self.ntotal == 0:
             return out_d, out_r
+        if (
+            self._image_major
+            and self.info["kind"] == "flat"
+            and (self.backend == "faiss" or (self.backend == "torch" and self.device.type == "cpu"))
+        ):
+            d_t, r_t = nearest_images_by_product(
+                self._flat_storage(), self.max_patches_per_image, torch.from_numpy(q), k, minima=minima
+            )
+            out_d[:, : d_t.shape[1]], out_r[:, : r_t.shape[1]] = d_t.numpy(), r_t.numpy()
+            return out_d, out_r
+        if minima is not None:
+            minima.copy_(
+                min_distances_by_image(
+                    torch.from_numpy(self.vectors()),
+                    torch.tensor(self._image_of_row),
+                    self.n_images,
+                    torch.from_numpy(q),
+                )
+            )
         bound = min(self.ntotal, (k - 1) * self.max_patches_per_image + 1)
         kk = min(bound, 4 * k)
         todo = np.arange(n)
@@ -386,6 +440,9 @@ class NearestImages:
     distances: np.ndarray
     rows: np.ndarray
     meta: pd.DataFrame
+    # (images, m) float32: every image's smallest squared distance to every prototype, where the search kept
+    # them (``nearest_images(..., with_minima=True)``): the last-layer input and the audit's distances
+    min_distances: torch.Tensor | None = None
 
     @property
     def k(self) -> int:
@@ -394,7 +451,7 @@ class NearestImages:
     def first(self, k: int) -> NearestImages:
         if k > self.k:
             raise ValueError(f"searched the {self.k} nearest images, asked for {k}")
-        return NearestImages(self.distances[:, :k], self.rows[:, :k], self.meta)
+        return NearestImages(self.distances[:, :k], self.rows[:, :k], self.meta, self.min_distances)
 
     def column(self, name: str, missing: Any = -1) -> np.ndarray:
         """(m, k) values of ``meta[name]`` at each neighbour, ``missing`` where there is none."""
@@ -422,9 +479,13 @@ class NearestImages:
         )
 
 
-def nearest_images(index: PatchIndex, prototypes: torch.Tensor | np.ndarray, k: int) -> NearestImages:
+def nearest_images(
+    index: PatchIndex, prototypes: torch.Tensor | np.ndarray, k: int, with_minima: bool = False
+) -> NearestImages:
     """The k nearest images of the index's split to each prototype (m, D): the one search that prune, the
-    ground-truth audit, global analysis and the report share."""
+    ground-truth audit, global analysis and the report share. ``with_minima``: keep every image's smallest
+    distance to every prototype too (:attr:`NearestImages.min_distances`), from the same products."""
     vectors = prototypes.detach().float() if isinstance(prototypes, torch.Tensor) else prototypes
-    distances, rows = index.search(vectors, k, per_image=True)
-    return NearestImages(distances, rows, index.meta)
+    minima = torch.full((index.n_images, len(vectors)), float("inf")) if with_minima else None
+    distances, rows = index.search(vectors, k, per_image=True, minima=minima)
+    return NearestImages(distances, rows, index.meta, minima)
