@@ -145,6 +145,20 @@ def test_per_class_scores_and_confusion_on_a_known_case() -> None:
     assert "sensitivity" not in s
 
 
+def test_confusion_equals_sklearns_and_refuses_labels_out_of_range() -> None:
+    from sklearn.metrics import confusion_matrix
+
+    rng = np.random.default_rng(0)
+    labels, preds = rng.integers(0, 7, 500), rng.integers(0, 7, 500)
+    preds[labels == 6] = 2  # class 6 never predicted: a zero column
+    expected = confusion_matrix(labels, preds, labels=list(range(9)))  # two classes absent: zero rows
+    np.testing.assert_array_equal(confusion(labels, preds, 9), expected)
+    assert confusion(labels, preds, 9).dtype == np.int64
+    assert confusion(np.zeros(0, int), np.zeros(0, int), 3).tolist() == [[0] * 3] * 3
+    with pytest.raises(ValueError, match="lie in"):
+        confusion(labels, preds, 6)
+
+
 def test_two_classes_give_sensitivity_and_specificity() -> None:
     labels = np.array([1, 1, 1, 1, 0, 0, 0, 0, 0])
     preds = np.array([1, 1, 1, 0, 0, 0, 0, 1, 1])
