@@ -13,8 +13,10 @@ push. Per member, one member at a time (as ``protoaudit prune`` works):
   purity         k-NN class purity, the pruning decision, purity.csv's columns
   audit          the ground-truth part at each source patch, PIP-Net part purity, pruning precision / recall
                  (consistency and stability need the images: not part of this benchmark)
-  test distances every test image's distance to every prototype, from the test index (the detectors' input)
-  global         the test split's 5 nearest images (its own search), nearest_train.csv / nearest_test.csv
+  test search    the test index read back and each prototype's 10 nearest test images, keeping every test
+                 image's distance to every prototype (the detectors' input), as ``protoaudit prune`` does
+  global         nearest_train.csv / nearest_test.csv from prune's two searches (``protoaudit prune`` writes
+                 them with their records; ``global-analysis`` then reuses them instead of searching)
   report         what the report does per member: nearest_train.csv read back, prototype rows, and the
                  thumbnails of the default budget (up to ``ReportOptions.max_thumbnails`` prototypes per member
                  and ``thumbnail_bytes`` in all: the source image with its box and the cells of its 6 nearest
@@ -185,12 +187,12 @@ def audit_member(
     t0 = clock.add("ground-truth audit (parts, part purity, precision)", t0)
 
     test_index = load_index(root, name, "test", backend="faiss", check=False)
-    nearest_images(test_index, prototypes, 1, with_minima=True)
-    t0 = clock.add("audit's test distances (test index, every image)", t0)
+    nearest_test = nearest_images(test_index, prototypes, 10, with_minima=True)
+    t0 = clock.add("test search (10 nearest test images, every image's distances)", t0)
 
     write_csv(member_dir / "nearest_train.csv", nearest.table()[NEAREST_COLUMNS])
-    write_csv(member_dir / "nearest_test.csv", nearest_images(test_index, prototypes, 5).table())
-    t0 = clock.add("global analysis (test search; both CSVs)", t0)
+    write_csv(member_dir / "nearest_test.csv", nearest_test.table()[NEAREST_COLUMNS])
+    t0 = clock.add("global analysis (both CSVs, from the two searches)", t0)
 
     options = ReportOptions()
     frame = pd.read_csv(member_dir / "nearest_train.csv")

@@ -103,14 +103,13 @@ def test_global_analysis_reuses_prunes_search(tiny_run: Path, tmp_path: Path) ->
             global_analysis(run, **kwargs)  # type: ignore[arg-type]
         return list(searched)
 
-    assert analyse(k=5) == ["test"] * len(names)  # the training split: prune's one search
-    for member in names:  # prune's table stays whole (10 ranks, as a fresh search gives them)
-        fresh = nearest_to_prototypes(run, member, "train", 10).to_csv(index=False, lineterminator="\n")
-        assert (run_dir / "members" / member / "nearest_train.csv").read_text() == fresh
-    assert analyse(k=5) == []  # every table now has its record for k = 5
-    assert analyse(k=6, members=[names[0]]) == [
-        "test"
-    ]  # the training table holds 10 ranks; the test one 5 < 6
+    assert analyse(k=5) == []  # both splits: prune's one search of each index
+    for member in names:  # prune's tables stay whole (10 ranks, as a fresh search gives them)
+        for split in ("train", "test"):
+            fresh = nearest_to_prototypes(run, member, split, 10).to_csv(index=False, lineterminator="\n")
+            assert (run_dir / "members" / member / f"nearest_{split}.csv").read_text() == fresh
+    assert analyse(k=11, members=[names[0]]) == ["train", "test"]  # 10 ranks < 11: searched again
+    assert analyse(k=6, members=[names[0]]) == []  # every table now has its record for k = 11
     record_path = run_dir / "members" / names[0] / "nearest_train.json"
     record = json.loads(record_path.read_text())
     record["index"]["faiss_bytes"] += 1  # another index than the one the table came from

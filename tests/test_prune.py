@@ -234,5 +234,5 @@ def test_prune_searches_each_members_training_index_once(tiny_run: Path, tmp_pat
         prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0)
     n = len(load_run(run_dir).member_names)
     # the training index once (max(k, PIP-Net's top 10)), keeping every image's distances for the audit and
-    # the last-layer retune; the test index once, for the detectors' test distances
-    assert sorted(searched) == sorted([("train", 10, True)] * n + [("test", 1, True)] * n)
+    # the last-layer retune; the test index once, for the detectors' test distances and nearest_test.csv
+    assert sorted(searched) == sorted([("train", 10, True)] * n + [("test", 10, True)] * n)

@@ -110,10 +110,12 @@ def prune_member(
     reporter: Reporter = NULL_REPORTER,
     detector: str = "knn_purity",
     decisions: list[dict[str, Any]] | None = None,
+    test_distances: torch.Tensor | None = None,
 ) -> MemberPruning:
     """k-NN class purity of every prototype of member ``name`` from its ``k`` nearest training images
     (``nearest``, searched once in ``index``), its causal labels and every detector's flags, the pruned member
-    (the prototypes ``detector`` flags, then the reviewer's ``decisions``), and its test logits."""
+    (the prototypes ``detector`` flags, then the reviewer's ``decisions``), and its test logits.
+    ``test_distances``: every test image's distance to every prototype, where the test index gave them."""
     model = run.member(name)
     meta = index.meta
     nearest = nearest.first(k)
@@ -139,7 +141,7 @@ def prune_member(
         paper_flags,
         recipe.schedule.eval_batch_size,
         device,
-        _test_min_distances(run, name, len(bundle.test)),
+        test_distances,
     )
     if detector not in member_audit.detection.flags:
         raise InputError(f"--detector {detector}: {member_audit.detection.skipped.get(detector, 'unknown')}")
@@ -194,17 +196,18 @@ def prune_member(
     )
 
 
-def _test_min_distances(run: Run, name: str, n_test: int) -> torch.Tensor | None:
-    """Every test image's smallest distance to every prototype of member ``name``, from its test patch index,
-    or None when the index is missing, stale or of another test split (the audit then runs one pass over the
-    test images instead)."""
+def _test_search(run: Run, name: str, n_test: int, k: int) -> tuple[NearestImages, dict[str, Any]] | None:
+    """Each prototype's ``k`` nearest test images of member ``name`` with every test image's distance to every
+    prototype (the detectors' test distances), from one search of its test patch index, and the index's
+    recorded information; None when the index is missing, stale or of another test split (the audit then runs
+    one pass over the test images instead)."""
     try:
         index = load_index(run.path, name, "test")
     except (InputError, FileNotFoundError):  # StaleIndexError is an InputError
         return None
     if index.n_images != n_test:
         return None
-    return nearest_images(index, run.member(name).prototype_vectors, 1, with_minima=True).min_distances
+    return nearest_images(index, run.member(name).prototype_vectors, k, with_minima=True), index.info
 
 
 def prunable_members(run: Run) -> list[str]:
@@ -288,12 +291,17 @@ def _prune_run(
     }
     nearest_by_member: dict[str, NearestImages] = {}
     index_by_member: dict[str, PatchIndex] = {}
+    test_by_member: dict[str, tuple[NearestImages, dict[str, Any]]] = {}
     for name in names:
         # one index load and one search per member, with the largest k any consumer needs
         index = load_index(run.path, name, "train")
         nearest = nearest_images(
             index, run.member(name).prototype_vectors, max(k, PART_PURITY_TOP), with_minima=True
         )
+        # the test index once too: the detectors' test distances and nearest_test.csv from one search
+        test_search = _test_search(run, name, len(bundle.test), max(k, PART_PURITY_TOP))
+        if test_search is not None:
+            test_by_member[name] = test_search
         result = prune_member(
             run,
             name,
@@ -308,6 +316,7 @@ def _prune_run(
             reporter,
             detector,
             earlier + recorded,
+            test_search[0].min_distances if test_search is not None else None,
         )
         result.audit = ground_truth_audit(run.member(name), result.purity, nearest, bundle, recipe, device)
         nearest_by_member[name] = nearest
@@ -406,11 +415,14 @@ def _prune_run(
     purity = pd.concat([r.purity for r in results], ignore_index=True)
     duplicates = find_duplicates(run, names)
     audit["duplicates"] = len(duplicates)
-    for result in results:  # the nearest training images the report shows, and global analysis reuses
+    for result in results:  # the nearest images the report shows, and global analysis reuses
         nearest = nearest_by_member[result.name]
         write_nearest(
             run.path, result.name, "train", nearest.table(), nearest.k, index_by_member[result.name].info
         )
+        if result.name in test_by_member:
+            test_nearest, test_info = test_by_member[result.name]
+            write_nearest(run.path, result.name, "test", test_nearest.table(), test_nearest.k, test_info)
     append_decisions(run.path, recorded)
     write_csv(run.path / "purity.csv", purity)
     write_csv(run.path / "duplicates.csv", duplicates)

@@ -24,7 +24,7 @@ from protoaudit.engine.index.files import (
     index_paths,
 )
 from protoaudit.engine.index.search import index_status, member_names, read_index_info
-from protoaudit.engine.io import sha256_file, write_bytes
+from protoaudit.engine.io import atomic_write, sha256_file, write_bytes
 from protoaudit.errors import CheckpointError, InputError
 
 if TYPE_CHECKING:
@@ -163,8 +163,9 @@ def write_index(
         config.nprobe if config is not None else 16,
     )
     faiss_path, meta_path = index_paths(member_dir, split)
-    data = faiss.serialize_index(index).tobytes()
-    write_bytes(faiss_path, data)
+    with atomic_write(faiss_path, "wb") as handle:  # streamed in faiss's chunks: no serialized copy in memory
+        faiss.write_index(index, faiss.PyCallbackIOWriter(handle.write))  # type: ignore[attr-defined]
+        faiss_bytes = handle.tell()
     info = {
         "format_version": INDEX_FORMAT_VERSION,
         "member": member_dir.name,
@@ -177,7 +178,7 @@ def write_index(
         "n_images": int(meta["image_index"].nunique()) if len(meta) else 0,
         "grid": list(grid),
         "image_size": int(image_size),
-        "faiss_bytes": len(data),
+        "faiss_bytes": faiss_bytes,
         "nlist": int(getattr(index, "nlist", 0)),
         "nprobe": int(getattr(index, "nprobe", 0)),
         "build_seconds": time.perf_counter() - t0,
