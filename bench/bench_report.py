@@ -1,4 +1,5 @@
-"""Time the report of a run (the quick start by default) against its budget: written in ≤ 30 s, under 20 MB.
+"""Time the report of a run (the quick start by default) against its budget: written in ≤ 5 s, its page
+≤ 10 MB at CUB-200's size (3 members × 2000 prototypes) with the default thumbnail budget.
 
     .venv/bin/python bench/bench_report.py [RUN] [--out DIR] [--threads 1] [--repeat 1] [--screenshot PNG]
 
@@ -7,6 +8,12 @@ what else runs on the machine; the process's CPU time beside it does not (much).
 ``protoaudit report RUN --html`` spends after start-up: opening the run, rebuilding its dataset, reloading the
 members, predicting the test split, thumbnails, deletion curves, figures, rendering and writing the files.
 With ``--screenshot`` the page is also rendered in headless Chromium (Debian's ``chromium``) to a PNG.
+
+The CUB-scale page: the run's report with its members' prototype rows repeated to 3 members × 2000 prototypes,
+each repeat with thumbnails of its own (distinct images, so that none is inlined for free) for as many prototypes
+as the report's budget gives them (``ReportOptions.max_thumbnails`` per member and ``thumbnail_bytes`` of
+distinct images in all), numbers only for the rest, as the report does; rendered, its bytes counted. The
+quick start's thumbnails are small generated images: photographs weigh more each, but the byte budget caps them.
 """
 
 from __future__ import annotations
@@ -19,9 +26,54 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-BUDGET_SECONDS = 30.0
-BUDGET_BYTES = 20 * 1024 * 1024
+BUDGET_SECONDS = 5.0
+BUDGET_BYTES = 10 * 1000 * 1000  # at CUB-200's size
+CUB_MEMBERS, CUB_PROTOTYPES = 3, 2000
+
+
+def cub_scale_page_bytes(report: Any) -> tuple[int, int, int]:
+    """(HTML bytes, prototypes with thumbnails, thumbnail bytes) of ``report`` scaled to CUB's size."""
+    import copy
+
+    from protoaudit.report import ReportOptions
+    from protoaudit.report.build import Report
+    from protoaudit.report.render import render_html
+
+    options = ReportOptions()
+    data = copy.deepcopy(report.data)
+    assets = dict(report.assets)
+    spent, shown, members = 0, 0, []
+    for i in range(CUB_MEMBERS):
+        source = report.data["members"][i % len(report.data["members"])]
+        member = copy.deepcopy(source)
+        member["name"] = f"{source['name']}-{i}"
+        member["n_prototypes"] = CUB_PROTOTYPES
+        rows = []
+        for j in range(CUB_PROTOTYPES):
+            row = copy.deepcopy(source["prototypes"][j % len(source["prototypes"])])
+            row["prototype"] = j
+            keys = [row.get("thumb")] + [n.get("thumb") for n in row.get("nearest") or []]
+            if j < options.max_thumbnails and spent < options.thumbnail_bytes and row.get("thumb"):
+                for n, key in enumerate(keys):
+                    if key in assets:
+                        new = f"{key}#cub-{i}-{j}"
+                        assets[new] = assets[key]
+                        spent += len(assets[key])
+                        if n == 0:
+                            row["thumb"] = new
+                        else:
+                            row["nearest"][n - 1]["thumb"] = new
+                shown += 1
+            else:
+                row["thumb"], row["nearest"] = None, None
+            rows.append(row)
+        member["prototypes"] = rows
+        members.append(member)
+    data["members"] = members
+    html = render_html(Report(data, assets, report.fragments))
+    return len(html.encode("utf-8")), shown, spent
 
 
 def screenshot(html: Path, png: Path) -> None:
@@ -106,8 +158,15 @@ def main() -> int:
     print(f"{'  of which render + write (s)':<34}{statistics.median(writes):>14.2f}")
     print(f"{'  CPU time of this process (s)':<34}{statistics.median(cpus):>14.2f}")
     print(f"{'  + imports (s, not in budget)':<34}{imports:>14.2f}")
+    print(f"{'report.html (MB)':<34}{html_bytes / 1e6:>14.2f}")
+    cub_bytes, shown, thumbs = cub_scale_page_bytes(report)
     print(
-        f"{'report.html (MB)':<34}{html_bytes / 2**20:>14.2f}{BUDGET_BYTES / 2**20:>14.1f}{html_bytes / BUDGET_BYTES:>8.2f}"
+        f"{'report.html at CUB size (MB)':<34}{cub_bytes / 1e6:>14.2f}{BUDGET_BYTES / 1e6:>14.1f}"
+        f"{cub_bytes / BUDGET_BYTES:>8.2f}"
+    )
+    print(
+        f"{'':<34}({CUB_MEMBERS} × {CUB_PROTOTYPES} prototypes, {shown} with thumbnails, "
+        f"{thumbs / 1e6:.1f} MB of them)"
     )
     print(f"{'report.json (MB)':<34}{written['json'].stat().st_size / 2**20:>14.2f}")
     print(f"{'report.md (KB)':<34}{written['markdown'].stat().st_size / 2**10:>14.1f}")
@@ -115,7 +174,7 @@ def main() -> int:
     if args.screenshot is not None:
         screenshot(written["html"], args.screenshot)
         print(f"screenshot: {args.screenshot}")
-    return 0 if total <= BUDGET_SECONDS and html_bytes <= BUDGET_BYTES else 1
+    return 0 if total <= BUDGET_SECONDS and cub_bytes <= BUDGET_BYTES else 1
 
 
 if __name__ == "__main__":

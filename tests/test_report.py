@@ -84,6 +84,23 @@ def test_every_number_shown_comes_from_report_json(full_report: Any, tmp_path: P
     assert untraced_numbers(html, data) == []
 
 
+def test_each_image_is_inlined_once_and_its_repeats_name_it(full_report: Any) -> None:
+    import re
+
+    html = render_html(full_report)
+    page = re.sub(r'<div class="sheet".*?</div>\s*</details>', "", html, flags=re.S)  # sheets: fragments
+    inlined = re.findall(r'<img class="[^"]*" id="(img-\d+)" src="(data:image/png;base64,[^"]+)"', html)
+    uris = [u for _, u in inlined]
+    assert len(uris) == len(set(uris))  # no image's data twice among the page's own <img>
+    ids = {i for i, _ in inlined}
+    repeats = re.findall(r'<img class="[^"]*" data-same="(img-\d+)"', page)
+    assert repeats  # the gallery shows the prototype tables' thumbnails again
+    assert set(repeats) <= ids
+    # the assets the gallery repeats are the ones shown first: each repeat stands for an image of the report
+    by_id = dict(inlined)
+    assert {by_id[r] for r in repeats} <= set(full_report.assets.values())
+
+
 def test_the_number_check_catches_a_number_that_is_not_in_report_json(full_report: Any) -> None:
     html = render_html(full_report)
     data = json.loads(json.dumps(full_report.data))

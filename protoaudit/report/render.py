@@ -104,8 +104,19 @@ def render_html(report: Report) -> str:
     if "</" in script:  # the script is inlined verbatim; it must not be able to close its own element
         raise ValueError("report.js must not contain '</'")
 
-    def asset(key: str | None) -> str | None:
-        return None if key is None else report.assets.get(key)
+    first_use: dict[str, str] = {}  # asset key → the id of the one <img> that inlines it
+
+    def image(key: str | None, cls: str, alt: str) -> Markup | None:
+        """The <img> of an asset: its data inlined at its first use only; later uses name that element
+        (``data-same``) and report.js copies its source, so a thumbnail shown in the table and the gallery
+        weighs once."""
+        uri = None if key is None else report.assets.get(key)
+        if key is None or uri is None:
+            return None
+        if key in first_use:
+            return Markup('<img class="{}" data-same="{}" alt="{}">').format(cls, first_use[key], alt)
+        first_use[key] = f"img-{len(first_use)}"
+        return Markup('<img class="{}" id="{}" src="{}" alt="{}">').format(cls, first_use[key], uri, alt)
 
     def fragment(key: str) -> Markup:
         # reasoning sheets of protoaudit.explain: HTML fragments that escape their own data
@@ -118,7 +129,7 @@ def render_html(report: Report) -> str:
         report=report.data,
         sections=section_partials(report.data),
         definition=definition_text,
-        asset=asset,
+        image=image,
         fragment=fragment,
         css=Markup(_static("report.css")),
         script=Markup(script),

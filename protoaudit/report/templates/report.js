@@ -56,4 +56,9 @@
     input.addEventListener("input", function () { applyFilter(input.getAttribute("data-table")); });
     input.addEventListener("change", function () { applyFilter(input.getAttribute("data-table")); });
   });
+  // Repeated images: each image's data is inlined once; its other places take their source from that one.
+  Array.prototype.forEach.call(document.querySelectorAll("img[data-same]"), function (img) {
+    var first = document.getElementById(img.getAttribute("data-same"));
+    if (first) img.src = first.src;
+  });
 })();
