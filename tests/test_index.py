@@ -14,7 +14,12 @@ import pytest
 import torch
 
 from protoaudit.core.geometry import patch_part, patch_parts
-from protoaudit.core.knn import exact_knn_torch, latents_to_patches, nearest_images_by_product
+from protoaudit.core.knn import (
+    augmented_patches,
+    exact_knn_torch,
+    latents_to_patches,
+    nearest_images_by_product,
+)
 from protoaudit.engine.index.build import (
     build_faiss_index,
     collect_latents,
@@ -260,6 +265,15 @@ def test_nearest_images_by_product_equals_brute_force_with_ties(threads: int) ->
                 np.testing.assert_array_equal(r.numpy(), ref_r)
                 np.testing.assert_allclose(d.numpy(), ref_d, atol=1e-5)
                 assert d.dtype == torch.float32
+        # the patches prepared once give the same answer, bit for bit, for many queries and for one
+        prepared = augmented_patches(torch.from_numpy(database))
+        for q in (queries, queries[:1]):
+            plain = nearest_images_by_product(torch.from_numpy(database), per, torch.from_numpy(q), 4)
+            read = nearest_images_by_product(
+                torch.from_numpy(database), per, torch.from_numpy(q), 4, augmented=prepared
+            )
+            assert torch.equal(plain[0], read[0])
+            assert torch.equal(plain[1], read[1])
         # every image's smallest distance to every query, from the same products
         minima = torch.empty(n, len(queries))
         nearest_images_by_product(

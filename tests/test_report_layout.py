@@ -109,7 +109,8 @@ def test_tables_fit_and_evidence_is_in_view(driver: Any, report_page: Path, widt
     drawn = driver.execute_script(
         """return Array.from(document.querySelectorAll("img[data-same]")).map(i => i.complete && i.naturalWidth > 0);"""
     )
-    assert drawn and all(drawn)
+    assert drawn
+    assert all(drawn)
 
 
 def test_purity_header_sticks_and_explains(driver: Any, report_page: Path) -> None:

@@ -276,6 +276,29 @@ class BlockKnn:
         return torch.from_numpy(dist[pick].astype(np.float32)), torch.from_numpy(rows[pick])
 
 
+def _augmented_width(dim: int) -> int:
+    """Columns of [x, ‖x‖², 0…]: a multiple of 8 keeps the float32 product on its fast path."""
+    return -(-(dim + 1) // 8) * 8
+
+
+def _augment(x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """Write [x, ‖x‖², 0…] of the rows ``x`` (r, D) into ``out`` (≥ r, width, zero past D + 1)."""
+    r, dim = x.shape
+    out[:r, :dim] = x
+    torch.sum(x * x, 1, out=out[:r, dim])
+    return out[:r]
+
+
+def augmented_patches(patches: torch.Tensor) -> torch.Tensor:
+    """(N, D) float32 patches → (N, width) [x, ‖x‖², 0…], as :func:`nearest_images_by_product` builds them
+    chunk by chunk (the same values): prepared once, for an index that answers many searches."""
+    n, dim = patches.shape
+    out = torch.zeros(n, _augmented_width(dim))
+    for start in range(0, n, 1 << 16):
+        _augment(patches[start : start + (1 << 16)], out[start:])
+    return out
+
+
 def nearest_images_by_product(
     patches: torch.Tensor,
     per_image: int,
@@ -283,6 +306,7 @@ def nearest_images_by_product(
     k: int,
     images_per_chunk: int | None = None,
     minima: torch.Tensor | None = None,
+    augmented: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each query's k nearest *images*, an image by its closest patch, against image-major patches.
 
@@ -299,7 +323,9 @@ def nearest_images_by_product(
     scores, ties to the lower image, and within an image the lower patch.
     Returns (distances (m, k') float32 ascending, rows (m, k') int64 into ``patches``), k' = min(k, n).
     ``minima``: an (n, m) float32 tensor that receives every image's smallest squared distance to every query
-    (the last-layer input, as :func:`min_distances_by_image`), from the same products.
+    (the last-layer input, as :func:`min_distances_by_image`), from the same products. ``augmented``: the
+    patches as :func:`augmented_patches` prepares them, read instead of augmenting each chunk (the answer is the
+    same; a few queries then cost one read of the database).
     """
     if patches.device.type != "cpu" or patches.dtype != torch.float32:
         raise ValueError(f"needs CPU float32 patches, got {patches.dtype} on {patches.device}")
@@ -313,7 +339,9 @@ def nearest_images_by_product(
     if m == 0 or k == 0:
         return torch.zeros(m, k), torch.zeros(m, k, dtype=torch.long)
     q = queries.detach().to("cpu", torch.float32)
-    width = -(-(dim + 1) // 8) * 8  # [x, ‖x‖², 0…]: a multiple of 8 keeps the product on its fast path
+    width = _augmented_width(dim)
+    if augmented is not None and augmented.shape != (n_rows, width):
+        raise ValueError(f"augmented patches must be ({n_rows}, {width}), got {tuple(augmented.shape)}")
     qa = torch.zeros(width, m)
     qa[:dim], qa[dim] = -2 * q.t(), 1.0
     if images_per_chunk is None:
@@ -323,17 +351,17 @@ def nearest_images_by_product(
 
     def scan(first: int, step: int) -> None:  # chunks first, first + step, …
         rows = images_per_chunk * per_image
-        xa, buf = torch.zeros(rows, width), torch.empty(rows, m)
+        xa = torch.zeros(rows, width) if augmented is None else None
+        buf = torch.empty(rows, m)
         mins = torch.empty(images_per_chunk, m)
         kept = torch.full((m, k), float("inf"))  # per query, the k smallest image scores seen so far
         mine: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for c in range(first, n_chunks, step):
             i0, i1 = c * images_per_chunk, min(n, (c + 1) * images_per_chunk)
-            x = patches[i0 * per_image : i1 * per_image]
-            r = len(x)
-            xa[:r, :dim] = x
-            torch.sum(x * x, 1, out=xa[:r, dim])
-            torch.mm(xa[:r], qa, out=buf[:r])
+            rows_c = slice(i0 * per_image, i1 * per_image)
+            xc = augmented[rows_c] if augmented is not None else _augment(patches[rows_c], xa)  # type: ignore[arg-type]
+            r = len(xc)
+            torch.mm(xc, qa, out=buf[:r])
             scores = buf[:r].view(i1 - i0, per_image, m)
             chunk_min = torch.amin(scores, 1, out=mins[: i1 - i0] if minima is None else minima[i0:i1])
             kept = torch.cat([kept, chunk_min.t()], 1).topk(k, 1, largest=False, sorted=False).values

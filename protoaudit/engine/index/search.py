@@ -14,6 +14,7 @@ import torch
 
 from protoaudit.core.knn import (
     BlockKnn,
+    augmented_patches,
     exact_knn_torch,
     min_distances_by_image,
     nearest_images_by_product,
@@ -30,6 +31,9 @@ if TYPE_CHECKING:
 GPU_FAISS_MAX_K = 2048  # GPU faiss answers at most this many neighbours per query
 BLOCK_KNN_MAX_K = 256  # the CPU torch backend answers up to this many neighbours by BlockKnn (exact, proven)
 BLOCK_KNN_QUERIES = 256  # queries per BlockKnn search (its per-block minima are queries × patches / 16)
+# a per-image search of fewer queries than this prepares the index's augmented patches once (kept for the
+# next searches): a few queries then read them instead of rebuilding them chunk by chunk
+PREPARED_BELOW_QUERIES = 64
 
 
 Backend = Literal["auto", "faiss", "faiss-gpu", "torch"]
@@ -116,6 +120,7 @@ class PatchIndex:
         self._database: torch.Tensor | None = None
         self._norms: torch.Tensor | None = None
         self._block_knn: BlockKnn | None = None  # built at the first CPU torch search, not at loading
+        self._augmented: torch.Tensor | None = None  # [x, ‖x‖², 0…] for per-image searches of few queries
         # every image's patches in consecutive rows, as many per image (as protoaudit writes an index)
         p = self.max_patches_per_image
         self._image_major = (
@@ -291,8 +296,16 @@ class PatchIndex:
             and self.info["kind"] == "flat"
             and (self.backend == "faiss" or (self.backend == "torch" and self.device.type == "cpu"))
         ):
+            storage = self._flat_storage()
+            if self._augmented is None and n < PREPARED_BELOW_QUERIES:  # few queries: read, not rebuild
+                self._augmented = augmented_patches(storage)
             d_t, r_t = nearest_images_by_product(
-                self._flat_storage(), self.max_patches_per_image, torch.from_numpy(q), k, minima=minima
+                storage,
+                self.max_patches_per_image,
+                torch.from_numpy(q),
+                k,
+                minima=minima,
+                augmented=self._augmented,
             )
             out_d[:, : d_t.shape[1]], out_r[:, : r_t.shape[1]] = d_t.numpy(), r_t.numpy()
             return out_d, out_r
