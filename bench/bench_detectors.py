@@ -99,6 +99,10 @@ def score_run(run_dir: Path, seed: int, train_seconds: float = float("nan")) -> 
         "causal_counts": {
             m: (e or {}).get("counts") for m, e in (audit.get("causal", {}).get("members") or {}).items()
         },
+        "background_carried_by_elements": {
+            m: (e or {}).get("background_carried_by_elements")
+            for m, e in (audit.get("causal", {}).get("members") or {}).items()
+        },
         "shortcut": audit.get("shortcut", {}).get("rows", []),
         "accuracy": result.accuracy.to_dict(orient="records"),
     }
@@ -133,7 +137,24 @@ def table(results: list[dict[str, Any]], title: str) -> str:
         lines.append(
             f"| **{name}** | mean | {fmt(mean['precision'])} | {fmt(mean['recall'])} | {fmt(mean['f1'])} | | | | |"
         )
+    counts = [r for r in results if r.get("causal_counts")]
+    if counts:
+        lines += [
+            "",
+            "causal labels pooled over members (background*: of the background, silenced by removing every "
+            "element at once)",
+            "",
+            "| seed | discriminative | shared | shortcut | background | background* |",
+            "|---|---|---|---|---|---|",
+        ]
+        for r in counts:
+            total = {k: sum((c or {}).get(k, 0) for c in r["causal_counts"].values()) for k in KINDS}
+            joint = sum(v or 0 for v in r.get("background_carried_by_elements", {}).values())
+            lines.append(f"| {r['seed']} | " + " | ".join(str(total[k]) for k in KINDS) + f" | {joint} |")
     return "\n".join(lines)
+
+
+KINDS = ("discriminative", "shared", "shortcut", "background")
 
 
 def main() -> None:

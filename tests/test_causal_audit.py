@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import ClassVar
+
 import numpy as np
 import torch
 from torch import nn
@@ -25,15 +28,20 @@ class FakeInterventions:
         self.n = n
 
     def elements(self, i: int) -> list[tuple[str, str]]:
-        return [(name, kind) for name, (kind, _, _) in ELEMENTS.items()]
+        return [(name, kind) for name, (kind, _, _) in self.elements_drawn.items()]
 
-    def render(self, i: int, remove: str | None = None) -> torch.Tensor:
-        if remove is not None and remove not in ELEMENTS:
+    elements_drawn: ClassVar[dict[str, tuple[str, tuple[int, int], tuple[float, float, float] | None]]] = (
+        ELEMENTS
+    )
+
+    def render(self, i: int, remove: str | Collection[str] | None = None) -> torch.Tensor:
+        removed = {remove} if isinstance(remove, str) else set(remove or ())
+        if removed - set(self.elements_drawn):
             raise ValueError(remove)
         x = torch.tensor(GREY).view(3, 1, 1).repeat(1, S, S)
         x[:, :, : S // 2] += 0.02 * i  # a little variation from image to image, on the background only
-        for name, (_, (h, w), colour) in ELEMENTS.items():
-            if name == remove:
+        for name, (_, (h, w), colour) in self.elements_drawn.items():
+            if name in removed:
                 continue
             cell = x[:, h * 8 : h * 8 + 8, w * 8 : w * 8 + 8]
             if colour is None:
@@ -89,6 +97,45 @@ def test_a_prototype_on_the_marker_is_shortcut_and_one_on_plain_background_is_ba
     # on the unmodified source image the prototype is at distance 0 (up to float32 cancellation in
     # ‖z‖² − 2z·p + ‖p‖², which moves log((d + 1)/(d + 1e-4)) by a few hundredths)
     assert np.allclose(out["base"], np.log(1 / 1e-4), atol=0.05)
+
+
+class TwinInterventions(FakeInterventions):
+    """The images above with a second red square, a twin of part 0, in cell (2, 3)."""
+
+    elements_drawn: ClassVar[dict[str, tuple[str, tuple[int, int], tuple[float, float, float] | None]]] = {
+        **ELEMENTS,
+        "part 1: red square": ("discriminative", (2, 3), (0.9, 0.1, 0.1)),
+    }
+
+
+def test_a_prototype_two_elements_carry_is_labelled_background_and_caught_by_removing_all() -> None:
+    """With two identical red squares, removing either leaves the other: no single removal drops the part
+    prototype's similarity, so the single-removal label says background; removing every element at once
+    silences it (drop_all above one half), while the plain background prototype keeps its similarity (drop_all 0)."""
+    from protoaudit.engine.causal_audit import causal_entry
+
+    model = hand_built_member()
+    split = FakeSplit(2, np.array([0, 1]))
+    split.interventions = TwinInterventions(2)
+    with torch.no_grad():
+        z = model.latent(split.batch([0, 1]))
+    sources = [(1, 3, 3), (0, 2, 1), (0, 0, 0), (1, 0, 3)]  # part (twinned), background, marker, shared
+    with torch.no_grad():
+        model.prototype_vectors.copy_(torch.stack([z[i, :, h, w] for i, h, w in sources]))
+    out = causal_labels(model, split, np.array([i for i, _, _ in sources]), 8, torch.device("cpu"))
+    assert out is not None
+    assert out["concept_kind"].tolist() == ["background", "background", "shortcut", "shared"]
+    assert np.nanmax(out["drops"][0]) < 0.01  # either twin alone answers as well as both
+    assert out["drop_all"][0] > 0.5  # above the label's one half: silenced
+    assert abs(out["drop_all"][1]) < 1e-6
+    assert out["drop_all"][2] > 0.5
+    assert out["drop_all"][3] > 0.5
+    member_audit = type("A", (), {"causal": out})()
+    entry = causal_entry(member_audit, [0, 0, 1, 1])  # type: ignore[arg-type]
+    assert entry is not None
+    assert entry["counts"]["background"] == 2
+    assert entry["background_carried_by_elements"] == 1
+    assert entry["prototypes"][0]["drop_all"] == float(out["drop_all"][0])
 
 
 def test_no_interventions_means_no_causal_labels() -> None:

@@ -259,6 +259,26 @@ def test_removal_changes_exactly_that_element_and_mask_codes_cover_its_pixels(
     assert seen == set(ELEMENT_KINDS)
 
 
+def test_removing_several_elements_changes_exactly_their_pixels(
+    data: PartsData, renderer: PartsRenderer
+) -> None:
+    for row in range(0, len(data.labels), 5):
+        names = [name for name, _ in renderer.elements(row)]
+        for chosen in (names[:2], names):
+            image, mask = renderer.render(row, chosen)
+            union = np.zeros(data.masks[row].shape, dtype=bool)
+            for name in chosen:
+                single, _ = renderer.render(row, name)
+                union |= (single != data.images[row]).any(axis=2)
+            assert np.array_equal((image != data.images[row]).any(axis=2), union), (row, chosen)
+            assert np.array_equal(mask, np.where(union, 0, data.masks[row]))
+        _, mask = renderer.render(row, names)
+        assert not mask.any()  # nothing but background left
+        assert np.array_equal(renderer.render(row, [])[0], data.images[row])
+    with pytest.raises(ValueError, match="no element 'tail'"):
+        renderer.render(0, [renderer.elements(0)[0][0], "tail"])
+
+
 def test_kind_masks_codes(data: PartsData) -> None:
     assert MASK_KINDS == ("background", "shared", "discriminative", "shortcut")
     km = data.kind_masks

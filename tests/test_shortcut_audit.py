@@ -99,3 +99,17 @@ def test_detector_scores_and_the_shortcut_table(v2_run: Path) -> None:
                 model,
                 removal,
             )
+    # finetune_epochs=0 keeps the remaining columns as trained: no row claims a solve
+    assert {r["last_layer"] for r in shortcut["rows"]} == {"as trained"}
+
+
+def test_retune_summary_says_which_solves_did_not_converge() -> None:
+    from protoaudit.engine.shortcut import retune_summary
+
+    done = {"solver": "fista", "iterations": 3980, "converged": True, "residual": 8e-6}
+    capped = {"solver": "fista", "iterations": 5000, "converged": False, "residual": 1.3e-5}
+    assert retune_summary() == "as trained"
+    assert retune_summary({}, {}) == "as trained"
+    assert retune_summary(done, {}) == "converged"
+    assert retune_summary(done, capped) == "1 of 2 not converged (5000 it., residual 1.3e-05)"
+    assert retune_summary({"solver": "adam", "top1": 0.9}) == "retrained (adam)"

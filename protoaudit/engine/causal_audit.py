@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from protoaudit.core import detectors as det
-from protoaudit.core.causal import MIN_DROP, causal_concepts
+from protoaudit.core.causal import BACKGROUND, MIN_DROP, causal_concepts
 from protoaudit.core.model import ProtoPNet, similarity
 
 if TYPE_CHECKING:
@@ -71,7 +71,10 @@ def causal_labels(
     split has no interventions (a dataset whose images cannot be drawn again).
 
     source_index: (m,) int, each prototype's source image in ``split`` (the push split). Returns the dict of
-    :func:`causal_concepts` plus ``names`` (m, E) and ``base`` (m,) and ``removed`` (m, E) similarities.
+    :func:`causal_concepts` plus ``names`` (m, E) and ``base`` (m,) and ``removed`` (m, E) similarities, and
+    ``drop_all`` (m,): the relative drop when every element is removed at once (the image's background alone),
+    which tests the label "background" — a prototype labelled so whose ``drop_all`` exceeds ``min_drop``
+    responds to the elements, carried by two or more of them so that no single removal silences it.
     """
     interventions = getattr(split, "interventions", None)
     if interventions is None:
@@ -86,11 +89,14 @@ def causal_labels(
         elements[i] = list(interventions.elements(i))
         renders.append(interventions.render(i, None))
         renders.extend(interventions.render(i, name) for name, _ in elements[i])
+        # every element removed at once: the background alone, the check of the label "background"
+        renders.append(interventions.render(i, [name for name, _ in elements[i]]))
     sims = similarity(min_distances(model, torch.stack(renders), batch_size, device)).double().numpy()
     m = len(sources)
     width = max((len(v) for v in elements.values()), default=0)
     base = np.empty(m)
     removed = np.full((m, width), np.nan)
+    removed_all = np.empty(m)
     names: list[list[str]] = []
     kinds: list[list[str]] = []
     for j, i in enumerate(sources):
@@ -98,10 +104,17 @@ def causal_labels(
         els = elements[int(i)]
         base[j] = sims[row, j]
         removed[j, : len(els)] = sims[row + 1 : row + 1 + len(els), j]
+        removed_all[j] = sims[row + 1 + len(els), j]
         names.append([n for n, _ in els])
         kinds.append([k for _, k in els])
     out: dict[str, Any] = dict(causal_concepts(base, removed, names, kinds, min_drop))
-    out.update(base=base, removed=removed, names=names)
+    out.update(
+        base=base,
+        removed=removed,
+        names=names,
+        drop_all=(base - removed_all) / base,
+        min_drop=min_drop,
+    )
     return out
 
 
@@ -216,6 +229,7 @@ def table_columns(member_audit: MemberAudit) -> dict[str, Any]:
         out["concept"] = causal["concept"]
         out["concept_kind"] = causal["concept_kind"]
         out["causal_drop"] = causal["drop"]
+        out["causal_drop_all"] = causal["drop_all"]
         out["causal_drops"] = [
             drops_text(names, row) for names, row in zip(causal["names"], causal["drops"], strict=True)
         ]
@@ -232,10 +246,13 @@ def causal_entry(member_audit: MemberAudit, prototype_class: list[int]) -> dict[
     if causal is None:
         return None
     kinds = [str(k) for k in causal["concept_kind"]]
+    joint = (np.asarray(kinds) == BACKGROUND) & (np.asarray(causal["drop_all"]) > causal["min_drop"])
     return {
         "counts": {
             kind: kinds.count(kind) for kind in ("discriminative", "shared", "shortcut", "background")
         },
+        # labelled background, yet silenced when every element is removed at once: carried jointly by elements
+        "background_carried_by_elements": int(joint.sum()),
         "prototypes": [
             {
                 "prototype": j,
@@ -243,6 +260,7 @@ def causal_entry(member_audit: MemberAudit, prototype_class: list[int]) -> dict[
                 "concept": str(causal["concept"][j]),
                 "concept_kind": kinds[j],
                 "drop": float(causal["drop"][j]),
+                "drop_all": float(causal["drop_all"][j]),
                 "base_similarity": float(causal["base"][j]),
                 "drops": {
                     n: float(d)

@@ -229,7 +229,10 @@ DEFINITIONS: list[dict[str, str]] = [
         "largest drop, and its kind the element's kind. When no removal takes away more than half of the "
         "similarity (a fraction fixed in advance: similarity × weight is the evidence a prototype adds to a "
         "logit, so the concept must carry most of it), the concept is the background. causal_drop is the "
-        "largest drop; causal_drops lists every element's.",
+        "largest drop; causal_drops lists every element's. causal_drop_all is the drop when every element is "
+        "removed at once (the image's background alone): it checks the label background, since a prototype "
+        "that two elements carry together loses less than half to either removal yet is silenced by both "
+        "(audit.json counts such prototypes as background_carried_by_elements; the label is not changed).",
         "source": "Hesse, Schaub-Meyer, Roth. FunnyBirds: A Synthetic Vision Dataset for a Part-Based "
         "Analysis of Explainable AI Methods. ICCV 2023 (part removal); " + CHEN_2019 + ", §2.1 (similarity)",
     },

@@ -17,6 +17,7 @@ from protoaudit.engine.io import read_json
 if TYPE_CHECKING:
     from protoaudit.engine.run import Run
 
+JOINT = "background_carried_by_elements"
 HINT = "not computed yet — run `protoaudit prune`"
 VERDICT_COLUMNS = (
     "member",
@@ -25,6 +26,7 @@ VERDICT_COLUMNS = (
     "concept",
     "concept_kind",
     "causal_drop",
+    "causal_drop_all",
     "source_part_kind",
     "purity",
     "class_information",
@@ -79,10 +81,19 @@ def section(run: Run, data: dict[str, Any] | None = None) -> dict[str, Any]:  # 
         verdicts = {"columns": columns, "rows": rows}
     causal = audit.get("causal") or {}
     counts = [
-        {"member": member, **(entry or {}).get("counts", {})}
+        {
+            "member": member,
+            **entry.get("counts", {}),
+            **(
+                {"of these background, silenced by removing every element": entry[JOINT]}
+                if JOINT in entry
+                else {}
+            ),
+        }
         for member, entry in (causal.get("members") or {}).items()
         if entry
     ]
+    joint = sum(int((e or {}).get(JOINT, 0)) for e in (causal.get("members") or {}).values())
     decisions = audit.get("decisions") or {}
     log = [
         {
@@ -108,6 +119,7 @@ def section(run: Run, data: dict[str, Any] | None = None) -> dict[str, Any]:  # 
             "available": bool(causal.get("available")),
             "min_drop": causal.get("min_drop"),
             "counts": counts,
+            "background_carried_by_elements": joint,
         },
         "scores": scores,
         "verdicts": verdicts,

@@ -11,7 +11,7 @@ the image drawn again without one of them. Other datasets' splits have ``interve
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -120,13 +120,14 @@ class SplitInterventions:
         """
         return self.renderer.elements(int(self.rows[i]))
 
-    def render(self, i: int, remove: str | None = None) -> torch.Tensor:
+    def render(self, i: int, remove: str | Collection[str] | None = None) -> torch.Tensor:
         """Image i as (3, S, S) float32 in [0, 1], exactly as the split serves it before augmentation (equal to
         the push, val and test splits' ``batch([i])[0]`` bit for bit) when ``remove`` is None; else drawn again
-        with the element named ``remove`` left out (its pixels show the background beneath, same noise).
+        with the element named ``remove`` left out, or every element of a collection of names (their pixels
+        show the background beneath, same noise).
 
         Raises:
-            ValueError: ``remove`` is not one of ``elements(i)``.
+            ValueError: a name in ``remove`` is not one of ``elements(i)``.
         """
         image, _ = self.renderer.render(int(self.rows[i]), remove)
         return _to_float(image)

@@ -75,6 +75,7 @@ import numbers
 import os
 import tempfile
 import warnings
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -933,11 +934,11 @@ def _draw_image(
     stripes: dict[int, BoolArray],
     image: U8Array,
     mask: U8Array,
-    skip: int = 0,
+    skip: frozenset[int] = frozenset(),
 ) -> list[PartDef]:
     """Draw one image of class ``label`` into ``image`` (S, S, 3) and
-    ``mask`` (S, S) in place (generator 1), leaving out the part with id
-    ``skip`` (0: none); returns the parts present (skipped one included).
+    ``mask`` (S, S) in place (generator 1), leaving out the parts whose ids
+    are in ``skip``; returns the parts present (skipped ones included).
 
     Leaving a part out changes no random draw."""
     size = spec.image_size
@@ -955,7 +956,7 @@ def _draw_image(
     sizes = rng.integers(spec.part_min, spec.part_max + 1, size=len(present))
     corners = _place(rng, sizes, size)
     for part, s_np, (y, x) in zip(present, sizes, corners, strict=True):
-        if part.pid != skip:
+        if part.pid not in skip:
             _draw_part(canvas, mask, part, y, x, int(s_np), shapes, stripes)
 
     noise = rng.integers(-NOISE_AMPLITUDE, NOISE_AMPLITUDE + 1, size=canvas.shape)
@@ -1009,11 +1010,11 @@ def _draw_image_v2(
     stripes: dict[int, BoolArray],
     image: U8Array,
     mask: U8Array,
-    skip: int = 0,
+    skip: frozenset[int] = frozenset(),
 ) -> list[PartDef]:
     """Draw one image of class ``label`` (generator 2) into ``image`` and
-    ``mask`` in place, leaving out the element with part id ``skip`` (0:
-    none); returns the elements present (skipped one included).
+    ``mask`` in place, leaving out the elements whose part ids are in
+    ``skip``; returns the elements present (skipped ones included).
 
     ``own``: the class's part ids. ``shifted``: the ``test_shifted`` variant
     (marker on the other classes). Every random draw happens in the same
@@ -1037,11 +1038,11 @@ def _draw_image_v2(
     sizes = rng.integers(spec.part_min, spec.part_max + 1, size=len(present))
     corners, (my, mx) = _place_with_marker(rng, sizes, size, spec.marker_size)
     for part, s_np, (y, x) in zip(present, sizes, corners, strict=True):
-        if part.pid != skip:
+        if part.pid not in skip:
             _draw_part(canvas, mask, part, y, x, int(s_np), shapes, stripes)
     marker = defs[-1]
     if has_marker:
-        if marker.pid != skip:
+        if marker.pid not in skip:
             _draw_marker(canvas, mask, marker, my, mx, spec.marker_size)
         present.append(marker)
 
@@ -1096,7 +1097,9 @@ class PartsRenderer:
     def __len__(self) -> int:
         return len(self.labels)
 
-    def _draw(self, row: int, image: U8Array, mask: U8Array, skip: int = 0) -> list[PartDef]:
+    def _draw(
+        self, row: int, image: U8Array, mask: U8Array, skip: frozenset[int] = frozenset()
+    ) -> list[PartDef]:
         if not 0 <= row < len(self.labels):
             raise IndexError(f"row {row} out of range for {len(self.labels)} images")
         shifted = bool(self.is_shifted[row])
@@ -1132,26 +1135,29 @@ class PartsRenderer:
         ``("marker", "shortcut")``. Names are unique within an image."""
         return [(element_name(d, self._n_disc), d.kind) for d in self._present(row)]
 
-    def render(self, row: int, remove: str | None = None) -> tuple[U8Array, U8Array]:
+    def render(self, row: int, remove: str | Collection[str] | None = None) -> tuple[U8Array, U8Array]:
         """Row ``row`` as ``((S, S, 3) uint8 image, (S, S) uint8 part ids)``,
-        with the element named ``remove`` left out (``None``: the image as
-        generated, bit for bit). A left-out element's pixels show what lies
-        beneath it: gradient and clutter, with the same noise.
+        with the element named ``remove`` left out, or every element of a
+        collection of names (``None`` or empty: the image as generated, bit
+        for bit). A left-out element's pixels show what lies beneath it:
+        gradient and clutter, with the same noise.
 
         Raises:
-            ValueError: ``remove`` is not an element of the image.
+            ValueError: a name in ``remove`` is not an element of the image.
         """
         s = self.spec.image_size
         image = np.empty((s, s, 3), np.uint8)
         mask = np.zeros((s, s), np.uint8)
-        skip = 0
-        if remove is not None:
+        wanted = [remove] if isinstance(remove, str) else list(remove or ())
+        skip: frozenset[int] = frozenset()
+        if wanted:
             names = {element_name(d, self._n_disc): d.pid for d in self._present(row)}
-            if remove not in names:
+            missing = [n for n in wanted if n not in names]
+            if missing:
                 raise ValueError(
-                    f"no element {remove!r} in image {row}; its elements: {', '.join(sorted(names))}"
+                    f"no element {missing[0]!r} in image {row}; its elements: {', '.join(sorted(names))}"
                 )
-            skip = names[remove]
+            skip = frozenset(names[n] for n in wanted)
         self._draw(row, image, mask, skip)
         return image, mask
 
