@@ -91,6 +91,7 @@ def score_run(run_dir: Path, seed: int, train_seconds: float = float("nan")) -> 
     return {
         "seed": seed,
         "run_dir": str(run_dir),
+        "joint_checked": joint_checked_scores(run_dir),
         "train_seconds": train_seconds,
         "prune_seconds": done - trained,
         "labels": audit["detectors"]["labels"],
@@ -106,6 +107,47 @@ def score_run(run_dir: Path, seed: int, train_seconds: float = float("nan")) -> 
         "shortcut": audit.get("shortcut", {}).get("rows", []),
         "accuracy": result.accuracy.to_dict(orient="records"),
     }
+
+
+def element_kind(name: str) -> str:
+    """The kind of an element of the embedded dataset from its name ("part 3: …", "shared 0: …", "marker")."""
+    if name.startswith("part "):
+        return "discriminative"
+    if name.startswith("shared "):
+        return "shared"
+    if name == "marker":
+        return "shortcut"
+    raise ValueError(f"unknown element {name!r}")
+
+
+def joint_checked_scores(run_dir: Path) -> dict[str, Any] | None:
+    """A sensitivity analysis of the labels, not a label of protoaudit's: every detector scored again after the
+    prototypes labelled background that removing every element silences (``causal_drop_all`` above the label's
+    one half) take the kind of the element whose single removal drops them most. None without causal labels."""
+    import numpy as np
+    import pandas as pd
+
+    from protoaudit.core.causal import MIN_DROP
+    from protoaudit.core.detectors import detection_scores
+
+    table = pd.read_csv(run_dir / "purity.csv", keep_default_na=False)
+    if "causal_drop_all" not in table:
+        return None
+    kinds = table["concept_kind"].astype(str).tolist()
+    moved = 0
+    for i, row in enumerate(table.itertuples()):
+        if kinds[i] != "background" or not float(row.causal_drop_all) > MIN_DROP:
+            continue
+        drops = [p.rsplit("=", 1) for p in str(row.causal_drops).split(";") if p]
+        if drops:
+            name, _ = max(drops, key=lambda d: float(d[1]))
+            kinds[i] = element_kind(name)
+            moved += 1
+    scores = {}
+    for column in [c for c in table.columns if c.startswith("flag_")]:
+        flags = table[column].astype(str).str.lower().eq("true").to_numpy()
+        scores[column.removeprefix("flag_")] = detection_scores(np.asarray(flags), kinds)
+    return {"relabelled": moved, "pooled": scores}
 
 
 def fmt(x: Any) -> str:
@@ -137,6 +179,25 @@ def table(results: list[dict[str, Any]], title: str) -> str:
         lines.append(
             f"| **{name}** | mean | {fmt(mean['precision'])} | {fmt(mean['recall'])} | {fmt(mean['f1'])} | | | | |"
         )
+    checked = [r for r in results if r.get("joint_checked")]
+    if checked:
+        lines += [
+            "",
+            "label sensitivity: the same flags against the labels with each background prototype that removing every "
+            "element silences given the kind of its largest single drop (not protoaudit's label; "
+            "bench/bench_detectors.py joint_checked_scores)",
+            "",
+            "| detector | seed | precision | recall | F1 | bad | relabelled |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for name in names:
+            for r in checked:
+                s = r["joint_checked"]["pooled"].get(name)
+                if s is not None:
+                    lines.append(
+                        f"| {name} | {r['seed']} | {fmt(s['precision'])} | {fmt(s['recall'])} | {fmt(s['f1'])} | "
+                        f"{s['n_positive']} | {r['joint_checked']['relabelled']} |"
+                    )
     counts = [r for r in results if r.get("causal_counts")]
     if counts:
         lines += [

@@ -66,8 +66,10 @@ def cub_scale_page_bytes(report: Any) -> tuple[int, int, int]:
                         else:
                             row["nearest"][n - 1]["thumb"] = new
                 shown += 1
-            else:
-                row["thumb"], row["nearest"] = None, None
+            else:  # as the report does beyond its budget: the nearest patches listed, without thumbnails
+                row["thumb"] = None
+                for entry in row.get("nearest") or []:
+                    entry["thumb"] = None
             rows.append(row)
         member["prototypes"] = rows
         members.append(member)

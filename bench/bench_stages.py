@@ -6,8 +6,9 @@ P2  push (class-specific projection + the 95th-percentile boxes of every prototy
 P6  push + test pass with patch indexes + k-NN purity + global nearest patches (train and test) vs plain forward
     passes over the two splits (goal ≤ 1.1×). As ``protoaudit prune`` does, one search of the training index
     (each prototype's 10 nearest images: purity's k = 6, part purity's 10, and ``nearest_train.csv``) serves
-    purity and the global analysis of the training split; the test split gets its own search (k = 5, as
-    ``protoaudit global-analysis`` writes ``nearest_test.csv``).
+    purity and the global analysis of the training split; the test split's nearest images (k = 5, as
+    ``protoaudit global-analysis`` writes ``nearest_test.csv``) are read off the min distances its test pass
+    computed for the logits, as training saves them and prune reads them (no second product).
 
 Each stage that exceeds the forward passes it rides on is broken down: the seconds of each part of the best
 run, so that what the remaining time is spent on is printed beside the ratio.
@@ -39,9 +40,9 @@ from protoaudit.core.purity import knn_class_purity, part_purity
 from protoaudit.core.trunks import create_trunk, trunk_info
 from protoaudit.engine.data import TensorSplit
 from protoaudit.engine.index.build import build_faiss_index, patch_metadata
-from protoaudit.engine.index.search import PatchIndex, nearest_images
+from protoaudit.engine.index.search import PatchIndex, nearest_images, nearest_images_from_minima
 from protoaudit.engine.push import push_prototypes
-from protoaudit.engine.train import predict
+from protoaudit.engine.train import predict, predict_with_latents
 
 
 def best_of(repeat: int, fn):  # type: ignore[no-untyped-def]
@@ -195,19 +196,14 @@ def main() -> None:
         push_prototypes(model, push_split, args.batch, cpu, args.size, lambda z, _i: kept.append(z))
         train_latents = torch.cat(kept)
         t0 = lap("push pass (forward + projection + boxes)", t0)
-        test_latents: list[torch.Tensor] = []
-        for start in range(0, len(test_split), args.batch):  # the test pass that evaluates also keeps latents
-            x = test_split.batch(list(range(start, min(start + args.batch, len(test_split)))))
-            with torch.no_grad():
-                z = model.latent(x)
-                model.head(model.distances(z).amin(dim=(2, 3)))
-            test_latents.append(z)
-        t0 = lap("test pass (forward, latents kept)", t0)
+        # the test pass that evaluates keeps the latents (the test index) and every image's min distances
+        test_pass = predict_with_latents(model, test_split, args.batch, cpu)
+        t0 = lap("test pass (forward, latents and min distances kept)", t0)
         grid = tuple(train_latents.shape[2:])
         indexes = {}
         for name, split, lat in (
             ("train", push_split, train_latents),
-            ("test", test_split, torch.cat(test_latents)),
+            ("test", test_split, test_pass.latents),
         ):
             vectors = latents_to_patches(lat)
             indexes[name] = PatchIndex(
@@ -225,8 +221,9 @@ def main() -> None:
         part_purity(nearest.column("part"))
         nearest.table()  # nearest_train.csv
         t0 = lap("purity, part purity, nearest_train table", t0)
-        nearest_images(indexes["test"], protos, 5).table()  # global analysis, test
-        lap("test search (5 nearest images) + table", t0)
+        # global analysis, test: read off the test pass's distances, as prune does (no search)
+        nearest_images_from_minima(indexes["test"], protos, test_pass.min_distances, 5).table()
+        lap("test nearest images (from the test pass) + table", t0)
         if not best_parts or sum(parts.values()) < sum(best_parts.values()):
             best_parts.clear()
             best_parts.update(parts)

@@ -105,9 +105,22 @@ def test_global_analysis_reuses_prunes_search(tiny_run: Path, tmp_path: Path) ->
 
     assert analyse(k=5) == []  # both splits: prune's one search of each index
     for member in names:  # prune's tables stay whole (10 ranks, as a fresh search gives them)
-        for split in ("train", "test"):
-            fresh = nearest_to_prototypes(run, member, split, 10).to_csv(index=False, lineterminator="\n")
-            assert (run_dir / "members" / member / f"nearest_{split}.csv").read_text() == fresh
+        fresh = nearest_to_prototypes(run, member, "train", 10).to_csv(index=False, lineterminator="\n")
+        assert (run_dir / "members" / member / "nearest_train.csv").read_text() == fresh
+        # the test table comes from the distances of the member's test pass: the same rows, and distances
+        # equal to the search's up to the rounding of a differently ordered sum
+        fresh_test = nearest_to_prototypes(run, member, "test", 10)
+        saved_test = pd.read_csv(
+            run_dir / "members" / member / "nearest_test.csv", converters={"image_id": str}
+        )
+        columns = ["prototype", "rank", "image_index", "image_id", "label", "h", "w"]
+        assert saved_test[columns].equals(fresh_test[columns])
+        np.testing.assert_allclose(saved_test["distance"], fresh_test["distance"], rtol=1e-5, atol=1e-5)
+        record = json.loads((run_dir / "members" / member / "nearest_test.json").read_text())
+        assert record["source"] == "test pass"
+        assert json.loads((run_dir / "members" / member / "nearest_train.json").read_text())["source"] == (
+            "index search"
+        )
     assert analyse(k=11, members=[names[0]]) == ["train", "test"]  # 10 ranks < 11: searched again
     assert analyse(k=6, members=[names[0]]) == []  # every table now has its record for k = 11
     record_path = run_dir / "members" / names[0] / "nearest_train.json"

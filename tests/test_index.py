@@ -204,6 +204,36 @@ def _hand_built_index(
     return load_index(tmp_path, "m", "train", backend="faiss")
 
 
+def test_nearest_images_from_minima_equal_the_per_image_search_with_ties(tmp_path: Path) -> None:
+    """The k nearest images read off every image's min distance (what a test pass computes) are the index
+    search's: ascending distance, ties to the lower image, each image's closest patch (the first among equals,
+    found again among that image's patches)."""
+    from protoaudit.engine.index.search import nearest_images, nearest_images_from_minima
+
+    rng = np.random.default_rng(3)
+    n, per, dim, m = 9, 4, 3, 5
+    vectors = rng.integers(0, 3, size=(n * per, dim)).astype(np.float32)  # small integers: exact, many ties
+    vectors[4:8] = vectors[0:4]  # image 1 repeats image 0: equal distances, image 0 must come first
+    meta_images = np.repeat(np.arange(n), per).tolist()
+    index = _hand_built_index(tmp_path, vectors, meta_images)
+    queries = rng.integers(0, 3, size=(m, dim)).astype(np.float32)
+    d = ((vectors[:, None, :] - queries[None]) ** 2).sum(-1).reshape(n, per, m)  # exact in float32
+    minima = torch.from_numpy(d.min(1))
+    for k in (1, 4, n, n + 3):
+        got = nearest_images_from_minima(index, queries, minima, k)
+        want = nearest_images(index, queries, k, with_minima=True)
+        np.testing.assert_array_equal(got.rows, want.rows)
+        np.testing.assert_array_equal(got.distances, want.distances)
+        assert got.min_distances is not None
+        assert torch.equal(got.min_distances, minima)
+    first = nearest_images_from_minima(index, queries, minima, n)
+    for j in range(m):  # image 0 ranks before its copy, image 1
+        ranked = list(first.rows[j] // per)
+        assert ranked.index(0) < ranked.index(1)
+    with pytest.raises(ValueError, match="do not fit"):
+        nearest_images_from_minima(index, queries[:2], minima, 3)
+
+
 def test_per_image_hand_built_case(tmp_path: Path) -> None:
     # 1-D patches; image 0 owns the three nearest patches to the query 0.0, then image 1, image 2, image 3
     values = [0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 2.0, 0.7, 3.0]

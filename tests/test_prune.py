@@ -234,5 +234,66 @@ def test_prune_searches_each_members_training_index_once(tiny_run: Path, tmp_pat
         prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0)
     n = len(load_run(run_dir).member_names)
     # the training index once (max(k, PIP-Net's top 10)), keeping every image's distances for the audit and
-    # the last-layer retune; the test index once, for the detectors' test distances and nearest_test.csv
-    assert sorted(searched) == sorted([("train", 10, True)] * n + [("test", 10, True)] * n)
+    # the last-layer retune; the test index not at all: the detectors' test distances and nearest_test.csv come
+    # from the distances the members' test pass saved
+    assert sorted(searched) == sorted([("train", 10, True)] * n)
+
+
+@pytest.mark.parametrize("saved", ["removed", "tampered"])
+def test_prune_searches_the_test_index_where_no_sound_test_distances_are_saved(
+    tiny_run: Path, tmp_path: Path, saved: str
+) -> None:
+    """Without the saved test distances, or with a file that no longer gives the saved logits, prune searches
+    the test index instead — and nearest_test.csv is the one the saved distances give, up to float rounding
+    (the forward pass and the index's products sum in different orders)."""
+    from protoaudit.engine.index.search import PatchIndex
+    from protoaudit.engine.io import load_tensors, save_tensors, tensor_file_metadata
+    from protoaudit.engine.run import TEST_DISTANCES_FILE
+
+    reference = tmp_path / "reference"
+    shutil.copytree(tiny_run, reference)
+    prune_run(load_run(reference), k=6, threshold=3, finetune_epochs=0)
+    run_dir = tmp_path / "tiny"
+    shutil.copytree(tiny_run, run_dir)
+    names = load_run(run_dir).member_names
+    for name in names:
+        path = run_dir / "members" / name / TEST_DISTANCES_FILE
+        if saved == "removed":
+            path.unlink()
+        else:  # one distance changed, the file otherwise intact (its weights digest still right)
+            tensors = load_tensors(path)
+            tensors["min_distances"][0, 0] += 5.0
+            save_tensors(path, tensors, tensor_file_metadata(path))
+    searched: list[str] = []
+    original = PatchIndex.search
+
+    def counting(
+        self: PatchIndex, queries: object, k: int, per_image: bool = False, minima: object = None
+    ) -> object:
+        searched.append(str(self.info["split"]))
+        return original(self, queries, k, per_image=per_image, minima=minima)  # type: ignore[arg-type]
+
+    logged: list[str] = []
+
+    class Log:
+        def log(self, message: str) -> None:
+            logged.append(message)
+
+        def __getattr__(self, name: str) -> object:
+            from protoaudit.engine.progress import NULL_REPORTER
+
+            return getattr(NULL_REPORTER, name)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PatchIndex, "search", counting)
+        prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0, reporter=Log())  # type: ignore[arg-type]
+    assert sorted(searched) == sorted(["train"] * len(names) + ["test"] * len(names))
+    warned = [m for m in logged if TEST_DISTANCES_FILE in m]
+    assert len(warned) == (len(names) if saved == "tampered" else 0)
+    for name in names:
+        a = pd.read_csv(reference / "members" / name / "nearest_test.csv")
+        b = pd.read_csv(run_dir / "members" / name / "nearest_test.csv")
+        assert a[["prototype", "rank", "image_index", "h", "w"]].equals(
+            b[["prototype", "rank", "image_index", "h", "w"]]
+        )
+        np.testing.assert_allclose(a["distance"], b["distance"], rtol=1e-5, atol=1e-5)

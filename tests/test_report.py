@@ -101,6 +101,44 @@ def test_each_image_is_inlined_once_and_its_repeats_name_it(full_report: Any) ->
     assert {by_id[r] for r in repeats} <= set(full_report.assets.values())
 
 
+def test_thumbnail_budget_stops_the_images_and_keeps_every_row(full_run: Path) -> None:
+    """With a byte budget that holds about one prototype's images, the later rows keep their numbers and the
+    classes of their nearest images as text, without figures, and the page says how many have thumbnails."""
+    import dataclasses
+    import re
+
+    one = build_report(load_run(full_run), dataclasses.replace(FAST, thumbnail_bytes=1))
+    html = render_html(one)
+    member = one.data["members"][0]
+    assert member["thumbnails"] == 1  # the first image passes the budget, which is then spent
+    assert [r["thumb"] is not None for r in member["prototypes"]][:2] == [True, False]
+    assert all(n["thumb"] is None for r in member["prototypes"][1:] for n in r["nearest"] or [])
+    table = html[html.index('<table class="sortable purity" id="purity-1"') :]
+    table = table[: table.index("</table>")]
+    rows = table.split("<tr")[2:]  # after the header row
+    assert len(rows) == len(member["prototypes"])
+    assert "<figure" in rows[0]
+    for row, p in zip(rows[1:], member["prototypes"][1:], strict=True):
+        assert "<figure" not in row
+        shown = re.search(r'<span class="nc">classes ([^<]*(?:<b>[^<]*</b>[^<]*)*)</span>', row)
+        assert shown is not None
+        listed = [int(c) for c in re.sub(r"</?b>", "", shown.group(1)).split()]
+        assert listed == p["nearest_classes"]
+        own = [int(c) for c in re.findall(r"<b>(\d+)</b>", shown.group(1))]
+        assert own == [c for c in p["nearest_classes"] if c == p["class"]]
+    assert f'Thumbnails for the first <span class="n">1</span> of <span class="n">{len(rows)}</span>' in html
+    assert untraced_numbers(html, one.data) == []
+
+
+def test_the_report_command_defaults_to_the_report_options_budget() -> None:
+    import inspect
+
+    from protoaudit.cli.report import report_command
+
+    default = inspect.signature(report_command).parameters["thumbnail_mb"].default
+    assert int(default * (1 << 20)) == ReportOptions().thumbnail_bytes
+
+
 def test_the_number_check_catches_a_number_that_is_not_in_report_json(full_report: Any) -> None:
     html = render_html(full_report)
     data = json.loads(json.dumps(full_report.data))

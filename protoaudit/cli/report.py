@@ -29,6 +29,7 @@ EXAMPLES = """
   protoaudit report reports/quickstart --html --open
   protoaudit report reports/quickstart --markdown --out /tmp/review
   protoaudit report --html --reasoning 10 --deletion 12 --json
+  protoaudit report --html --thumbnail-mb 8
 """
 
 
@@ -51,6 +52,14 @@ def report_command(
     max_thumbnails: Annotated[
         int, typer.Option(min=0, help="Prototypes per member shown with thumbnails (the rest: numbers only).")
     ] = 400,
+    thumbnail_mb: Annotated[
+        float,
+        typer.Option(
+            min=0.0,
+            help="At most this many MiB of prototype-table thumbnails in all (the page's weight; the later "
+            "prototypes: numbers only).",
+        ),
+    ] = 2.0,
     seed: Annotated[
         int, typer.Option(help="Seed of the samples (reasoning images, deletion prototypes).")
     ] = 0,
@@ -90,6 +99,7 @@ def report_command(
         reasoning_wrong=reasoning,
         faithfulness_per_member=deletion,
         max_thumbnails=max_thumbnails,
+        thumbnail_bytes=int(thumbnail_mb * (1 << 20)),
         seed=seed,
         verify=verify,
     )

@@ -69,9 +69,12 @@ def write_nearest(
     table: pd.DataFrame,
     k: int,
     index_info: dict[str, Any],
+    source: str = "index search",
 ) -> Path:
     """Write ``nearest_<split>.csv`` (``table``, the columns of :data:`NEAREST_COLUMNS`) and its record: the
-    ``k`` searched and the index (``index_info``, its recorded information) the table came from."""
+    ``k`` searched, the index (``index_info``, its recorded information) whose patches the table's rows name,
+    and its ``source``: "index search", or "test pass" where the distances are those the member's test pass
+    computed (the forward's own, equal to the search's up to float rounding)."""
     from protoaudit.engine.io import write_json
     from protoaudit.engine.run import write_csv
 
@@ -82,7 +85,7 @@ def write_nearest(
     write_csv(path, table[NEAREST_COLUMNS])
     write_json(
         nearest_record_path(run_dir, member, split),
-        {"split": split, "k": k, "index": _identity(index_info)},
+        {"split": split, "k": k, "index": _identity(index_info), "source": source},
         strict=True,
     )
     return path

@@ -39,6 +39,7 @@ from protoaudit.engine.run import (
     member_path,
     save_logits,
     save_member,
+    save_test_distances,
     trained_meta,
     versions,
     write_csv,
@@ -307,10 +308,12 @@ def _train_members(
         )
         t0 = time.perf_counter()
         test_latents = None  # kept for the test split's patch index: no second pass over the test images
+        test_pass = None  # and its min distances, which prune reads instead of searching that index
         if recipe.index.build and not info.enabled:
-            test_logits, test_latents = predict_with_latents(
+            test_pass = predict_with_latents(
                 trained.model, bundle.test, recipe.schedule.eval_batch_size, device, recipe.schedule.workers
             )
+            test_logits, test_latents = test_pass.logits, test_pass.latents
         else:
             test_logits = predict(
                 trained.model,
@@ -367,6 +370,9 @@ def _train_members(
             prototypes,
         )
         save_logits(member_path(run_dir, member.name), {"test": test_logits}, {"test": bundle.test.labels})
+        if test_pass is not None:
+            save_test_distances(member_path(run_dir, member.name), test_pass.min_distances)
+            test_pass = None
         checkpoint.remove()  # the member is finished: model.json is the contract from here on
         trained.model.to(device)
         _record_faithfulness(member_path(run_dir, member.name), trained.model, bundle, reporter)

@@ -443,7 +443,7 @@ def import_protopnet(
             if run_recipe.index.build:
                 test_logits, test_latents = predict_with_latents(
                     model, bundle.test, sched.eval_batch_size, device, sched.workers
-                )
+                )[:2]
             else:
                 test_logits = predict(model, bundle.test, sched.eval_batch_size, device, sched.workers)
             test_top1 = top1(test_logits, bundle.test.labels)

@@ -47,16 +47,25 @@ from protoaudit.engine.ground_truth import (
     ground_truth_audit,
     pooled_precision_recall,
 )
-from protoaudit.engine.index.search import NearestImages, PatchIndex, load_index, nearest_images
+from protoaudit.engine.index.search import (
+    NearestImages,
+    PatchIndex,
+    load_index,
+    nearest_images,
+    nearest_images_from_minima,
+)
 from protoaudit.engine.io import write_json
 from protoaudit.engine.progress import NULL_REPORTER, Reporter
 from protoaudit.engine.retune import retuned_copy
 from protoaudit.engine.run import (
     ACCURACY_COLUMNS,
     PRUNED_SUFFIX,
+    TEST_DISTANCES_FILE,
     Run,
     RunWriter,
     accuracy_row,
+    load_logits,
+    load_test_distances,
     member_path,
     pruned_meta,
     pruned_name,
@@ -196,18 +205,39 @@ def prune_member(
     )
 
 
-def _test_search(run: Run, name: str, n_test: int, k: int) -> tuple[NearestImages, dict[str, Any]] | None:
+def _test_search(
+    run: Run, name: str, n_test: int, k: int, reporter: Reporter = NULL_REPORTER
+) -> tuple[NearestImages, dict[str, Any], str] | None:
     """Each prototype's ``k`` nearest test images of member ``name`` with every test image's distance to every
-    prototype (the detectors' test distances), from one search of its test patch index, and the index's
-    recorded information; None when the index is missing, stale or of another test split (the audit then runs
-    one pass over the test images instead)."""
+    prototype (the detectors' test distances), and the test patch index's recorded information: from the
+    distances the member's test pass saved (``test_distances.safetensors``, checked against its weights and its
+    saved logits) where they exist, else from one search of its test patch index; None when the index is
+    missing, stale or of another test split (the audit then runs one pass over the test images instead). The
+    third item says which source was used."""
     try:
         index = load_index(run.path, name, "test")
     except (InputError, FileNotFoundError):  # StaleIndexError is an InputError
         return None
     if index.n_images != n_test:
         return None
-    return nearest_images(index, run.member(name).prototype_vectors, k, with_minima=True), index.info
+    model = run.member(name)
+    d = load_test_distances(run.path, name, n_test, model.n_prototypes)
+    if d is not None:
+        logits = load_logits(run.path, name) or {}
+        recorded = logits.get("test")
+        with torch.no_grad():
+            again = model.head(d)
+        if (
+            recorded is not None
+            and recorded.shape == again.shape
+            and torch.allclose(again, recorded, 1e-4, 1e-4)
+        ):
+            return nearest_images_from_minima(index, model.prototype_vectors, d, k), index.info, "test pass"
+        reporter.log(
+            f"[yellow]{name}[/yellow]: {TEST_DISTANCES_FILE} does not give the saved test logits; "
+            "searching the test index instead"
+        )
+    return nearest_images(index, model.prototype_vectors, k, with_minima=True), index.info, "index search"
 
 
 def prunable_members(run: Run) -> list[str]:
@@ -291,7 +321,7 @@ def _prune_run(
     }
     nearest_by_member: dict[str, NearestImages] = {}
     index_by_member: dict[str, PatchIndex] = {}
-    test_by_member: dict[str, tuple[NearestImages, dict[str, Any]]] = {}
+    test_by_member: dict[str, tuple[NearestImages, dict[str, Any], str]] = {}
     for name in names:
         # one index load and one search per member, with the largest k any consumer needs
         index = load_index(run.path, name, "train")
@@ -299,7 +329,7 @@ def _prune_run(
             index, run.member(name).prototype_vectors, max(k, PART_PURITY_TOP), with_minima=True
         )
         # the test index once too: the detectors' test distances and nearest_test.csv from one search
-        test_search = _test_search(run, name, len(bundle.test), max(k, PART_PURITY_TOP))
+        test_search = _test_search(run, name, len(bundle.test), max(k, PART_PURITY_TOP), reporter)
         if test_search is not None:
             test_by_member[name] = test_search
         result = prune_member(
@@ -421,8 +451,10 @@ def _prune_run(
             run.path, result.name, "train", nearest.table(), nearest.k, index_by_member[result.name].info
         )
         if result.name in test_by_member:
-            test_nearest, test_info = test_by_member[result.name]
-            write_nearest(run.path, result.name, "test", test_nearest.table(), test_nearest.k, test_info)
+            test_nearest, test_info, source = test_by_member[result.name]
+            write_nearest(
+                run.path, result.name, "test", test_nearest.table(), test_nearest.k, test_info, source
+            )
     append_decisions(run.path, recorded)
     write_csv(run.path / "purity.csv", purity)
     write_csv(run.path / "duplicates.csv", duplicates)

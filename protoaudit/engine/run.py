@@ -9,12 +9,13 @@
     reports/<name>/members/<m>/model.json         architecture, class names, stage history, metrics
     reports/<name>/members/<m>/prototypes.csv     one row per prototype after push
     reports/<name>/members/<m>/logits.safetensors (N, K) test logits, saved once when the member is made
+    reports/<name>/members/<m>/test_distances.safetensors  (N, m) min distances of the test pass that made them
     reports/<name>/members/<m>/faithfulness.json  deletion curves of a sample of its prototypes
     reports/<name>/members/<m>-pruned/...         the pruned copy of member m (protoaudit prune)
     reports/<name>/purity.csv, audit.json, duplicates.csv   written by protoaudit prune
 
 This module owns the layout: every other module finds a run file through the functions here (``member_path``,
-``pruned_name``, ``accuracy_row``, ``save_logits``/``load_logits``, ``save_faithfulness``/``load_faithfulness``,
+``pruned_name``, ``accuracy_row``, ``save_logits``/``load_logits``, ``save_test_distances``/``load_test_distances``, ``save_faithfulness``/``load_faithfulness``,
 ``RunWriter``). Every file is written
 atomically. One process at a time writes into a run: every command that writes holds
 the run's advisory lock (:func:`writing`) on ``.protoaudit.lock``, the first file of every run directory (so
@@ -40,7 +41,15 @@ import pandas as pd
 import torch
 
 from protoaudit.core.model import MemberConfig, ProtoPNet
-from protoaudit.engine.io import load_tensors, read_json, save_tensors, sha256_file, write_json, write_text
+from protoaudit.engine.io import (
+    load_tensors,
+    read_json,
+    save_tensors,
+    sha256_file,
+    tensor_file_metadata,
+    write_json,
+    write_text,
+)
 from protoaudit.errors import CheckpointError, InputError, OutputError, Remedy
 
 if TYPE_CHECKING:
@@ -65,6 +74,7 @@ ACCURACY_COLUMNS = [
 MEMBERS_DIR = "members"
 PRUNED_SUFFIX = "-pruned"  # members/<m>-pruned/: the pruned copy of member m
 LOGITS_FILE = "logits.safetensors"
+TEST_DISTANCES_FILE = "test_distances.safetensors"
 FAITHFULNESS_FILE = "faithfulness.json"
 
 
@@ -198,6 +208,41 @@ def load_logits(run_dir: str | os.PathLike[str], name: str) -> dict[str, torch.T
     if not path.is_file():
         return None
     return dict(load_tensors(path))
+
+
+def save_test_distances(member_dir: Path, min_distances: torch.Tensor) -> None:
+    """Write ``test_distances.safetensors``: every test image's smallest squared distance to every prototype,
+    ``min_distances`` (N, m) float32, from the same pass as the saved logits (the min distances the logits
+    were computed from). Tied to the member's weights by their sha256 (model.json's, so call it after
+    :func:`save_member`): prune reads them instead of searching the test patch index again."""
+    sha = recorded_weights_sha256(read_json(member_dir / "model.json"), member_dir)
+    save_tensors(
+        member_dir / TEST_DISTANCES_FILE,
+        {"min_distances": min_distances.to(torch.float32)},
+        metadata={"format": f"protoaudit-test-distances/{FORMAT_VERSION}", "weights_sha256": sha},
+    )
+
+
+def load_test_distances(
+    run_dir: str | os.PathLike[str], name: str, n_images: int, n_prototypes: int
+) -> torch.Tensor | None:
+    """Member ``name``'s saved test min distances (N, m) when they belong to its current weights (the sha256
+    model.json records) and have the asked shape; else None (a run written before them, a pruned or imported
+    member, another test split)."""
+    member_dir = member_path(run_dir, name)
+    path = member_dir / TEST_DISTANCES_FILE
+    if not path.is_file():
+        return None
+    try:
+        sha = recorded_weights_sha256(read_json(member_dir / "model.json"), member_dir)
+        if tensor_file_metadata(path).get("weights_sha256") != sha:
+            return None
+        d = load_tensors(path).get("min_distances")
+    except CheckpointError:
+        return None
+    if d is None or d.shape != (n_images, n_prototypes):
+        return None
+    return d
 
 
 def save_faithfulness(member_dir: Path, document: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 import torch
@@ -202,22 +202,33 @@ def predict(
     return unshard(all_gather_rows(local, dist), len(split)) if dist.enabled else local
 
 
+class TestPass(NamedTuple):
+    """What one evaluation pass over a split keeps (all on the CPU): the (N, K) float32 logits, the
+    (N, D, H, W) latents (the split's patch index is built from them, no second pass), and the (N, m) float32
+    min distances the logits were computed from: every image's smallest squared distance to every prototype."""
+
+    logits: torch.Tensor
+    latents: torch.Tensor
+    min_distances: torch.Tensor
+
+
 @torch.no_grad()
 def predict_with_latents(
     model: ProtoPNet, split: ImageSplit, batch_size: int, device: torch.device, workers: int = 0
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One pass: (N, K) float32 logits and (N, D, H, W) float32 latents (on the CPU) of every image of the
-    split; the test split's patch index reuses the latents instead of another pass."""
+) -> TestPass:
+    """One pass over every image of the split: its logits, latents and min distances (:class:`TestPass`)."""
     model.eval()
     batches = iter_batches(split, torch.arange(len(split)), batch_size, workers, device.type == "cuda")
-    logits, latents = [], []
+    logits, latents, minima = [], [], []
     for _, x in batches:
         z = model.latent(x.to(device))
-        logits.append(model.head(model.distances(z).amin(dim=(2, 3))).cpu())
+        min_distances = model.distances(z).amin(dim=(2, 3))
+        logits.append(model.head(min_distances).cpu())
         latents.append(z.cpu())
+        minima.append(min_distances.cpu())
     if not logits:
-        return torch.zeros(0, model.n_classes), torch.zeros(0)
-    return torch.cat(logits), torch.cat(latents)
+        return TestPass(torch.zeros(0, model.n_classes), torch.zeros(0), torch.zeros(0, model.n_prototypes))
+    return TestPass(torch.cat(logits), torch.cat(latents), torch.cat(minima))
 
 
 def last_layer_stage(
@@ -386,7 +397,7 @@ class _EffectProbe:
             with torch.no_grad():
                 z = model.latent(split.batch([0]).to(device))
             if z.numel() * z.element_size() * len(split) <= budget:
-                self.latents = predict_with_latents(model, split, batch_size, device, workers)[1]
+                self.latents = predict_with_latents(model, split, batch_size, device, workers).latents
 
     @torch.no_grad()
     def logits(self) -> torch.Tensor:

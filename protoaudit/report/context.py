@@ -37,9 +37,10 @@ class ReportOptions:
     random_orders: int = DELETION_RANDOM_ORDERS
     nearest: int = 6  # nearest training patches shown per prototype
     max_thumbnails: int = 400  # prototypes per member shown with thumbnails (the rest: numbers only)
-    # and at most this many bytes of prototype-table thumbnails in all (data URIs), so that a report at
-    # CUB-200's size (3 members × 2000 prototypes) stays near 10 MB: later prototypes get numbers only
-    thumbnail_bytes: int = 6 << 20
+    # and at most this many bytes of prototype-table thumbnails in all (data URIs): later prototypes get numbers
+    # only. 2 MiB holds the quick start's 120 prototypes (1.8 MB) and keeps a page at CUB-200's size (3 members ×
+    # 2000 prototypes) under 10 MB beside its 6000 rows and the reasoning samples (bench/bench_report.py)
+    thumbnail_bytes: int = 2 << 20
     sparsity_threshold: float = 1e-3
     verify: bool = False  # re-run every saved checkpoint over the test split instead of reading saved logits
     batch_size: int = 64

@@ -52,6 +52,21 @@ def num(value: Any, digits: int | str | None = None) -> Markup:
     return Markup('<span class="n">{}</span>').format(text)
 
 
+def plain(value: Any, digits: int | str | None = None) -> str | Markup:
+    """A number as plain text (ints as they are, floats to ``digits``), for the long tables whose markup must
+    stay lean; report.json holds it all the same."""
+    text = _format(value, digits)
+    if text is None:
+        return escape(value) if isinstance(value, str) else NA
+    return text
+
+
+def sortkey(value: Any) -> str:
+    """A ``data-sort`` key: the number to 6 significant digits (finer than the text shows), '' when missing."""
+    text = _format(value, "g") if isinstance(value, float) else _format(value, None)
+    return "" if text is None else text
+
+
 def pct(value: Any, digits: int = 1) -> Markup:
     """A fraction from the report shown as a percentage: ``<span class="n pct">…</span>`` holds 100 × value."""
     if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
@@ -100,6 +115,8 @@ def render_html(report: Report) -> str:
     env = _environment(autoescape=True)
     env.filters["num"] = num
     env.filters["pct"] = pct
+    env.filters["plain"] = plain
+    env.filters["sortkey"] = sortkey
     script = _static("report.js")
     if "</" in script:  # the script is inlined verbatim; it must not be able to close its own element
         raise ValueError("report.js must not contain '</'")

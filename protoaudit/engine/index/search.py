@@ -492,6 +492,53 @@ class NearestImages:
         )
 
 
+def nearest_images_from_minima(
+    index: PatchIndex, prototypes: torch.Tensor | np.ndarray, min_distances: torch.Tensor, k: int
+) -> NearestImages:
+    """Each prototype's k nearest images of the index's split from every image's smallest distance to it,
+    where a pass over the split already computed them (:class:`protoaudit.engine.train.TestPass`): no search.
+
+    min_distances: (n, m) float32 for the index's n images and the m ``prototypes`` (m, D). The order is the
+    search's: ascending distance, ties to the lower image; each chosen image's closest patch is found again
+    among its own patches in float64 (the first among equals), a few per prototype. Returns
+    :class:`NearestImages` with ``min_distances`` kept."""
+    d = min_distances.detach().to("cpu", torch.float32)
+    n, m = d.shape
+    q = prototypes.detach().double().cpu().numpy() if isinstance(prototypes, torch.Tensor) else prototypes
+    q = np.asarray(q, dtype=np.float64)
+    if q.shape[0] != m or n != index.n_images or index.ntotal % max(n, 1):
+        raise ValueError(
+            f"min distances {(n, m)} do not fit {q.shape[0]} prototypes and an index of {index.n_images} images"
+        )
+    per_image, found = index.ntotal // max(n, 1), min(k, n)
+    values = d.numpy().T  # (m, n)
+    distances = np.full((m, k), np.inf, dtype=np.float32)  # as the search pads: inf and row −1 past n images
+    rows = np.full((m, k), -1, dtype=np.int64)
+    if found:
+        kth = np.partition(values, found - 1, axis=1)[:, found - 1 : found]  # (m, 1): no image above it ranks
+        qi, img = np.nonzero(values <= kth)
+        order = np.lexsort((img, values[qi, img], qi))  # by prototype, then distance, then image
+        qi, img = qi[order], img[order]
+        pick = np.searchsorted(qi, np.arange(m))[:, None] + np.arange(found)  # ≥ found candidates each
+        images = img[pick]  # (m, found)
+        distances[:, :found] = values[np.arange(m)[:, None], images]
+        # each chosen image's closest patch, image by image: its patches read once, against the prototypes
+        # that chose it (float64 ‖x‖² − 2x·q; ‖q‖² is the same for every patch of a pair)
+        proto = np.repeat(np.arange(m), found)
+        chosen = images.ravel()
+        by_image = np.argsort(chosen, kind="stable")
+        starts = np.flatnonzero(np.r_[True, np.diff(chosen[by_image]) != 0])
+        patch = np.empty(len(chosen), dtype=np.int64)
+        for a, b in zip(starts, np.r_[starts[1:], len(chosen)], strict=True):
+            pairs = by_image[a:b]
+            i = int(chosen[pairs[0]])
+            x = index.vectors(np.arange(i * per_image, (i + 1) * per_image)).astype(np.float64)
+            scores = (x * x).sum(1)[:, None] - 2.0 * (x @ q[proto[pairs]].T)  # (P, pairs)
+            patch[pairs] = scores.argmin(0)  # the first among equals
+        rows[:, :found] = images * per_image + patch.reshape(m, found)
+    return NearestImages(distances, rows, index.meta, d)
+
+
 def nearest_images(
     index: PatchIndex, prototypes: torch.Tensor | np.ndarray, k: int, with_minima: bool = False
 ) -> NearestImages:
