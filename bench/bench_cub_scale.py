@@ -13,8 +13,10 @@ push. Per member, one member at a time (as ``protoaudit prune`` works):
   purity         k-NN class purity, the pruning decision, purity.csv's columns
   audit          the ground-truth part at each source patch, PIP-Net part purity, pruning precision / recall
                  (consistency and stability need the images: not part of this benchmark)
-  test search    the test index read back and each prototype's 10 nearest test images, keeping every test
-                 image's distance to every prototype (the detectors' input), as ``protoaudit prune`` does
+  test nearest   the test index read back (its metadata and the patches of the chosen images) and each
+                 prototype's 10 nearest test images read off every test image's distance to every prototype
+                 (the detectors' input), which training's test pass saved (test_distances.safetensors) — as
+                 ``protoaudit prune`` does; those distances are made here by one product outside the clock
   global         nearest_train.csv / nearest_test.csv from prune's two searches (``protoaudit prune`` writes
                  them with their records; ``global-analysis`` then reuses them instead of searching)
   report         what the report does per member: nearest_train.csv read back, prototype rows, and the
@@ -52,7 +54,8 @@ from protoaudit.core.purity import knn_class_purity, part_purity, precision_reca
 from protoaudit.engine.analysis import NEAREST_COLUMNS
 from protoaudit.engine.index.build import write_index
 from protoaudit.engine.index.files import META_COLUMNS
-from protoaudit.engine.index.search import load_index, nearest_images
+from protoaudit.engine.index.search import load_index, nearest_images, nearest_images_from_minima
+from protoaudit.engine.io import load_tensors, save_tensors
 from protoaudit.engine.run import write_csv
 from protoaudit.report.build import ReportOptions
 from protoaudit.report.images import box_thumbnail, patch_thumbnail
@@ -186,13 +189,23 @@ def audit_member(
     write_csv(root / f"purity_{name}.csv", table)
     t0 = clock.add("ground-truth audit (parts, part purity, precision)", t0)
 
+    # the test pass of training computed every test image's distance to every prototype for the logits and
+    # saved them (members/<m>/test_distances.safetensors); here the same numbers come from one product, made
+    # outside the audit's clock as training's are
     test_index = load_index(root, name, "test", backend="faiss", check=False)
-    nearest_test = nearest_images(test_index, prototypes, 10, with_minima=True)
-    t0 = clock.add("test search (10 nearest test images, every image's distances)", t0)
+    made = nearest_images(test_index, prototypes, 1, with_minima=True).min_distances
+    assert made is not None
+    save_tensors(member_dir / "test_distances.safetensors", {"min_distances": made})
+    del made, test_index
+    t0 = time.perf_counter()
+    test_index = load_index(root, name, "test", backend="faiss", check=False)
+    saved = load_tensors(member_dir / "test_distances.safetensors")["min_distances"]
+    nearest_test = nearest_images_from_minima(test_index, prototypes, saved, 10)
+    t0 = clock.add("test nearest images (the test pass's saved distances read off)", t0)
 
     write_csv(member_dir / "nearest_train.csv", nearest.table()[NEAREST_COLUMNS])
     write_csv(member_dir / "nearest_test.csv", nearest_test.table()[NEAREST_COLUMNS])
-    t0 = clock.add("global analysis (both CSVs, from the two searches)", t0)
+    t0 = clock.add("global analysis (both CSVs, from prune's search and the test pass)", t0)
 
     options = ReportOptions()
     frame = pd.read_csv(member_dir / "nearest_train.csv")
