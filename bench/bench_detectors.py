@@ -198,7 +198,7 @@ def table(results: list[dict[str, Any]], title: str) -> str:
                         f"| {name} | {r['seed']} | {fmt(s['precision'])} | {fmt(s['recall'])} | {fmt(s['f1'])} | "
                         f"{s['n_positive']} | {r['joint_checked']['relabelled']} |"
                     )
-    counts = [r for r in results if r.get("causal_counts")]
+    counts = [r for r in results if any((r.get("causal_counts") or {}).values())]  # causal labels exist
     if counts:
         lines += [
             "",
