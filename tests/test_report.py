@@ -120,7 +120,7 @@ def test_thumbnail_budget_stops_the_images_and_keeps_every_row(full_run: Path) -
     assert "<figure" in rows[0]
     for row, p in zip(rows[1:], member["prototypes"][1:], strict=True):
         assert "<figure" not in row
-        shown = re.search(r'<span class="nc">classes ([^<]*(?:<b>[^<]*</b>[^<]*)*)</span>', row)
+        shown = re.search(r'classes <span class="nc">([^<]*(?:<b>[^<]*</b>[^<]*)*)</span>', row)
         assert shown is not None
         listed = [int(c) for c in re.sub(r"</?b>", "", shown.group(1)).split()]
         assert listed == p["nearest_classes"]
