@@ -239,7 +239,7 @@ def test_prune_searches_each_members_training_index_once(tiny_run: Path, tmp_pat
     assert sorted(searched) == sorted([("train", 10, True)] * n)
 
 
-@pytest.mark.parametrize("saved", ["removed", "tampered"])
+@pytest.mark.parametrize("saved", ["removed", "tampered", "damaged"])
 def test_prune_searches_the_test_index_where_no_sound_test_distances_are_saved(
     tiny_run: Path, tmp_path: Path, saved: str
 ) -> None:
@@ -260,6 +260,8 @@ def test_prune_searches_the_test_index_where_no_sound_test_distances_are_saved(
         path = run_dir / "members" / name / TEST_DISTANCES_FILE
         if saved == "removed":
             path.unlink()
+        elif saved == "damaged":  # not safetensors any more
+            path.write_bytes(b"\x00" * 64)
         else:  # one distance changed, the file otherwise intact (its weights digest still right)
             tensors = load_tensors(path)
             tensors["min_distances"][0, 0] += 5.0
@@ -289,7 +291,7 @@ def test_prune_searches_the_test_index_where_no_sound_test_distances_are_saved(
         prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0, reporter=Log())  # type: ignore[arg-type]
     assert sorted(searched) == sorted(["train"] * len(names) + ["test"] * len(names))
     warned = [m for m in logged if TEST_DISTANCES_FILE in m]
-    assert len(warned) == (len(names) if saved == "tampered" else 0)
+    assert len(warned) == (0 if saved == "removed" else len(names))
     for name in names:
         a = pd.read_csv(reference / "members" / name / "nearest_test.csv")
         b = pd.read_csv(run_dir / "members" / name / "nearest_test.csv")

@@ -75,7 +75,7 @@ from protoaudit.engine.run import (
 )
 from protoaudit.engine.shortcut import shortcut_entry
 from protoaudit.engine.train import predict
-from protoaudit.errors import InputError, Remedy, StaleIndexError
+from protoaudit.errors import CheckpointError, InputError, Remedy, StaleIndexError
 
 if TYPE_CHECKING:
     from protoaudit.engine.data import DatasetBundle
@@ -221,7 +221,11 @@ def _test_search(
     if index.n_images != n_test:
         return None
     model = run.member(name)
-    d = load_test_distances(run.path, name, n_test, model.n_prototypes)
+    try:
+        d = load_test_distances(run.path, name, n_test, model.n_prototypes)
+    except CheckpointError as exc:  # a damaged file: said, and the index searched instead
+        reporter.log(f"[yellow]{name}[/yellow]: {exc}; searching the test index instead")
+        d = None
     if d is not None:
         logits = load_logits(run.path, name) or {}
         recorded = logits.get("test")

@@ -228,18 +228,15 @@ def load_test_distances(
 ) -> torch.Tensor | None:
     """Member ``name``'s saved test min distances (N, m) when they belong to its current weights (the sha256
     model.json records) and have the asked shape; else None (a run written before them, a pruned or imported
-    member, another test split)."""
+    member, another test split). A file that is not readable safetensors is a :class:`CheckpointError`."""
     member_dir = member_path(run_dir, name)
     path = member_dir / TEST_DISTANCES_FILE
     if not path.is_file():
         return None
-    try:
-        sha = recorded_weights_sha256(read_json(member_dir / "model.json"), member_dir)
-        if tensor_file_metadata(path).get("weights_sha256") != sha:
-            return None
-        d = load_tensors(path).get("min_distances")
-    except CheckpointError:
+    sha = recorded_weights_sha256(read_json(member_dir / "model.json"), member_dir)
+    if tensor_file_metadata(path).get("weights_sha256") != sha:
         return None
+    d = load_tensors(path).get("min_distances")
     if d is None or d.shape != (n_images, n_prototypes):
         return None
     return d
