@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -38,3 +40,23 @@ def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, s
     out, err = capsys.readouterr()
     code = exc.value.code
     return (0 if code is None else int(code)), out, err
+
+
+@contextlib.contextmanager
+def counted_searches() -> Iterator[list[tuple[str, int, bool]]]:
+    """Every ``PatchIndex.search`` made inside the block, in order: (split, k, whether every image's distances
+    were kept)."""
+    from protoaudit.engine.index.search import PatchIndex
+
+    searched: list[tuple[str, int, bool]] = []
+    original = PatchIndex.search
+
+    def counting(
+        self: PatchIndex, queries: object, k: int, per_image: bool = False, minima: object = None
+    ) -> object:
+        searched.append((str(self.info["split"]), k, minima is not None))
+        return original(self, queries, k, per_image=per_image, minima=minima)  # type: ignore[arg-type]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PatchIndex, "search", counting)
+        yield searched

@@ -79,29 +79,19 @@ def test_global_analysis_reuses_prunes_search(tiny_run: Path, tmp_path: Path) ->
     smaller k than asked, another index) means a search."""
     import json
 
-    from protoaudit.engine.index.search import PatchIndex
     from protoaudit.engine.prune import prune_run
+    from tests.conftest import counted_searches
 
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
     prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0)
     run = load_run(run_dir)
     names = run.member_names
-    searched: list[str] = []
-    original = PatchIndex.search
-
-    def counting(
-        self: PatchIndex, queries: object, k: int, per_image: bool = False, minima: object = None
-    ) -> object:
-        searched.append(str(self.info["split"]))
-        return original(self, queries, k, per_image=per_image, minima=minima)  # type: ignore[arg-type]
 
     def analyse(**kwargs: object) -> list[str]:
-        searched.clear()
-        with pytest.MonkeyPatch.context() as mp:
-            mp.setattr(PatchIndex, "search", counting)
+        with counted_searches() as searched:
             global_analysis(run, **kwargs)  # type: ignore[arg-type]
-        return list(searched)
+        return [split for split, _, _ in searched]
 
     assert analyse(k=5) == []  # both splits: prune's one search of each index
     for member in names:  # prune's tables stay whole (10 ranks, as a fresh search gives them)

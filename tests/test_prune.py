@@ -18,6 +18,7 @@ from protoaudit.core.metrics import top1
 from protoaudit.engine.prune import prune_run
 from protoaudit.engine.run import load_run
 from protoaudit.engine.train import predict
+from tests.conftest import counted_searches
 
 
 @pytest.fixture(scope="module")
@@ -216,21 +217,9 @@ def test_prune_says_an_older_report_is_stale(
 
 def test_prune_searches_each_members_training_index_once(tiny_run: Path, tmp_path: Path) -> None:
     """One nearest-images search per member serves purity, the ground-truth audit and nearest_train.csv."""
-    from protoaudit.engine.index.search import PatchIndex
-
     run_dir = tmp_path / "tiny"
     shutil.copytree(tiny_run, run_dir)
-    searched: list[tuple[str, int, bool]] = []
-    original = PatchIndex.search
-
-    def counting(
-        self: PatchIndex, queries: object, k: int, per_image: bool = False, minima: object = None
-    ) -> object:
-        searched.append((str(self.info["split"]), k, minima is not None))
-        return original(self, queries, k, per_image=per_image, minima=minima)  # type: ignore[arg-type]
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(PatchIndex, "search", counting)
+    with counted_searches() as searched:
         prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0)
     n = len(load_run(run_dir).member_names)
     # the training index once (max(k, PIP-Net's top 10)), keeping every image's distances for the audit and
@@ -246,8 +235,12 @@ def test_prune_searches_the_test_index_where_no_sound_test_distances_are_saved(
     """Without the saved test distances, or with a file that no longer gives the saved logits, prune searches
     the test index instead — and nearest_test.csv is the one the saved distances give, up to float rounding
     (the forward pass and the index's products sum in different orders)."""
-    from protoaudit.engine.index.search import PatchIndex
+    import io
+
+    from rich.console import Console
+
     from protoaudit.engine.io import load_tensors, save_tensors, tensor_file_metadata
+    from protoaudit.engine.progress import Reporter
     from protoaudit.engine.run import TEST_DISTANCES_FILE
 
     reference = tmp_path / "reference"
@@ -266,30 +259,12 @@ def test_prune_searches_the_test_index_where_no_sound_test_distances_are_saved(
             tensors = load_tensors(path)
             tensors["min_distances"][0, 0] += 5.0
             save_tensors(path, tensors, tensor_file_metadata(path))
-    searched: list[str] = []
-    original = PatchIndex.search
-
-    def counting(
-        self: PatchIndex, queries: object, k: int, per_image: bool = False, minima: object = None
-    ) -> object:
-        searched.append(str(self.info["split"]))
-        return original(self, queries, k, per_image=per_image, minima=minima)  # type: ignore[arg-type]
-
-    logged: list[str] = []
-
-    class Log:
-        def log(self, message: str) -> None:
-            logged.append(message)
-
-        def __getattr__(self, name: str) -> object:
-            from protoaudit.engine.progress import NULL_REPORTER
-
-            return getattr(NULL_REPORTER, name)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(PatchIndex, "search", counting)
-        prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0, reporter=Log())  # type: ignore[arg-type]
-    assert sorted(searched) == sorted(["train"] * len(names) + ["test"] * len(names))
+    log = io.StringIO()
+    reporter = Reporter(Console(file=log, width=1000), bars=False)
+    with counted_searches() as searched:
+        prune_run(load_run(run_dir), k=6, threshold=3, finetune_epochs=0, reporter=reporter)
+    assert sorted(split for split, _, _ in searched) == sorted(["train"] * len(names) + ["test"] * len(names))
+    logged = log.getvalue().splitlines()
     warned = [m for m in logged if TEST_DISTANCES_FILE in m]
     assert len(warned) == (0 if saved == "removed" else len(names))
     for name in names:

@@ -44,21 +44,19 @@ def _format(value: Any, digits: int | str | None) -> str | None:
     return None
 
 
-def num(value: Any, digits: int | str | None = None) -> Markup:
-    """A number from the report as ``<span class="n">…</span>`` (ints as they are, floats to ``digits``)."""
-    text = _format(value, digits)
-    if text is None:
-        return escape(value) if isinstance(value, str) else NA
-    return Markup('<span class="n">{}</span>').format(text)
-
-
 def plain(value: Any, digits: int | str | None = None) -> str | Markup:
     """A number as plain text (ints as they are, floats to ``digits``), for the long tables whose markup must
-    stay lean; report.json holds it all the same."""
+    stay lean; report.json holds it all the same. A string is escaped; anything else is the missing mark."""
     text = _format(value, digits)
     if text is None:
         return escape(value) if isinstance(value, str) else NA
     return text
+
+
+def num(value: Any, digits: int | str | None = None) -> Markup:
+    """A number from the report as ``<span class="n">…</span>`` (as :func:`plain` writes it)."""
+    text = plain(value, digits)
+    return text if isinstance(text, Markup) else Markup('<span class="n">{}</span>').format(text)
 
 
 def sortkey(value: Any) -> str:
